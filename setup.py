@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="tinytlm",
+    version="0.1.0",
+    description="Pre-train and study tiny BERT language models (Gross et al., arXiv 2507.14871)",
+    packages=["tinytlm", "kernels", "data_prep"],
+    py_modules=["train_mlm", "train_cls", "ensemble"],
+    python_requires=">=3.10",
+    # torch is not pinned here: on a CPU-only machine install the CPU wheel first
+    # (the README's commands do), otherwise pip would pull a CUDA build.
+    install_requires=["torch>=2.4", "numpy", "regex", "tqdm"],
+    extras_require={
+        "triton": ["triton"],
+        "plot": ["matplotlib"],
+        "parquet": ["pyarrow"],
+        # test-only references: the Hugging Face tokenizer and model
+        "test": ["pytest", "transformers", "tokenizers", "triton"],
+    },
+)

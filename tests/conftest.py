@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Triton kernels run on CPU through the interpreter; the variable must be set before @triton.jit runs.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED = Path(os.environ.get("TINYTLM_RAW", Path(__file__).resolve().parents[2] / "shared" / "data"))
+VOCAB = SHARED / "bert-base-uncased-vocab.txt"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long test, left out of CI (run with -m slow)")
+
+
+@pytest.fixture(scope="session")
+def shared():
+    if not SHARED.is_dir():
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def vocab_path(shared):
+    return VOCAB

@@ -1,0 +1,90 @@
+"""Helpers every script shares: one-line user errors, atomic writes, paths, hashes, run headers."""
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+def cli(main):
+    """Run main(argv) as a command: UserError -> 'error: ...' on stderr and exit 2; Ctrl-C -> exit 130."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def default_raw_root() -> Path:
+    """Raw data root: $TINYTLM_RAW, else ../shared/data beside the repository."""
+    env = os.environ.get("TINYTLM_RAW")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def default_data_root() -> Path:
+    """Prepared shards: $TINYTLM_DATA, else ./data in the repository."""
+    env = os.environ.get("TINYTLM_DATA")
+    return Path(env) if env else REPO / "data"
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path beside `path`; rename it over `path` only if the block succeeds.
+
+    A crash or Ctrl-C inside the block removes the temp file, so `path` is either the
+    old complete file or the new complete file, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path, what="file"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable JSON {what} ({e.__class__.__name__})")
+
+
+def sha256_file(path, chunk=1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
