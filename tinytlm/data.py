@@ -1,0 +1,177 @@
+"""Token shards, labels, batches and MLM masking.
+
+A shard is one file: a fixed 64-byte header followed by the token ids, row-major,
+rows x row_len, read back with np.memmap (no copy, no parse):
+
+    offset  size  field
+    0       8     magic b"TTLMSHRD"
+    8       4     format version (uint32, = 1)
+    12      4     dtype code (uint32: 1 = uint16, 2 = uint32)
+    16      8     rows (uint64)
+    24      4     row length (uint32)
+    28      4     vocabulary size (uint32; every id is < this)
+    32      16    blake2b-128 checksum of the payload
+    48      16    zero padding
+
+Labels live in a sidecar `<name>.labels.npy` (int64), and a `meta.json` in the
+shard's folder records sources and their sha256, seed, counts and label names.
+Every file is written to a temp name and renamed, so a crash never leaves a
+broken shard behind.
+"""
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinytlm.common import UserError, atomic_path, save_npy
+
+MAGIC = b"TTLMSHRD"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQII16s16x")  # 64 bytes, see the table above
+assert HEADER.size == 64
+DTYPES = {1: np.uint16, 2: np.uint32}
+DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
+IGNORE = -100  # Hugging Face's ignore index for MLM targets
+
+
+# -----------------------------------------------------------------------------
+# shards
+
+def payload_checksum(arr: np.ndarray) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    step = 1 << 24  # hash in 16 MiB slices so a memmap is never fully copied
+    for i in range(0, flat.size, step):
+        h.update(flat[i:i + step])
+    return h.digest()
+
+
+def write_shard(path, ids: np.ndarray, vocab_size: int):
+    """Write ids (rows, row_len) atomically; the smallest dtype that holds vocab_size is used."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"shard ids must be 2-D (rows, row_len), got shape {ids.shape}")
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    assert vocab_size <= np.iinfo(dtype).max + 1, "vocabulary does not fit the shard dtype"
+    if ids.size and int(ids.max()) >= vocab_size:
+        raise ValueError(f"id {int(ids.max())} >= vocab size {vocab_size}")
+    ids = np.ascontiguousarray(ids, dtype=dtype)
+    header = HEADER.pack(MAGIC, VERSION, DTYPE_CODES[np.dtype(dtype)], ids.shape[0], ids.shape[1],
+                         vocab_size, payload_checksum(ids))
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.write(ids.tobytes())
+
+
+class Shard:
+    """A read-only, memory-mapped shard. `shard.ids` is an (rows, row_len) np.memmap."""
+
+    def __init__(self, path, verify=False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: shard not found")
+        size = self.path.stat().st_size
+        if size < HEADER.size:
+            raise UserError(f"{self.path}: truncated shard ({size} bytes, header needs {HEADER.size})")
+        with open(self.path, "rb") as f:
+            magic, version, code, rows, row_len, vocab, checksum = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise UserError(f"{self.path}: not a tinytlm shard (bad magic {magic!r})")
+        if version != VERSION:
+            raise UserError(f"{self.path}: shard format version {version}, this code reads {VERSION}")
+        if code not in DTYPES:
+            raise UserError(f"{self.path}: unknown dtype code {code}")
+        dtype = np.dtype(DTYPES[code])
+        expected = HEADER.size + rows * row_len * dtype.itemsize
+        if size != expected:
+            what = "truncated" if size < expected else "has trailing bytes"
+            raise UserError(f"{self.path}: shard {what}: {size} bytes, header says {expected}")
+        self.rows, self.row_len, self.vocab_size, self.checksum = rows, row_len, vocab, checksum
+        self.ids = (np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER.size, shape=(rows, row_len))
+                    if rows else np.zeros((0, row_len), dtype))
+        if verify:
+            self.verify()
+
+    def verify(self):
+        if payload_checksum(self.ids) != self.checksum:
+            raise UserError(f"{self.path}: checksum mismatch, the shard is corrupt; prepare it again")
+        return self
+
+    def __len__(self):
+        return self.rows
+
+    def labels(self) -> np.ndarray:
+        p = labels_path(self.path)
+        if not p.is_file():
+            raise UserError(f"{p}: labels file not found")
+        y = np.load(p)
+        if y.shape != (self.rows,):
+            raise UserError(f"{p}: {y.shape[0]} labels for {self.rows} shard rows")
+        return y
+
+
+def labels_path(shard_path) -> Path:
+    shard_path = Path(shard_path)
+    return shard_path.with_name(shard_path.stem + ".labels.npy")
+
+
+def write_labels(shard_path, labels):
+    save_npy(labels_path(shard_path), np.asarray(labels, dtype=np.int64))
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a function of (seed, epoch) alone, so a resumed run replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def get_batch(ids: np.ndarray, rows: np.ndarray, device) -> torch.Tensor:
+    """Gather rows of a (memmapped) id array into an int64 tensor on device."""
+    x = torch.from_numpy(ids[np.sort(rows)].astype(np.int64))  # sorted reads are sequential on disk
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# masked language modelling
+
+def mask_tokens(idx: torch.Tensor, gen: torch.Generator, *, vocab_size: int, mask_id: int,
+                special_ids, p: float = 0.15, per_row: int = 0):
+    """BERT masking on idx's device: choose p of the non-special tokens, 80% -> [MASK],
+    10% -> a random id, 10% unchanged. Returns (inputs, targets) with targets = original id
+    at the chosen positions and -100 elsewhere.
+
+    per_row > 0 chooses exactly min(per_row, candidates) tokens in each row instead of a
+    Bernoulli draw, so full rows always give the same number of predictions (static shapes).
+    """
+    B, T = idx.shape
+    special = torch.zeros_like(idx, dtype=torch.bool)
+    for s in special_ids:
+        special |= idx == s
+    u = torch.rand((B, T), generator=gen, device=idx.device)  # (B, T)
+    if per_row:
+        score = u.masked_fill(special, 2.0)
+        k = min(per_row, T)
+        kth = score.topk(k, dim=1, largest=False).values[:, -1:]  # (B, 1) k-th smallest score
+        chosen = (score <= kth) & ~special
+    else:
+        chosen = (u < p) & ~special
+    action = torch.rand((B, T), generator=gen, device=idx.device)  # (B, T)
+    random_ids = torch.randint(0, vocab_size, (B, T), generator=gen, device=idx.device)
+    inputs = torch.where(chosen & (action < 0.8), torch.full_like(idx, mask_id), idx)
+    inputs = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+    targets = torch.where(chosen, idx, torch.full_like(idx, IGNORE))
+    return inputs, targets
+
+
+def mask_generator(device, seed: int, step: int) -> torch.Generator:
+    """A generator seeded from (seed, step): masks depend on the step alone, so resume replays them."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) % (1 << 63))
+    return g
