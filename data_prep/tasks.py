@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
-from tinytlm.common import (UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
+from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
 from tinytlm.data import Shard, write_labels, write_shard
 from tinytlm.tokenizer import WordPieceTokenizer
@@ -314,7 +314,7 @@ def spec_from_args(args) -> TaskSpec:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_task_args(ap)
     ap.add_argument("--max-len", type=int, default=128, help="tokens per row, [CLS] and [SEP] included")
     ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root")

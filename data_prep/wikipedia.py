@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
-from tinytlm.common import (UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
+from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
 from tinytlm.data import Shard, write_shard
 from tinytlm.tokenizer import WordPieceTokenizer
@@ -199,7 +199,7 @@ def ensure_wiki(rows: int, raw: Path = None, out: Path = None, quiet=False) -> S
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root (has wikipedia/)")
     ap.add_argument("--out", type=Path, default=default_data_root(), help="prepared data root")
     ap.add_argument("--vocab", type=Path, default=None, help="vocab file (default RAW/bert-base-uncased-vocab.txt)")

@@ -1,4 +1,5 @@
 """Helpers every script shares: one-line user errors, atomic writes, paths, hashes, run headers."""
+import argparse
 import contextlib
 import hashlib
 import json
@@ -12,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad type) are one-line UserErrors with exit code 2."""
+
+    def error(self, message):
+        raise UserError(message)
 
 
 def cli(main):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinytlm.common import (UserError, cli, default_data_root, default_raw_root, read_json, save_npy,
+from tinytlm.common import (ArgParser, UserError, cli, default_data_root, default_raw_root, read_json, save_npy,
                             write_json)
 from tinytlm.data import Shard, write_shard
 
@@ -143,7 +143,7 @@ def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_
 def main(argv=None):
     from data_prep.tasks import add_task_args, ensure_task, spec_from_args
     from data_prep.wikipedia import ensure_wiki
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_task_args(ap)
     ap.add_argument("--ws", type=int, default=40000, help="Wikipedia rows (W_s); 0 = no pre-training")
     ap.add_argument("--build", default="", help="custom | raised-tm: also build that pre-training set")

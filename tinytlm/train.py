@@ -1,0 +1,142 @@
+"""Helpers of the training scripts: config from the command line, device, schedule, logging.
+
+The loops themselves stay in train_mlm.py and train_cls.py, flat and visible.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from tinytlm.common import UserError, git_revision, write_json
+from tinytlm.model import BertConfig, set_kernels
+
+
+# -----------------------------------------------------------------------------
+# config <-> command line
+
+def _parse_tuple(s):
+    try:
+        return tuple(int(x) for x in str(s).replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _parse_bool(s):
+    v = str(s).lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def _arg_type(field, default):
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, tuple):
+        return _parse_tuple
+    return type(default) if default is not None else str
+
+
+def add_dataclass_args(ap, cls, group_title=None, all_optional=False):
+    """One `--name value` flag per dataclass field; help = the field's comment-free name and default.
+    all_optional: every default becomes None, so only the flags given override (model overrides)."""
+    g = ap.add_argument_group(group_title or cls.__name__)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        flag = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--compile` = true
+        g.add_argument(*names, dest=f.name, type=_arg_type(f, default), **flag,
+                       default=None if all_optional else default, help=f"(default {default})")
+
+
+def dataclass_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def model_overrides(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(BertConfig)
+            if getattr(args, f.name) is not None}
+
+
+def parse_strict(ap, argv):
+    """parse_args; with an ArgParser, an unknown flag is a one-line UserError (exit 2)."""
+    return ap.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# device and speed switches
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name!r}: choose auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model, device, kernels="torch", compile=False):
+    if kernels not in ("torch", "triton"):
+        raise UserError(f"--kernels {kernels!r}: choose torch or triton")
+    model.to(device)
+    set_kernels(model, kernels)
+    return torch.compile(model) if compile else model
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW over all parameters, as the paper's code (fused on CUDA)."""
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
+
+
+def lr_at(step: int, total: int, lr: float) -> float:
+    """Linear decay from lr to 0 over `total` optimizer steps, no warm-up."""
+    return lr * max(0.0, 1.0 - step / max(1, total))
+
+
+# -----------------------------------------------------------------------------
+# run directory: config.json, metrics.jsonl (header first)
+
+class RunLog:
+    def __init__(self, out: Path, config: dict, device, resume=False):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.out / "metrics.jsonl"
+        write_json(self.out / "config.json", config)
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        header = {"kind": "header", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config,
+                  "git": git_revision(), "torch": torch.__version__, "triton": triton_version,
+                  "python": platform.python_version(), "device": device_name(device), "resumed": resume}
+        self.write(header)
+
+    def write(self, record: dict):
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def print_config(title, config: dict):
+    print(f"{title}: " + " ".join(f"{k}={v}" for k, v in config.items()))

@@ -1,0 +1,220 @@
+"""Pre-train a BERT with masked-language modelling on the first W_s rows of shuffled Wikipedia.
+
+    python train_mlm.py --ws 40000                                  # the paper's BERT-6 setup
+    python train_mlm.py --model tiny --ws 2000 --epochs 2            # a CPU-sized run
+    python train_mlm.py --model bert1 --n_conv 2 --conv_kernel 16,3 --ws 40000
+    python train_mlm.py --pretrain_set custom --task fewrel           # Tables 1-2's custom-made set
+    python train_mlm.py --resume runs/mlm-tiny-random-ws2000-s0      # continue exactly
+
+Defaults are the paper's: bert6, 50 epochs, batch 32, AdamW lr 5.5e-5, weight decay
+1e-2, linear decay to 0 over all optimizer steps, no warm-up. Outputs in --out
+(default runs/<name>): config.json, metrics.jsonl (a header line, then step and
+epoch records), ckpt.pt (every epoch and on Ctrl-C).
+"""
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
+from tinytlm.common import ArgParser, UserError, cli, default_data_root, default_raw_root
+from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens
+from tinytlm.model import BertConfig, BertForMLM
+from tinytlm.train import (RunLog, add_dataclass_args, autocast, dataclass_from_args, lr_at, make_optimizer,
+                           model_overrides, parse_strict, prepare_model, print_config, resolve_device)
+
+CLS, SEP, PAD, MASK = 101, 102, 0, 103
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class MLMConfig:
+    model: str = "bert6"  # preset name (see BertConfig.presets()); model flags below override it
+    ws: int = 40000  # W_s: rows of the shuffled Wikipedia shard (random set) or cap of a constructed set (0 = all)
+    pretrain_set: str = "random"  # random | custom | raised-tm
+    task: str = "fewrel"  # constructed sets: the task whose tokens define them
+    labels: str = ""  # constructed sets: the task's label indices (default all)
+    train_per_label: int = 0  # constructed sets: the task's sample size (0 = paper's)
+    test_per_label: int = 0  # constructed sets: the task's sample size (0 = paper's)
+    fewrel_source: str = "val_wiki"  # constructed sets on FewRel: val_wiki | train_wiki
+    epochs: int = 50  # passes over the pre-training rows
+    batch_size: int = 32  # sequences per optimizer step
+    lr: float = 5.5e-5  # peak AdamW learning rate, decayed linearly to 0
+    weight_decay: float = 1e-2  # AdamW weight decay
+    grad_clip: float = 0.0  # max gradient norm (0 = off; the paper's code does not clip)
+    mask_per_row: int = 0  # 0: Bernoulli 15% masking; k > 0: exactly k chosen per row (static shapes)
+    seed: int = 0  # data order, masks, init and dropout all follow from it
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    kernels: str = "torch"  # torch | triton attention/conv-stem kernels
+    log_every: int = 50  # optimizer steps between metric records
+    max_steps: int = 0  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
+    interrupt_at: int = 0  # testing: behave as if Ctrl-C came after this step (0 = never)
+    out: str = ""  # run directory (default runs/<name>)
+    resume: str = ""  # run directory or checkpoint to continue exactly
+    data: str = ""  # prepared data root (default $TINYTLM_DATA or ./data)
+    raw: str = ""  # raw data root (default $TINYTLM_RAW or ../shared/data)
+
+    def run_name(self) -> str:
+        return f"mlm-{self.model}-{self.pretrain_set}-ws{self.ws}-s{self.seed}"
+
+
+def parse(argv=None):
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
+    add_dataclass_args(ap, MLMConfig, "training")
+    add_dataclass_args(ap, BertConfig, "model overrides", all_optional=True)
+    args = parse_strict(ap, argv)
+    return dataclass_from_args(MLMConfig, args), model_overrides(args)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def pretrain_rows(cfg: MLMConfig):
+    """(ids array of the pre-training rows, data meta) for the chosen pre-training set."""
+    from data_prep.tasks import TaskSpec, ensure_task, parse_labels
+    from data_prep.wikipedia import ensure_wiki
+    from tinytlm.data import Shard
+    from tinytlm.tokstats import build_pretrain_set, pretrain_path
+    raw = Path(cfg.raw) if cfg.raw else default_raw_root()
+    data = Path(cfg.data) if cfg.data else default_data_root()
+    if cfg.ws < 0:
+        raise UserError(f"--ws {cfg.ws}: must be >= 0")
+    if cfg.pretrain_set == "random":
+        if cfg.ws == 0:
+            raise UserError("--ws 0: nothing to pre-train on (the no-pre-training arm is train_cls.py without --init)")
+        shard = ensure_wiki(cfg.ws, raw, data)
+        return shard.ids[:cfg.ws], {"pretrain_set": "random", "ws": cfg.ws, "shard": str(shard.path),
+                                    "shard_checksum": shard.checksum.hex()}
+    if cfg.pretrain_set not in ("custom", "raised-tm"):
+        raise UserError(f"--pretrain_set {cfg.pretrain_set!r}: choose random, custom or raised-tm")
+    spec = TaskSpec(task=cfg.task, labels=parse_labels(cfg.labels), train_per_label=cfg.train_per_label,
+                    test_per_label=cfg.test_per_label, fewrel_source=cfg.fewrel_source).resolved()
+    task_dir = ensure_task(spec, raw, data)
+    path = pretrain_path(data, cfg.pretrain_set, task_dir.name, cfg.ws if cfg.pretrain_set == "raised-tm" else 0)
+    if not path.is_file():
+        print(f"building the {cfg.pretrain_set} pre-training set for {task_dir.name} ...")
+        path = build_pretrain_set(cfg.pretrain_set, task_dir, ensure_wiki(-1, raw, data), cfg.ws, 0, data)
+    shard = Shard(path)
+    n = min(cfg.ws, len(shard)) if cfg.ws else len(shard)
+    return shard.ids[:n], {"pretrain_set": cfg.pretrain_set, "ws": n, "task": task_dir.name,
+                           "shard": str(path), "shard_checksum": shard.checksum.hex()}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def train(cfg: MLMConfig, overrides: dict, resume_state=None):
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ids, data_meta = pretrain_rows(cfg)
+    if resume_state:
+        model = build_model(resume_state)
+        model_cfg = model.config
+    else:
+        model_cfg = BertConfig.preset(cfg.model, **overrides)
+        model = BertForMLM(model_cfg)
+    if int(ids.max(initial=0)) >= model_cfg.vocab_size:
+        raise UserError(f"{data_meta['shard']}: token ids reach {int(ids.max())}, model vocab is {model_cfg.vocab_size}")
+    if ids.shape[1] > model_cfg.max_pos:
+        raise UserError(f"{data_meta['shard']}: rows of {ids.shape[1]} tokens exceed max_pos {model_cfg.max_pos}")
+    out = Path(cfg.out or f"runs/{cfg.run_name()}")
+    config = {**asdict(cfg), "model_config": model_cfg.to_dict(), "data": data_meta}
+    print_config("config", {**asdict(cfg), "data": data_meta})
+    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers")
+    raw_model = model
+    model = prepare_model(model, device, cfg.kernels, cfg.compile)
+    opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
+    n = len(ids)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    step = 0
+    if resume_state:
+        opt.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"])
+        step = resume_state["step"]
+        print(f"resuming {resume_state['path']} at step {step} (epoch {step // steps_per_epoch})")
+    log = RunLog(out, config, device, resume=bool(resume_state))
+    last = min(total, cfg.max_steps) if cfg.max_steps else total
+
+    def save(final=False):
+        save_checkpoint(out / "ckpt.pt", kind="mlm", model=raw_model, optimizer=None if final else opt,
+                        step=step, epoch=step // steps_per_epoch, train_config=asdict(cfg), data=data_meta)
+
+    bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    try:
+        while step < last:
+            epoch, first = divmod(step, steps_per_epoch)
+            order = epoch_order(n, cfg.seed, epoch)
+            sums = torch.zeros(3, device=device)  # loss sum, correct predictions, predictions
+            t0, b_seqs = time.time(), 0
+            for b in range(first, steps_per_epoch):
+                lr = lr_at(step, total, cfg.lr)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x = get_batch(ids, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device)
+                inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
+                                              mask_id=MASK, special_ids=(PAD, CLS, SEP), per_row=cfg.mask_per_row)
+                with autocast(device):
+                    logits, loss = model(inputs, targets=targets)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                b_seqs += len(x)
+                with torch.no_grad():
+                    y = targets[targets != -100]
+                    sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(-1) == y).sum(), torch.tensor(len(y), device=device)])
+                if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
+                    s = sums.tolist()
+                    rate = b_seqs / max(1e-9, time.time() - t0)
+                    rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "loss": s[0] / max(1, s[2]),
+                           "mlm_acc": s[1] / max(1, s[2]), "seq_per_s": rate}
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", seq_s=f"{rate:.0f}")
+                bar.update(1)
+                if cfg.interrupt_at and step == cfg.interrupt_at:
+                    raise KeyboardInterrupt
+                if step == last:
+                    break
+            s = sums.tolist()
+            log.write({"kind": "epoch", "epoch": epoch, "step": step, "loss": s[0] / max(1, s[2]),
+                       "mlm_acc": s[1] / max(1, s[2])})
+            save(final=step == total)
+    except KeyboardInterrupt:
+        bar.close()
+        save()
+        print(f"interrupted at step {step}: checkpoint {out / 'ckpt.pt'}; continue with --resume {out}", file=sys.stderr)
+        sys.exit(130)
+    bar.close()
+    if step == last:
+        save(final=step == total)
+    print(f"done: {step} steps, checkpoint {out / 'ckpt.pt'}")
+    return out
+
+
+def main(argv=None):
+    cfg, overrides = parse(argv)
+    resume_state = None
+    if cfg.resume:
+        resume_state = load_checkpoint(cfg.resume, kind="mlm")
+        if resume_state["optimizer"] is None:
+            raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
+        saved = MLMConfig(**resume_state["train_config"])
+        saved.resume, saved.out = cfg.resume, saved.out or str(Path(resume_state["path"]).parent)
+        saved.interrupt_at = cfg.interrupt_at
+        cfg = saved
+    return train(cfg, overrides, resume_state)
+
+
+if __name__ == "__main__":
+    cli(main)
