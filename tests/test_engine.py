@@ -1,0 +1,135 @@
+"""Engine: exact resume, fine-tuning with the gap, the soft committee, bad input to the three scripts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ensemble
+import train_cls
+import train_mlm
+from tinytlm.checkpoint import load_checkpoint
+from tinytlm.committee import accuracy, committee_logits
+
+REPO = Path(__file__).resolve().parents[1]
+# a very small model: 1 block, 1 head of 32 (the vocabulary stays 30,522 because the ids are real)
+SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory, shared):
+    """A raw root with a small Wikipedia (the shared vocab and tasks linked in) and an empty data root."""
+    base = tmp_path_factory.mktemp("engine")
+    raw = base / "raw"
+    (raw / "wikipedia").mkdir(parents=True)
+    for name in ("bert-base-uncased-vocab.txt", "ag_news", "dbpedia", "fewrel"):
+        (raw / name).symlink_to(shared / name)
+    import lzma
+    with lzma.open(shared / "wikipedia" / "enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz", "rt") as f:
+        lines = [next(f) for _ in range(120)]
+    (raw / "wikipedia" / "small.jsonl").write_text("".join(lines))
+    return raw, base / "data"
+
+
+def mlm_args(roots, out, *extra):
+    raw, data = roots
+    return [*SMALL, "--ws", "40", "--epochs", "2", "--batch_size", "8", "--log_every", "2", "--raw", str(raw),
+            "--data", str(data), "--out", str(out), *extra]
+
+
+def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path):
+    train_mlm.main(mlm_args(roots, tmp_path / "a"))  # 2 epochs x 5 steps, uninterrupted
+    with pytest.raises(SystemExit) as e:  # Ctrl-C after step 3, mid-epoch
+        train_mlm.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "3"))
+    assert e.value.code == 130
+    mid = load_checkpoint(tmp_path / "b", kind="mlm")
+    assert mid["step"] == 3 and mid["optimizer"] is not None
+    train_mlm.main(["--resume", str(tmp_path / "b")])
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert a["step"] == b["step"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the metrics a plot reads: a header, then step and epoch records with loss and masked-token accuracy
+    recs = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["kind"] == "header" and "git" in recs[0] and "device" in recs[0]
+    epochs = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1] and all(0 <= r["mlm_acc"] <= 1 for r in epochs)
+
+
+def test_resume_of_finished_run_is_refused(roots, tmp_path):
+    train_mlm.main(mlm_args(roots, tmp_path / "a", "--epochs", "1"))
+    r = run(["train_mlm.py", "--resume", str(tmp_path / "a")])
+    assert_one_line_error(r, "finished")
+
+
+def test_finetune_gap_and_committee(roots, tmp_path):
+    raw, data = roots
+    train_mlm.main(mlm_args(roots, tmp_path / "mlm", "--epochs", "1"))
+    task = ["--task", "agnews", "--train-per-label", "8", "--test-per-label", "6", "--epochs", "2",
+            "--batch_size", "8", "--raw", str(raw), "--data", str(data), "--device", "cpu"]
+    gap = train_cls.main([*task, "--init", str(tmp_path / "mlm"), "--gap", "--out", str(tmp_path / "gap")])
+    assert gap["gap"] == pytest.approx(gap["acc_pretrained"] - gap["acc_scratch"])
+    assert gap["token_stats"]["T_W"] > 0 and gap["token_stats"]["T_M"] < gap["token_stats"]["T_C"]
+    scratch = json.loads((tmp_path / "gap" / "scratch" / "result.json").read_text())
+    assert scratch["token_stats"]["T_W"] == 0 and scratch["token_stats"]["T_M"] == scratch["token_stats"]["T_C"]
+    assert scratch["model_config"] == json.loads((tmp_path / "gap" / "pretrained" / "result.json").read_text())["model_config"]
+    assert len(scratch["acc_per_epoch"]) == 2 and scratch["n_test"] == 24
+
+    res = ensemble.main([str(tmp_path / "gap" / "pretrained"), str(tmp_path / "gap" / "scratch"), "--device", "cpu",
+                         "--latency-samples", "2", "--raw", str(raw), "--data", str(data),
+                         "--json", str(tmp_path / "ens.json")])
+    assert [m["acc"] for m in res["members"]] == pytest.approx([gap["acc_pretrained"], gap["acc_scratch"]])
+    assert res["committee"]["latency_layers"] == max(m["latency_layers"] for m in res["members"])
+    assert json.loads((tmp_path / "ens.json").read_text())["committee"]["acc"] == res["committee"]["acc"]
+
+    # a member of another task is refused
+    other = train_cls.main(["--task", "dbpedia", "--train-per-label", "2", "--test-per-label", "2", "--epochs", "1",
+                            "--raw", str(raw), "--data", str(data), *SMALL, "--out", str(tmp_path / "dbp")])
+    assert other["arm"] == "scratch"
+    r = run(["ensemble.py", str(tmp_path / "gap" / "scratch"), str(tmp_path / "dbp"), "--data", str(data)])
+    assert_one_line_error(r, "different task")
+
+
+def test_committee_is_argmax_of_summed_logits():
+    # member A is confident and wrong on row 0; B and C are mildly right: a majority vote says label 1,
+    # the sum of raw logits says label 0 -- the committee must follow the sum.
+    a = torch.tensor([[5.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    c = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    s = committee_logits([a, b, c])
+    assert torch.equal(s, a + b + c)
+    assert s.argmax(-1).tolist() == [0, 1]
+    assert accuracy(s, [0, 1]) == 1.0 and accuracy(s, [1, 1]) == 0.5
+
+
+# -----------------------------------------------------------------------------
+# bad input: one-line error, exit code 2
+
+def run(args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_input_to_the_scripts(roots, tmp_path):
+    raw, data = roots
+    assert_one_line_error(run(["train_cls.py", "--init", str(tmp_path / "missing.pt")]), "missing.pt", "not found")
+    assert_one_line_error(run(["train_cls.py", "--task", "imdb", "--data", str(data), "--raw", str(raw)]), "imdb")
+    assert_one_line_error(run(["train_mlm.py", "--no-such-flag", "1"]), "--no-such-flag")
+    assert_one_line_error(run(["train_mlm.py", "--epochs", "many"]), "--epochs")
+    assert_one_line_error(run(["train_mlm.py", "--ws", "100000", "--raw", str(raw), "--data", str(data)]),
+                          "--ws 100000", "120")
+    assert_one_line_error(run(["train_mlm.py", "--model", "bert99", "--ws", "10", "--raw", str(raw),
+                               "--data", str(data)]), "bert99")
+    assert_one_line_error(run(["ensemble.py", str(tmp_path)]), "checkpoint not found")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert_one_line_error(run(["ensemble.py", str(bad)]), "bad.pt")
