@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # torch is not pinned here: on a CPU-only machine install the CPU wheel first
     # (the README's commands do), otherwise pip would pull a CUDA build.
-    install_requires=["torch>=2.4", "numpy", "regex", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton"],
         "plot": ["matplotlib"],
