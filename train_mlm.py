@@ -24,7 +24,7 @@ from tqdm import tqdm
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
 from tinytlm.common import ArgParser, UserError, cli, default_data_root, default_raw_root
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens
-from tinytlm.model import BertConfig, BertForMLM
+from tinytlm.model import BertConfig, BertForMLM, mlm_targets
 from tinytlm.train import (RunLog, add_dataclass_args, autocast, dataclass_from_args, lr_at, make_optimizer,
                            model_overrides, parse_strict, prepare_model, print_config, resolve_device)
 
@@ -163,7 +163,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                 inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
                                               mask_id=MASK, special_ids=(PAD, CLS, SEP), per_row=cfg.mask_per_row)
                 with autocast(device):
-                    logits, loss = model(inputs, targets=targets)
+                    logits, loss = model(inputs, targets=targets, per_row=cfg.mask_per_row)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
@@ -171,9 +171,12 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 b_seqs += len(x)
-                with torch.no_grad():
-                    y = targets[targets != -100]
-                    sums += torch.stack([loss.detach().float() * len(y), (logits.argmax(-1) == y).sum(), torch.tensor(len(y), device=device)])
+                with torch.no_grad():  # accumulate on the device; synced only when logging
+                    y = mlm_targets(targets, cfg.mask_per_row)
+                    valid = y != -100
+                    n_valid = valid.sum()
+                    sums += torch.stack([loss.detach().float() * n_valid, ((logits.argmax(-1) == y) & valid).sum(),
+                                         n_valid])
                 if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
                     s = sums.tolist()
                     rate = b_seqs / max(1e-9, time.time() - t0)

@@ -200,3 +200,28 @@ def test_triton_kernels_match_torch_path(train):
     loss.backward()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(model.bert.encoder.blocks[0].attn.qkv.weight.grad, ref_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_static_sparse_head_equals_dynamic():
+    """per_row=k gathers a fixed (B, k) set of positions; loss and logits equal the dynamic and dense heads."""
+    from tinytlm.data import mask_generator, mask_tokens
+    from tinytlm.model import mlm_positions, mlm_targets
+    torch.manual_seed(0)
+    model = BertForMLM(BertConfig.preset("tiny", n_layer=1)).eval()
+    idx = torch.randint(1000, 30000, (4, 32))
+    idx[:, 0], idx[:, -1] = 101, 102
+    idx[0, 4:] = 0  # a short row: 2 candidates, fewer than k
+    idx[0, 3] = 102
+    k = 5
+    inputs, targets = mask_tokens(idx, mask_generator("cpu", 0, 0), vocab_size=30522, mask_id=103,
+                                  special_ids=(0, 101, 102), per_row=k)
+    _, dyn_loss = model(inputs, targets=targets)
+    dense_logits, _ = model(inputs, targets=targets, sparse=False)  # (B, T, V)
+    st_logits, st_loss = model(inputs, targets=targets, per_row=k)
+    assert st_logits.shape == (4 * k, 30522)
+    y_st = mlm_targets(targets, k)
+    assert (y_st != -100).sum() == len(mlm_targets(targets)) == 2 + 3 * k  # the short row leaves 3 slots unused
+    torch.testing.assert_close(st_loss, dyn_loss)
+    pos = mlm_positions(targets, k)  # (B, k)
+    expect = dense_logits.gather(1, pos[..., None].expand(-1, -1, dense_logits.size(-1))).reshape(4 * k, -1)
+    torch.testing.assert_close(st_logits, expect, atol=1e-4, rtol=1e-4)

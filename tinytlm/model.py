@@ -306,12 +306,13 @@ class BertForMLM(_Pretrained):
         self.head = MLMHead(cfg)
         self._init()
 
-    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, sparse=True):
+    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, sparse=True, per_row=0):
         """targets (B, T): original id at the chosen positions, -100 elsewhere (HF convention).
 
         Without targets: logits (B, T, V), loss None. With targets and sparse=True (default): the
-        head runs only on the chosen positions, logits (N_sel, V) in row-major order of those
-        positions (aligned with targets[targets != -100]), loss = their mean cross-entropy.
+        head runs only on the chosen positions, logits (N, V) aligned with mlm_targets(targets,
+        per_row), loss = the mean cross-entropy over the chosen positions. per_row=0: N = number
+        chosen (a dynamic shape); per_row=k: N = B*k (a static shape, see mlm_positions).
         sparse=False: the dense head over all positions, logits (B, T, V), the same loss.
         """
         h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
@@ -319,12 +320,33 @@ class BertForMLM(_Pretrained):
         if targets is None:
             return self.head(h, word_weight), None
         if sparse:
-            chosen = targets != -100  # (B, T); boolean indexing syncs with the device once per step
-            logits = self.head(h[chosen], word_weight)  # (N_sel, V)
-            return logits, F.cross_entropy(logits, targets[chosen])
+            pos = mlm_positions(targets, per_row)
+            if per_row:
+                h = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (B, k, H)
+                logits = self.head(h.reshape(-1, h.size(-1)), word_weight)  # (B*k, V)
+            else:
+                logits = self.head(h[pos], word_weight)  # (N_sel, V); boolean indexing syncs once
+            return logits, F.cross_entropy(logits, mlm_targets(targets, per_row, pos), ignore_index=-100)
         logits = self.head(h, word_weight)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)  # (B*T, V)
         return logits, loss
+
+
+def mlm_positions(targets, per_row=0):
+    """Where the sparse MLM head runs. per_row=0: the (B, T) bool mask of chosen positions.
+    per_row=k: (B, k) indices, chosen positions first; a row with fewer than k chosen is filled
+    with unchosen positions whose target is -100 (ignored by the loss), so the shape is static:
+    no host sync, and CUDA graphs can replay the step."""
+    chosen = targets != -100  # (B, T)
+    if not per_row:
+        return chosen
+    return chosen.float().topk(per_row, dim=1, sorted=False).indices  # (B, k)
+
+
+def mlm_targets(targets, per_row=0, pos=None):
+    """Targets aligned with the sparse head's logits (-100 where a static slot is unused)."""
+    pos = mlm_positions(targets, per_row) if pos is None else pos
+    return targets.gather(1, pos).reshape(-1) if per_row else targets[pos]  # (N,)
 
 
 class BertForClassification(_Pretrained):
