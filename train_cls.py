@@ -12,7 +12,6 @@ final epoch's accuracy (the best epoch's is also reported, labelled as selected 
 test). Outputs in --out (default runs/<name>): config.json, metrics.jsonl, ckpt.pt
 (a classifier checkpoint ensemble.py reads) and result.json.
 """
-import argparse
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,13 +23,12 @@ from tqdm import tqdm
 from data_prep.tasks import TaskSpec, ensure_task, load_task, parse_labels
 from tinytlm.checkpoint import load_checkpoint, save_checkpoint
 from tinytlm.committee import accuracy, per_label_accuracy, predict_logits
-from tinytlm.common import ArgParser, UserError, cli, default_data_root, default_raw_root, write_json
+from tinytlm.common import UserError, cli, default_data_root, default_raw_root, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
-from tinytlm.train import (RunLog, add_dataclass_args, autocast, dataclass_from_args, device_name, lr_at,
-                           make_optimizer, model_overrides, parse_strict, prepare_model, print_config,
-                           resolve_device)
+from tinytlm.train import (RunLog, autocast, device_name, lr_at, make_optimizer, parse_run_args, prepare_model,
+                           print_config, resolve_device)
 
 # PAPER.md: Table 1 fine-tunes FewRel at 8e-5 / 1e-2; Tables 3-7 mostly 5e-5 with weight decay 1e-3..2e-2
 TASK_DEFAULTS = {"agnews": (5e-5, 1e-2), "dbpedia": (5e-5, 1e-2), "fewrel": (8e-5, 1e-2)}
@@ -71,11 +69,7 @@ class ClsConfig:
 
 
 def parse(argv=None):
-    ap = ArgParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_args(ap, ClsConfig, "fine-tuning")
-    add_dataclass_args(ap, BertConfig, "model overrides (scratch runs)", all_optional=True)
-    args = parse_strict(ap, argv)
-    return dataclass_from_args(ClsConfig, args), model_overrides(args)
+    return parse_run_args(ClsConfig, __doc__, "fine-tuning", argv)
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ Defaults are the paper's: bert6, 50 epochs, batch 32, AdamW lr 5.5e-5, weight de
 (default runs/<name>): config.json, metrics.jsonl (a header line, then step and
 epoch records), ckpt.pt (every epoch and on Ctrl-C).
 """
-import argparse
 import math
 import sys
 import time
@@ -22,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
-from tinytlm.common import ArgParser, UserError, cli, default_data_root, default_raw_root
+from tinytlm.common import UserError, cli, default_data_root, default_raw_root
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
-from tinytlm.train import (RunLog, add_dataclass_args, autocast, dataclass_from_args, lr_at, make_optimizer,
-                           model_overrides, parse_strict, prepare_model, print_config, resolve_device)
+from tinytlm.train import (RunLog, autocast, lr_at, make_optimizer, parse_run_args, prepare_model, print_config,
+                           resolve_device)
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103
 
@@ -67,11 +66,7 @@ class MLMConfig:
 
 
 def parse(argv=None):
-    ap = ArgParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_args(ap, MLMConfig, "training")
-    add_dataclass_args(ap, BertConfig, "model overrides", all_optional=True)
-    args = parse_strict(ap, argv)
-    return dataclass_from_args(MLMConfig, args), model_overrides(args)
+    return parse_run_args(MLMConfig, __doc__, "training", argv)
 
 
 # -----------------------------------------------------------------------------

@@ -3,8 +3,12 @@ from pathlib import Path
 
 import pytest
 
-# Triton kernels run on CPU through the interpreter; the variable must be set before @triton.jit runs.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run through the interpreter; the variable must be set before
+# @triton.jit runs. On a GPU they run natively (set TRITON_INTERPRET=1 to force the interpreter).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("TINYTLM_RAW", Path(__file__).resolve().parents[2] / "shared" / "data"))
 VOCAB = SHARED / "bert-base-uncased-vocab.txt"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tinytlm.common import UserError, git_revision, write_json
+from tinytlm.common import ArgParser, UserError, git_revision, write_json
 from tinytlm.model import BertConfig, set_kernels
 
 
@@ -64,9 +64,14 @@ def model_overrides(args) -> dict:
             if getattr(args, f.name) is not None}
 
 
-def parse_strict(ap, argv):
-    """parse_args; with an ArgParser, an unknown flag is a one-line UserError (exit 2)."""
-    return ap.parse_args(argv)
+def parse_run_args(cls, doc: str, title: str, argv=None):
+    """(script config, model overrides) from the command line: the script's dataclass flags plus
+    one optional flag per BertConfig field. Unknown flags and bad values are one-line errors."""
+    ap = ArgParser(description=doc.split("\n\n")[0])
+    add_dataclass_args(ap, cls, title)
+    add_dataclass_args(ap, BertConfig, "model overrides", all_optional=True)
+    args = ap.parse_args(argv)
+    return dataclass_from_args(cls, args), model_overrides(args)
 
 
 # -----------------------------------------------------------------------------

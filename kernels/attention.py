@@ -1,0 +1,508 @@
+"""Fused multi-head attention (forward and backward) for BERT: softmax(Q K^T / sqrt(D) + mask) V.
+
+Based on the Triton fused-attention tutorial (06-fused-attention.py) and FlashAttention-2
+(Dao, 2023): the forward streams K/V blocks past a resident Q block with an online softmax,
+so no (T, T) matrix is ever written; it saves the row logsumexp for the backward. The backward
+is three kernels: a preprocess for delta = rowsum(dO * O), one program per K/V block that
+iterates over Q blocks for dK and dV, and one program per Q block that iterates over K/V
+blocks for dQ. Splitting dQ out costs a second recomputation of Q K^T but needs no atomics,
+so gradients are deterministic.
+
+Features: non-causal (BERT), key-padding mask (B, T) with True = real token, attention dropout
+with a counter-based Philox stream: the keep decision for element (b, h, q, k) is
+`tl.rand(seed, ((b * H + h) * T + q) * T + k) > p`, replayed identically in the backward and
+exposed by `dropout_mask` so the plain-torch `attention_ref` can use the exact same mask.
+
+Limits:
+- head dim D in {16, 32, 64, 128}; any T >= 1 (tails are masked); q, k, v of the same shape
+  (B, H, T, D), dtype float32 / float16 / bfloat16, unit stride on the last dim.
+- compute is fp32 (accumulators, softmax); output and gradients are in the input dtype.
+  On a GPU fp16/bf16 tiles go to tl.dot as they are; fp32 inputs use IEEE fp32 dots (no tf32),
+  which keeps them a reference-grade path rather than a fast one.
+- rows whose keys are all masked out produce output 0 and zero gradients (SDPA gives NaN).
+- with dropout, B * H * T * T must stay below 2**31 (the Philox offsets are int32).
+- under TRITON_INTERPRET=1 all tiles are upcast to fp32 before tl.dot, because the
+  interpreter's bf16 dot returns garbage.
+
+`attention` is a torch.library custom op (forward, fake and autograd registered) so that
+torch.compile(fullgraph=True) traces through it without a graph break; that replaces the
+usual `autograd.Function`, which would be opaque to the compiler.
+"""
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_q, offs_k, T, dropout_p):
+    # One Philox draw per (batch*head, q, k) element; the same ids in every kernel, whatever
+    # the tile shape or orientation, so forward, backward and dropout_mask agree bit for bit.
+    rand_offs = (bh * T + offs_q) * T + offs_k
+    return tl.rand(seed, rand_offs) > dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, MASK, O, LSE,
+    seed, dropout_p, qk_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_mb, stride_mt,
+    H, T,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # one program = one (BLOCK_M, HEAD_D) block of queries of one (batch, head)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    # online-softmax state, base-2 units (qk_scale folds in log2(e)). m starts finite so that a
+    # block whose keys are all masked (-inf scores) gives exp2(-inf - m) = 0, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < T
+        # K loaded transposed through the pointers: (D, BLOCK_N)
+        kT = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt,
+                     mask=col_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        if HAS_MASK:
+            key_real = tl.load(MASK + b * stride_mb + offs_n * stride_mt, mask=col_ok, other=0)
+            col_ok = col_ok & (key_real != 0)
+        qk = tl.dot(q, kT, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32
+        qk = tl.where(col_ok[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        # the normaliser sums the un-dropped probabilities; dropout only thins the numerator
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    inv_l = tl.where(has_key, 1.0 / tl.where(has_key, l_i, 1.0), 0.0)
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    # LSE (B*H, T) contiguous, base 2; +inf marks a row with no real key so the backward's
+    # exp2(s - lse) is 0 there.
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta = rowsum(dO * O), (B*H, T) fp32. It also equals rowsum(dP * P) under dropout.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
+    seed, dropout_p, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_mb, stride_mt,
+    H, T,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # one program = one (BLOCK_N, D) block of keys/values; loops over all query blocks.
+    # Works on transposed scores sT = K Q^T (BLOCK_N, BLOCK_M) so dK, dV accumulate directly.
+    # DK, DV are contiguous (B, H, T, D), written by this program only.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_D)
+    col_ok = offs_n < T
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=col_ok[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = col_ok
+    if HAS_MASK:
+        key_real = tl.load(MASK + b * stride_mb + offs_n * stride_mt, mask=col_ok, other=0)
+        key_ok = key_ok & (key_real != 0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row_base = bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
+    for start_m in range(0, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < T
+        qT = tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qt,
+                     mask=row_ok[None, :], other=0.0)  # (D, BLOCK_M)
+        do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+        if UPCAST:
+            qT = qT.to(tl.float32)
+            do = do.to(tl.float32)
+        # padded query rows get lse = +inf, hence p = 0
+        lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        pT = tl.exp2(sT * qk_scale - lse[None, :])
+        pT = tl.where(key_ok[:, None], pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], T, dropout_p)
+            rescale = 1.0 / (1.0 - dropout_p)
+            pdT = tl.where(keep, pT * rescale, 0.0)
+            dpT = tl.where(keep, dpT * rescale, 0.0)
+        else:
+            pdT = pT
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+
+    dk = dk * sm_scale
+    out_offs = bh.to(tl.int64) * T * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(DK + out_offs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out_offs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, MASK, DO, LSE, DELTA, DQ,
+    seed, dropout_p, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_mb, stride_mt,
+    H, T,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # one program = one (BLOCK_M, D) block of queries; loops over all key blocks.
+    # DQ is contiguous (B, H, T, D).
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_D)
+    row_ok = offs_m < T
+    row_base = bh.to(tl.int64) * T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < T
+        kT = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kt,
+                     mask=col_ok[None, :], other=0.0)  # (D, BLOCK_N)
+        vT = tl.load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vt,
+                     mask=col_ok[None, :], other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        if HAS_MASK:
+            key_real = tl.load(MASK + b * stride_mb + offs_n * stride_mt, mask=col_ok, other=0)
+            col_ok = col_ok & (key_real != 0)
+        s = tl.dot(q, kT, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], T, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+
+    dq = dq * sm_scale
+    out_offs = row_base * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :]
+    tl.store(DQ + out_offs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dropout_mask_kernel(KEEP, seed, dropout_p, T, BLOCK: tl.constexpr):
+    # KEEP: (B*H, T, T) uint8, contiguous; one program per (BLOCK query rows, batch*head)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_q = pid_m * BLOCK + tl.arange(0, BLOCK)
+    for start in range(0, T, BLOCK):
+        offs_k = start + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, bh, offs_q[:, None], offs_k[None, :], T, dropout_p)
+        ptrs = KEEP + (bh.to(tl.int64) * T + offs_q[:, None]) * T + offs_k[None, :]
+        tl.store(ptrs, keep.to(tl.uint8), mask=(offs_q[:, None] < T) & (offs_k[None, :] < T))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _tiles(T, D):
+    """(BLOCK_M, BLOCK_N, num_warps). Hard-coded from the Triton fused-attention tutorial's
+    H100 configurations (64 x 64 tiles, 4 warps; a narrower K/V tile at D = 128 to keep the
+    fp32 accumulators in registers), not autotuned here. Small T shrinks the tiles (>= 16,
+    the tl.dot minimum) so short sequences waste less work."""
+    cap = max(16, triton.next_power_of_2(T))
+    block_m = min(64, cap)
+    block_n = min(32 if D == 128 else 64, cap)
+    return block_m, block_n, 4
+
+
+def _check_inputs(q, k, v, key_padding_mask, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, T, D), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"attention: q, k, v must have the same shape (B, H, T, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if min(B, H, T) < 1:
+        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} unsupported, must be one of {SUPPORTED_HEAD_DIMS}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"attention: q, k, v must share one dtype out of float32/float16/bfloat16, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _interpreted():
+        raise ValueError(f"attention: tensors are on {q.device}; the Triton kernels need CUDA "
+                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"attention: {name} must have unit stride on the head dim (call .contiguous())")
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (B, T):
+            raise ValueError(f"attention: key_padding_mask must be a bool tensor of shape (B, T) = {(B, T)}, "
+                             f"got {getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}")
+        if m.device != q.device:
+            raise ValueError(f"attention: key_padding_mask on {m.device}, q on {q.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and B * H * T * T >= 2**31:
+        raise ValueError(f"attention: B*H*T*T = {B * H * T * T} too large for int32 dropout offsets")
+
+
+def _mask_args(key_padding_mask, q):
+    # bool -> uint8 view (no copy): one byte per key, True = real token
+    if key_padding_mask is None:
+        return q, 0, 0, False  # dummy pointer, never read
+    m = key_padding_mask.view(torch.uint8)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _launch_fwd(q, k, v, key_padding_mask, dropout_p, seed):
+    """Run the forward kernel; returns out (B, H, T, D) in q.dtype and lse (B, H, T) fp32, base 2."""
+    B, H, T, D = q.shape
+    block_m, block_n, num_warps = _tiles(T, D)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    mask, smb, smt, has_mask = _mask_args(key_padding_mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+    upcast = _interpreted()
+    grid = (triton.cdiv(T, block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, mask, out, lse,
+        seed, dropout_p, sm_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt,
+        H, T,
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0,
+        UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
+        num_warps=num_warps,
+    )
+    return out, lse
+
+
+def _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
+    """Run the three backward kernels; returns dq, dk, dv contiguous, in q.dtype."""
+    B, H, T, D = q.shape
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    block_m, block_n, num_warps = _tiles(T, D)
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_m), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=block_m)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    mask, smb, smt, has_mask = _mask_args(key_padding_mask, q)
+    sm_scale = 1.0 / math.sqrt(D)
+    upcast = _interpreted()
+    common = dict(HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask,
+                  HAS_DROPOUT=dropout_p > 0, UPCAST=upcast,
+                  DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
+                  num_warps=num_warps)
+    # fp32 tiles at D = 128 with the default 3-stage pipeline would need ~200 KB of shared
+    # memory per program, past the H100's 227 KB once the rest is counted: use fewer stages
+    common["num_stages"] = 1 if (q.element_size() == 4 and D == 128) else 2
+    args = (seed, dropout_p, sm_scale * 1.4426950408889634, sm_scale,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, H, T)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
+        q, k, v, mask, do, lse, delta, dk, dv, *args, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, mask, do, lse, delta, dq, *args, **common)
+    return dq, dk, dv
+
+
+def _new_seed():
+    # drawn from torch's default generator, so torch.manual_seed makes a run reproducible
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("tinytlm::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                      dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, seed_used). seed < 0 draws a fresh seed inside the op, so a compiled graph
+    never has to call .item(); the seed used comes back as a CPU int64 scalar for the backward."""
+    _check_inputs(q, k, v, key_padding_mask, dropout_p)
+    if dropout_p > 0 and seed < 0:
+        seed = _new_seed()
+    out, lse = _launch_fwd(q, k, v, key_padding_mask, dropout_p, max(seed, 0))
+    return out, lse, torch.tensor(max(seed, 0), dtype=torch.int64)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, key_padding_mask, dropout_p, seed):
+    B, H, T, D = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B, H, T), dtype=torch.float32),
+            torch.empty((), dtype=torch.int64, device="cpu"))
+
+
+@torch.library.custom_op("tinytlm::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], dropout_p: float,
+                      seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, int(seed.item()))
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, dropout_p, _ = inputs
+    out, lse, seed = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.key_padding_mask = key_padding_mask
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, dout, dlse, dseed):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.key_padding_mask, ctx.dropout_p, seed)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None):
+    """Fused softmax(q k^T / sqrt(D)) v. q, k, v: (B, H, T, D); key_padding_mask: (B, T) bool,
+    True = real token; dropout on the attention probabilities with probability dropout_p,
+    from `seed` (None: drawn from torch's generator). Returns (B, H, T, D) in q.dtype."""
+    seed = -1 if seed is None else int(seed)
+    out, _, _ = torch.ops.tinytlm.attention_fwd(q, k, v, key_padding_mask, float(dropout_p), seed)
+    return out
+
+
+# ----------------------------------------------------------------------------- reference
+
+def dropout_mask(B, H, T, seed, dropout_p, device="cpu"):
+    """The exact keep-mask (B, H, T, T) bool the kernels use for this seed and probability."""
+    keep = torch.empty((B, H, T, T), dtype=torch.uint8, device=device)
+    block = min(64, max(16, triton.next_power_of_2(T)))
+    _dropout_mask_kernel[(triton.cdiv(T, block), B * H)](keep, int(seed), float(dropout_p), T, BLOCK=block)
+    return keep.bool()
+
+
+def attention_ref(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None):
+    """Plain-torch attention with the kernel's conventions: fp32 compute, rows without a real
+    key give 0, dropout from `dropout_mask(B, H, T, seed, p)` scaled by 1 / (1 - p)."""
+    B, H, T, D = q.shape
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)  # (B, H, T, T)
+    if key_padding_mask is not None:
+        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all-masked rows: NaN -> 0
+    if dropout_p > 0:
+        if seed is None:
+            raise ValueError("attention_ref: dropout needs an explicit seed to reproduce the kernel's mask")
+        p = p * dropout_mask(B, H, T, seed, dropout_p, q.device) / (1.0 - dropout_p)
+    return (p @ v.float()).to(q.dtype)

@@ -1,0 +1,288 @@
+"""Conv stem of the paper: the (B, T, H) embedding output as a 1-channel image, L layers of
+Conv2d(c_in -> d, (kh, kw), padding='same') + BatchNorm2d + GELU, then a 1x1 Conv2d(d -> 1) +
+BatchNorm2d(1) + GELU back to (B, T, H).
+
+Kernel: `_conv2d_kernel`, a direct 'same' convolution written as an implicit GEMM, in the
+spirit of the Triton matmul tutorial: one program owns BLOCK_P output pixels (flattened over
+T x W) times all output channels, and accumulates, for every kernel tap (dy, dx) and every
+BLOCK_CI slice of input channels, a (BLOCK_P, BLOCK_CI) x (BLOCK_CI, BLOCK_CO) tl.dot. Shifted
+pixels outside the image are masked to 0, which is PyTorch's zero padding: (k - 1) // 2 before
+and the rest after, also for even kernels such as 16 x 3. Epilogue: + bias, optional exact
+(erf) GELU, and optionally the stem's last 1x1 projection (a per-pixel dot over channels +
+bias + GELU), so the last layer writes (B, T, W) instead of (B, d, T, W).
+
+Two paths:
+- inference (`conv_stem_infer`): BatchNorm is folded into the conv weights (`fold_bn`,
+  `fold_stem`), every layer is one kernel launch (conv + bias + GELU), the last one also
+  does the projection. Activations are kept channels-last (B, T, W, C) for contiguous loads.
+- training (`conv_stem_train`): BatchNorm needs batch statistics between conv and GELU, so
+  only conv + bias is a Triton kernel (`conv2d_same`, an autograd.Function); BatchNorm and
+  GELU stay torch modules, and the conv backward is torch's (torch.nn.grad conv2d_input /
+  conv2d_weight on the explicitly padded input).
+
+Limits: input channels C_in and output channels C_out <= 128 (one program holds all output
+channels: d is 32 or 64 in the paper); any T, W, kernel size; fp32 / fp16 / bf16 inputs with
+fp32 accumulation (fp32 inputs use IEEE dots, no tf32). Under TRITON_INTERPRET=1 tiles are
+upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+MAX_CHANNELS = 128
+
+
+def _interpreted():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernel
+
+@triton.jit
+def _gelu(x):
+    # exact GELU, as nn.GELU() (approximate='none')
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _conv2d_kernel(
+    X, Wt, BIAS, PW, PB, Y,
+    T, W, C_IN, C_OUT,
+    stride_xb, stride_xt, stride_xw, stride_xc,
+    stride_yb, stride_yt, stride_yw, stride_yc,
+    KH: tl.constexpr, KW: tl.constexpr, PAD_T: tl.constexpr, PAD_W: tl.constexpr,
+    GELU: tl.constexpr, FUSE_PROJ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    # X: (B, T, W, C_IN) by strides; Wt: (KH, KW, C_IN, C_OUT) contiguous; BIAS: (C_OUT,)
+    # Y: (B, T, W, C_OUT) by strides, or (B, T, W) (channel stride unused) when FUSE_PROJ;
+    # PW: (C_OUT,) projection weights, PB: (1,) projection bias (both BN-folded).
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # flattened output pixel t * W + w
+    pix_ok = offs_p < T * W
+    t = offs_p // W
+    w = offs_p % W
+    offs_ci = tl.arange(0, BLOCK_CI)
+    offs_co = tl.arange(0, BLOCK_CO)
+    co_ok = offs_co < C_OUT
+    x_base = X + b * stride_xb
+
+    acc = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.float32)
+    for tap in range(0, KH * KW):
+        dy = tap // KW
+        dx = tap % KW
+        ti = t + dy - PAD_T
+        wi = w + dx - PAD_W
+        in_ok = pix_ok & (ti >= 0) & (ti < T) & (wi >= 0) & (wi < W)  # zero padding
+        for c0 in range(0, C_IN, BLOCK_CI):
+            ci = c0 + offs_ci
+            ci_ok = ci < C_IN
+            x = tl.load(x_base + ti[:, None] * stride_xt + wi[:, None] * stride_xw + ci[None, :] * stride_xc,
+                        mask=in_ok[:, None] & ci_ok[None, :], other=0.0)  # (BLOCK_P, BLOCK_CI)
+            wt = tl.load(Wt + (tap * C_IN + ci[:, None]) * C_OUT + offs_co[None, :],
+                         mask=ci_ok[:, None] & co_ok[None, :], other=0.0)  # (BLOCK_CI, BLOCK_CO)
+            if UPCAST:
+                x = x.to(tl.float32)
+                wt = wt.to(tl.float32)
+            else:
+                wt = wt.to(x.dtype)
+            acc += tl.dot(x, wt, input_precision=DOT_PREC)
+
+    acc += tl.load(BIAS + offs_co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu(acc)
+    y_base = Y + b * stride_yb + t * stride_yt + w * stride_yw
+    if FUSE_PROJ:
+        # 1x1 conv d -> 1: a dot over channels per pixel (padded channels have weight 0)
+        pw = tl.load(PW + offs_co, mask=co_ok, other=0.0).to(tl.float32)
+        y = tl.sum(acc * pw[None, :], 1) + tl.load(PB).to(tl.float32)
+        y = _gelu(y)
+        tl.store(y_base, y.to(Y.dtype.element_ty), mask=pix_ok)
+    else:
+        tl.store(y_base[:, None] + offs_co[None, :] * stride_yc, acc.to(Y.dtype.element_ty),
+                 mask=pix_ok[:, None] & co_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launcher
+
+def _conv_launch(x, x_strides, T, W, weight, bias, y, y_strides, gelu, proj=None):
+    """x: a (B, T, W, C_in) image read through x_strides (b, t, w, c); weight (C_out, C_in, kh, kw)
+    and bias (C_out,) in x.dtype; y: output written through y_strides (b, t, w, c);
+    proj: (pw (C_out,), pb (1,)) or None."""
+    B = x.shape[0]
+    C_out, C_in, kh, kw = weight.shape
+    wt = weight.permute(2, 3, 1, 0).contiguous()  # (kh, kw, C_in, C_out)
+    block_co = max(16, triton.next_power_of_2(C_out))
+    block_ci = min(32, max(16, triton.next_power_of_2(C_in)))
+    # 64 pixels x <= 128 channels of fp32 accumulator per program, 4 warps: a common
+    # implicit-GEMM tile (Triton matmul tutorial sizes); not autotuned.
+    block_p = 64
+    upcast = _interpreted()
+    pw, pb = proj if proj is not None else (bias, bias)  # dummies when not fused
+    _conv2d_kernel[(triton.cdiv(T * W, block_p), B)](
+        x, wt, bias, pw, pb, y,
+        T, W, C_in, C_out,
+        *x_strides, *y_strides,
+        KH=kh, KW=kw, PAD_T=(kh - 1) // 2, PAD_W=(kw - 1) // 2,
+        GELU=gelu, FUSE_PROJ=proj is not None, UPCAST=upcast,
+        DOT_PREC="ieee" if (upcast or x.dtype == torch.float32) else "tf32",
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
+    )
+    return y
+
+
+def _check_conv(x, weight, bias, where):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{where}: dtype {x.dtype} unsupported (float32/float16/bfloat16)")
+    if weight.dim() != 4 or bias is None or bias.shape != (weight.shape[0],):
+        raise ValueError(f"{where}: weight must be (C_out, C_in, kh, kw) with a (C_out,) bias, got "
+                         f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
+    if max(weight.shape[0], weight.shape[1]) > MAX_CHANNELS:
+        raise ValueError(f"{where}: at most {MAX_CHANNELS} channels, got weight {tuple(weight.shape)}")
+    if not (x.device == weight.device == bias.device):
+        raise ValueError(f"{where}: tensors on different devices: {x.device}, {weight.device}, {bias.device}")
+    if x.device.type != "cuda" and not _interpreted():
+        raise ValueError(f"{where}: tensors are on {x.device}; the Triton kernel needs CUDA "
+                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
+
+
+class _Conv2dSame(torch.autograd.Function):
+    """NCHW conv2d with 'same' padding: Triton forward, torch backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        # weights are cast to the activation dtype (as autocast would); bias None -> zeros
+        ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
+        weight = weight.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else x.new_zeros(weight.shape[0])
+        _check_conv(x, weight, bias, "conv2d_same")
+        if x.dim() != 4 or x.shape[1] != weight.shape[1]:
+            raise ValueError(f"conv2d_same: x must be (B, C_in={weight.shape[1]}, T, W), got {tuple(x.shape)}")
+        B, C_in, T, W = x.shape
+        y = torch.empty((B, weight.shape[0], T, W), device=x.device, dtype=x.dtype)  # (B, C_out, T, W)
+        sx, sy = x.stride(), y.stride()
+        # the kernel walks (b, t, w, c): NCHW strides passed in that order
+        _conv_launch(x, (sx[0], sx[2], sx[3], sx[1]), T, W, weight, bias, y,
+                     (sy[0], sy[2], sy[3], sy[1]), gelu=False)
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gy = gy.to(x.dtype)
+        kh, kw = weight.shape[2:]
+        pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)  # (left, right, top, bottom)
+        xp = F.pad(x, pads)  # 'same' as an explicit pad + a valid convolution
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gxp = torch.nn.grad.conv2d_input(xp.shape, weight, gy)
+            gx = gxp[:, :, pads[2]:pads[2] + x.shape[2], pads[0]:pads[0] + x.shape[3]]
+        if ctx.needs_input_grad[1]:
+            gw = torch.nn.grad.conv2d_weight(xp, weight.shape, gy).to(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3)).to(ctx.w_dtype)
+        return gx, gw, gb
+
+
+conv2d_same = _Conv2dSame.apply
+
+
+# ----------------------------------------------------------------------------- public API
+
+class ConvStemRef(nn.Module):
+    """Plain-torch stem (the reference): convs[i] + bns[i] + GELU, then proj + proj_bn + GELU.
+    fold_stem / conv_stem_train accept any module with these attribute names."""
+
+    def __init__(self, n_conv=1, d=64, kernel=(3, 3)):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else d, d, kernel, padding="same") for i in range(n_conv))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(d) for _ in range(n_conv))
+        self.proj = nn.Conv2d(d, 1, 1)
+        self.proj_bn = nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        h = x.unsqueeze(1)  # (B, 1, T, H)
+        for conv, bn in zip(self.convs, self.bns):
+            h = F.gelu(bn(conv(h)))  # (B, d, T, H)
+        return F.gelu(self.proj_bn(self.proj(h))).squeeze(1)  # (B, T, H)
+
+
+def conv_stem_ref(x, stem):
+    """(B, T, H) -> (B, T, H) with plain torch ops (any stem with the ConvStemRef attributes)."""
+    return ConvStemRef.forward(stem, x)
+
+
+def fold_bn(conv_w, conv_b, bn_mean, bn_var, bn_w, bn_b, eps):
+    """Fold an eval-mode BatchNorm into the preceding conv: returns (weight, bias) with
+    conv'(x) = bn(conv(x)). conv_b may be None; bn_w / bn_b may be None (affine=False)."""
+    scale = torch.rsqrt(bn_var.float() + eps)
+    if bn_w is not None:
+        scale = scale * bn_w.float()
+    bias = conv_b.float() if conv_b is not None else torch.zeros_like(scale)
+    bias = (bias - bn_mean.float()) * scale
+    if bn_b is not None:
+        bias = bias + bn_b.float()
+    return (conv_w.float() * scale[:, None, None, None]).to(conv_w.dtype), bias.to(conv_w.dtype)
+
+
+@torch.no_grad()
+def fold_stem(stem):
+    """Eval-mode parameters of a stem (attributes convs, bns, proj, proj_bn) for conv_stem_infer:
+    a list of {"weight": (C_out, C_in, kh, kw), "bias": (C_out,)} dicts, one per conv layer with
+    its BatchNorm folded in, then the same for the 1x1 projection (weight (1, d, 1, 1))."""
+    params = []
+    pairs = list(zip(stem.convs, stem.bns)) + [(stem.proj, stem.proj_bn)]
+    for conv, bn in pairs:
+        w, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        params.append({"weight": w.detach().clone(), "bias": b.detach().clone()})
+    return params
+
+
+def conv_stem_infer(x, params):
+    """Inference stem: x (B, T, H) -> (B, T, H), with params from fold_stem. One fused
+    conv + bias + GELU launch per layer; the last layer also applies the 1x1 projection."""
+    if x.dim() != 3:
+        raise ValueError(f"conv_stem_infer: x must be (B, T, H), got {tuple(x.shape)}")
+    if len(params) < 2 or params[-1]["weight"].shape[0] != 1 or params[-1]["weight"].shape[2:] != (1, 1):
+        raise ValueError("conv_stem_infer: params must be fold_stem output: conv layers then a 1x1 d -> 1 projection")
+    B, T, W = x.shape
+    h = x.contiguous()  # channels-last (B, T, W, 1)
+    c_in = 1
+    for i, layer in enumerate(params[:-1]):
+        weight, bias = layer["weight"].to(x.dtype), layer["bias"].to(x.dtype)
+        _check_conv(x, weight, bias, "conv_stem_infer")
+        if weight.shape[1] != c_in:
+            raise ValueError(f"conv_stem_infer: layer {i} expects {weight.shape[1]} input channels, gets {c_in}")
+        c_out = weight.shape[0]
+        last = i == len(params) - 2
+        if last:
+            proj = params[-1]
+            if proj["weight"].shape[1] != c_out:
+                raise ValueError(f"conv_stem_infer: projection expects {proj['weight'].shape[1]} channels, gets {c_out}")
+            y = torch.empty((B, T, W), device=x.device, dtype=x.dtype)  # (B, T, W)
+            y_strides = (*y.stride(), 0)
+            pw, pb = proj["weight"].reshape(-1).to(x.dtype), proj["bias"].reshape(1).to(x.dtype)
+            _conv_launch(h, (T * W * c_in, W * c_in, c_in, 1), T, W, weight, bias, y, y_strides,
+                         gelu=True, proj=(pw, pb))
+        else:
+            y = torch.empty((B, T, W, c_out), device=x.device, dtype=x.dtype)  # (B, T, W, C) channels-last
+            _conv_launch(h, (T * W * c_in, W * c_in, c_in, 1), T, W, weight, bias, y, y.stride(), gelu=True)
+        h, c_in = y, c_out
+    return h
+
+
+def conv_stem_train(x, stem):
+    """Training stem: x (B, T, H) -> (B, T, H). Convs run the Triton kernel (conv2d_same);
+    BatchNorm (batch statistics in train mode, running stats updated) and GELU are the
+    stem's torch modules / F.gelu, so forward and backward match conv_stem_ref."""
+    h = x.unsqueeze(1)  # (B, 1, T, H)
+    for conv, bn in zip(stem.convs, stem.bns):
+        h = F.gelu(bn(conv2d_same(h, conv.weight, conv.bias)))  # (B, d, T, H)
+    h = F.gelu(stem.proj_bn(conv2d_same(h, stem.proj.weight, stem.proj.bias)))  # (B, 1, T, H)
+    return h.squeeze(1)
