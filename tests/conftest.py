@@ -28,3 +28,18 @@ def shared():
 @pytest.fixture(scope="session")
 def vocab_path(shared):
     return VOCAB
+
+
+@pytest.fixture(scope="session")
+def roots(tmp_path_factory, shared):
+    """A raw root with a small Wikipedia (the shared vocab and tasks linked in) and an empty data root."""
+    base = tmp_path_factory.mktemp("roots")
+    raw = base / "raw"
+    (raw / "wikipedia").mkdir(parents=True)
+    for name in ("bert-base-uncased-vocab.txt", "ag_news", "dbpedia", "fewrel"):
+        (raw / name).symlink_to(shared / name)
+    import lzma
+    with lzma.open(shared / "wikipedia" / "enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz", "rt") as f:
+        lines = [next(f) for _ in range(120)]
+    (raw / "wikipedia" / "small.jsonl").write_text("".join(lines))
+    return raw, base / "data"

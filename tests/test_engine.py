@@ -18,21 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def roots(tmp_path_factory, shared):
-    """A raw root with a small Wikipedia (the shared vocab and tasks linked in) and an empty data root."""
-    base = tmp_path_factory.mktemp("engine")
-    raw = base / "raw"
-    (raw / "wikipedia").mkdir(parents=True)
-    for name in ("bert-base-uncased-vocab.txt", "ag_news", "dbpedia", "fewrel"):
-        (raw / name).symlink_to(shared / name)
-    import lzma
-    with lzma.open(shared / "wikipedia" / "enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz", "rt") as f:
-        lines = [next(f) for _ in range(120)]
-    (raw / "wikipedia" / "small.jsonl").write_text("".join(lines))
-    return raw, base / "data"
-
-
 def mlm_args(roots, out, *extra):
     raw, data = roots
     return [*SMALL, "--ws", "40", "--epochs", "2", "--batch_size", "8", "--log_every", "2", "--raw", str(raw),

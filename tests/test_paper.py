@@ -1,0 +1,58 @@
+"""The paper runner end to end at --scale mini: reports written, cache reused, bad input refused."""
+import json
+import subprocess
+import sys
+
+from tinytlm.common import REPO
+from tinytlm.paper import main, summarize
+
+
+def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    argv = ["table5", "--scale", "mini", "--results", str(results), "--cache", str(cache), "--device", "cpu"]
+    first = main(argv)["table5"]
+    # 1 pre-training (shared by both seeds at mini) + 2 rows x 2 seeds of fine-tuning
+    assert first["computed"] == 5
+    md = (results / "table5.md").read_text()
+    assert "Scale **mini**" in md and "python -m tinytlm.paper table5" in md
+    assert "acc 0.840" in md and "T_M 17,072" in md  # the paper's no-pre-training row beside ours
+    assert "not reproduced" in md  # the DistilBERT row
+    data = json.loads((results / "table5.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["no pre-training"]["n"] == 2 and rows["no pre-training"]["T_W"] == 0
+    gap = rows["W_s 64"]
+    # the gap is paired by seed: pre-trained minus scratch for the same seed
+    scratch = rows["no pre-training"]["acc"]
+    assert gap["gap"] == [a - b for a, b in zip(gap["acc"], scratch)]
+    assert 0 < gap["T_W"] and gap["T_M"] < rows["no pre-training"]["T_M"]
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")}
+    assert len(stamps) == 4
+
+    second = main(argv)["table5"]
+    assert second["computed"] == 0  # every cell came from the cache
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")} == stamps
+    assert [r["acc"] for r in second["rows"]] == [r["acc"] for r in first["rows"]]
+
+
+def test_committee_mini(shared, tmp_path):
+    out = main(["table9", "--scale", "mini", "--seeds", "1", "--results", str(tmp_path / "r"),
+                "--cache", str(tmp_path / "c"), "--device", "cpu"])["table9"]
+    rows = {r["name"]: r for r in out["rows"]}
+    assert rows["committee"]["n"] == 1 and 0 <= rows["committee"]["acc_mean"] <= 1
+    committee = json.loads(next((tmp_path / "c" / "committee").glob("*/result.json")).read_text())
+    assert len(committee["members"]) == 3 and len(set(committee["members"])) == 3  # seed offset separates #1, #2
+
+
+def test_summarize_std_and_missing_gap():
+    grid = {"rows": [{"name": "pt", "kind": "train", "pretrain": {"ws": 10}, "gap_of": "s", "paper": {}},
+                     {"name": "s", "kind": "train", "pretrain": None, "gap_of": None, "paper": {}}]}
+    cells = {"pt": [{"acc": 0.6}, {"acc": 0.8}], "s": [{"acc": 0.5}, {"acc": 0.5}]}
+    pt, s = summarize({"grid": grid, "cells": cells})
+    assert abs(pt["gap_mean"] - 0.2) < 1e-12 and abs(pt["acc_std"] - 0.1414213) < 1e-6
+    assert "gap_mean" not in s
+
+
+def test_bad_table_is_one_line_error():
+    p = subprocess.run([sys.executable, "-m", "tinytlm.paper", "table42"], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: unknown table 'table42'") and len(p.stderr.strip().splitlines()) == 1
