@@ -56,6 +56,7 @@ class ClsConfig:
     gap: bool = False  # run both arms (pre-trained and scratch) with the same seed and print the gap
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     kernels: str = "torch"  # torch | triton
     out: str = ""  # run directory (default runs/<name>)
     data: str = ""  # prepared data root (default $TINYTLM_DATA or ./data)
@@ -113,7 +114,7 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
     if not cfg.quiet:
         print_config("config", {k: v for k, v in config.items() if k != "model_config"})
     raw_model = model
-    model = prepare_model(model, device, cfg.kernels, cfg.compile)
+    model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
     opt = make_optimizer(raw_model, lr, wd, device)
     log = RunLog(out, config, device)
 

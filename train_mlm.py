@@ -52,6 +52,7 @@ class MLMConfig:
     seed: int = 0  # data order, masks, init and dropout all follow from it
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     kernels: str = "torch"  # torch | triton attention/conv-stem kernels
     log_every: int = 50  # optimizer steps between metric records
     max_steps: int = 0  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
@@ -125,7 +126,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
     print_config("config", {**asdict(cfg), "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers")
     raw_model = model
-    model = prepare_model(model, device, cfg.kernels, cfg.compile)
+    model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
     opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
     n = len(ids)
     steps_per_epoch = math.ceil(n / cfg.batch_size)

@@ -94,12 +94,20 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def prepare_model(model, device, kernels="torch", compile=False):
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def prepare_model(model, device, kernels="torch", compile=False, compile_mode="default"):
+    """Move to device, pick the kernels, optionally torch.compile. compile_mode "reduce-overhead"
+    records CUDA graphs: the batch-32 regime is launch-bound, and with static shapes
+    (--mask_per_row k) one graph is replayed every step."""
     if kernels not in ("torch", "triton"):
         raise UserError(f"--kernels {kernels!r}: choose torch or triton")
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile_mode {compile_mode!r}: choose {', '.join(COMPILE_MODES)}")
     model.to(device)
     set_kernels(model, kernels)
-    return torch.compile(model) if compile else model
+    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
 
 
 def make_optimizer(model, lr, weight_decay, device):
