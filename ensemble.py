@@ -8,7 +8,8 @@ stored in each classifier checkpoint). Prints one row per member: architecture,
 parameters, latency in layers (PAPER.md: 4 per transformer block, 1 per conv layer,
 +1), measured batch-1 latency and test accuracy; then the committee. The committee's
 latency in layers is the deepest member's (members can run side by side, as the paper
-counts it); its measured latency runs the members one after another.
+counts it); its measured latency is given twice: members one after another, and members on
+parallel CUDA streams (committee_forward; on CPU the same loop).
 """
 import argparse
 from pathlib import Path
@@ -70,6 +71,7 @@ def main(argv=None):
     comm = {"member": f"committee of {len(models)}", "arch": "sum of logits",
             "params": sum(r["params"] for r in rows), "latency_layers": max(r["latency_layers"] for r in rows),
             "latency_ms_b1": batch1_latency_ms(models, test.ids, device, args.latency_samples),
+            "latency_ms_b1_parallel": batch1_latency_ms(models, test.ids, device, args.latency_samples, parallel=True),
             "acc": accuracy(committee_logits(logits), yte)}
 
     print(f"task {task_dir.name}, {len(test)} test rows, device {device}")
@@ -78,6 +80,8 @@ def main(argv=None):
         name = r["member"] if len(r["member"]) <= 48 else "..." + r["member"][-45:]
         print(f"{name:<48} {r['arch']:<24} {r['params'] / 1e6:>8.1f}M {r['latency_layers']:>6} "
               f"{r['latency_ms_b1']:>7.2f} {r['acc']:>7.4f}")
+    print(f"committee batch-1 latency with members on parallel CUDA streams: {comm['latency_ms_b1_parallel']:.2f} ms"
+          + ("" if device.type == "cuda" else " (CPU: the same sequential loop)"))
     result = {"task": task_dir.name, "n_test": len(test), "device": str(device), "members": rows, "committee": comm}
     if args.json:
         write_json(args.json, result)

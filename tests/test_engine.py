@@ -118,3 +118,15 @@ def test_bad_input_to_the_scripts(roots, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert_one_line_error(run(["ensemble.py", str(bad)]), "bad.pt")
+
+
+def test_committee_forward_sums_member_logits():
+    from tinytlm.committee import committee_forward
+    from tinytlm.model import BertConfig, BertForClassification
+    torch.manual_seed(0)
+    members = [BertForClassification(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=32), 3).eval()
+               for _ in range(3)]
+    x = torch.randint(1000, 30000, (2, 16))
+    with torch.no_grad():
+        expect = sum(m(x)[0] for m in members)
+        torch.testing.assert_close(committee_forward(members, x), expect)

@@ -31,6 +31,29 @@ def committee_logits(member_logits) -> torch.Tensor:
     return torch.stack(list(member_logits)).sum(0)
 
 
+def committee_forward(models, x, streams=None) -> torch.Tensor:
+    """Soft-committee logits (B, C): the members' raw logits summed, each member on its own CUDA stream.
+
+    The members only read x, so on a GPU their kernels may overlap (at batch 1 one BERT-1 fills a
+    fraction of the SMs). Pass the same `streams` (one torch.cuda.Stream per member) on every call.
+    On CPU it is a plain loop. Call under torch.no_grad() and autocast(device).
+    """
+    if x.device.type != "cuda":
+        return torch.stack([m(x)[0].float() for m in models]).sum(0)  # (M, B, C) -> (B, C)
+    main = torch.cuda.current_stream(x.device)
+    streams = streams or [torch.cuda.Stream(x.device) for _ in models]
+    outs = []
+    for m, s in zip(models, streams):
+        s.wait_stream(main)  # x (and all work before it) is ready on main
+        with torch.cuda.stream(s):
+            x.record_stream(s)  # the allocator must not reuse x's memory before s is done
+            outs.append(m(x)[0].float())  # (B, C), allocated on s
+    for s, out in zip(streams, outs):
+        main.wait_stream(s)
+        out.record_stream(main)  # read on main below
+    return torch.stack(outs).sum(0)  # (M, B, C) -> (B, C)
+
+
 def accuracy(logits: torch.Tensor, labels) -> float:
     labels = torch.as_tensor(np.asarray(labels))
     return (logits.argmax(-1) == labels).float().mean().item()
@@ -44,10 +67,12 @@ def per_label_accuracy(logits, labels, n_labels) -> list:
 
 
 @torch.no_grad()
-def batch1_latency_ms(models, ids: np.ndarray, device, n: int = 50, warmup: int = 5) -> float:
-    """Median wall time (ms) to classify one sequence with every model in `models`, one after another."""
+def batch1_latency_ms(models, ids: np.ndarray, device, n: int = 50, warmup: int = 5, parallel=False) -> float:
+    """Median wall time (ms) to classify one sequence with every model in `models`: one after
+    another, or with parallel=True through committee_forward (one CUDA stream per member)."""
     for m in models:
         m.eval()
+    streams = [torch.cuda.Stream(device) for _ in models] if parallel and device.type == "cuda" else None
     times = []
     for i in range(min(len(ids), n) + warmup):
         x = torch.from_numpy(np.asarray(ids[i % len(ids)][None]).astype(np.int64)).to(device)
@@ -55,8 +80,11 @@ def batch1_latency_ms(models, ids: np.ndarray, device, n: int = 50, warmup: int 
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with autocast(device):
-            for m in models:
-                m(x)
+            if parallel:
+                committee_forward(models, x, streams)
+            else:
+                for m in models:
+                    m(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
