@@ -15,6 +15,6 @@ setup(
         "plot": ["matplotlib"],
         "parquet": ["pyarrow"],
         # test-only references: the Hugging Face tokenizer and model
-        "test": ["pytest", "transformers", "tokenizers", "triton"],
+        "test": ["pytest", "transformers", "tokenizers", "triton", "pyarrow"],
     },
 )

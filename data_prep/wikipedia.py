@@ -165,7 +165,7 @@ def prepare(raw: Path, out: Path, vocab: Path, rows: int = 0, max_len: int = 128
 def _write(dest, ids_arr, tok, perm, keep, ids, files, vocab, n, max_len, t_read, t_tok):
     write_shard(dest / "wiki.bin", ids_arr, tok.vocab_size)
     save_npy(dest / "perm.npy", perm)
-    page_ids = np.array([ids[i] if ids[i] is not None else -1 for i in keep], dtype=np.int64)
+    page_ids = np.array([_page_id(ids[i]) for i in keep], dtype=np.int64)
     save_npy(dest / "wiki.pageids.npy", page_ids)
     write_json(dest / "meta.json", {
         "kind": "wikipedia",
@@ -176,6 +176,14 @@ def _write(dest, ids_arr, tok, perm, keep, ids, files, vocab, n, max_len, t_read
         "complete": len(keep) == n,
         "seconds": {"read": round(t_read, 1), "tokenize": round(t_tok, 1)},
     })
+
+
+def _page_id(x) -> int:
+    """Page ids are ints in our JSONL and strings in HF parquet; -1 when missing."""
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return -1
 
 
 def ensure_wiki(rows: int, raw: Path = None, out: Path = None, quiet=False) -> Shard:
