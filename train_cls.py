@@ -23,7 +23,7 @@ from tqdm import tqdm
 from data_prep.tasks import TaskSpec, ensure_task, load_task, parse_labels
 from tinytlm.checkpoint import load_checkpoint, save_checkpoint
 from tinytlm.committee import accuracy, per_label_accuracy, predict_logits
-from tinytlm.common import UserError, cli, default_data_root, default_raw_root, write_json
+from tinytlm.common import UserError, cli, default_data_root, default_raw_root, short_hash, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
@@ -76,19 +76,22 @@ def parse(argv=None):
 # -----------------------------------------------------------------------------
 # one arm
 
-def token_stats(c_task, init_state, data_root):
-    """T_C / T_W / T_M of this pairing (T_W = 0 without pre-training), or None if the shard is gone."""
+def token_stats(c_task, init_state):
+    """T_C / T_W / T_M of this pairing (T_W = 0 without pre-training), or None when the pre-training
+    shard is gone or no longer holds the rows the checkpoint was trained on."""
     if init_state is None:
         return pair_stats(c_task, np.zeros_like(c_task))
     d = init_state["data"]
     try:
-        shard = Shard(d["shard"])
+        return pair_stats(c_task, wiki_counts(Shard(d["shard"]), d["ws"]))
     except UserError:
         return None
-    return pair_stats(c_task, wiki_counts(shard, d["ws"]))
 
 
 def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
+    for name in ("epochs", "decay_epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
     device = resolve_device(cfg.device)
     raw = Path(cfg.raw) if cfg.raw else default_raw_root()
     data_root = Path(cfg.data) if cfg.data else default_data_root()
@@ -96,6 +99,7 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
     task_dir = ensure_task(spec, raw, data_root)
     train, ytr, test, yte, meta = load_task(task_dir)
     n_labels = len(meta["label_names"])
+    stats = token_stats(task_counts(task_dir), init_state)  # before training: a late failure loses nothing
     lr = cfg.lr or TASK_DEFAULTS[spec.task][0]
     wd = cfg.wd if cfg.wd >= 0 else TASK_DEFAULTS[spec.task][1]
 
@@ -152,7 +156,6 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum.item() / steps_per_epoch:.4f}, "
                        f"test acc {acc:.4f}")
 
-    stats = token_stats(task_counts(task_dir), init_state, data_root)
     test_fp = test.checksum.hex()
     result = {
         "task": task_dir.name, "arm": "pretrained" if init_state else "scratch",
@@ -189,8 +192,12 @@ def main(argv=None):
         raise UserError(f"model flags ({', '.join('--' + k for k in overrides)}) conflict with --init: "
                         f"the architecture comes from the checkpoint")
     arch = init_state["train_config"]["model"] if init_state else cfg.model
-    name = f"cls-{cfg.task}-{arch}-{'pt' if init_state else 'scratch'}-s{cfg.seed}"
+    tag = short_hash({"spec": asdict(cfg.spec()), "overrides": overrides, "init": cfg.init})
+    name = f"cls-{cfg.spec().dirname()}-{arch}-{'pt' if init_state else 'scratch'}-s{cfg.seed}-{tag}"
     out = Path(cfg.out or f"runs/{name}")
+    done = [p for p in ([out / "pretrained", out / "scratch"] if cfg.gap else [out]) if (p / "ckpt.pt").is_file()]
+    if done:
+        raise UserError(f"{done[0]} already holds a classifier checkpoint; choose another --out")
     if not cfg.gap:
         r = run_arm(cfg, overrides, init_state, out)
         report(r)

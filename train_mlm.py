@@ -11,7 +11,9 @@ Defaults are the paper's: bert6, 50 epochs, batch 32, AdamW lr 5.5e-5, weight de
 (default runs/<name>): config.json, metrics.jsonl (a header line, then step and
 epoch records), ckpt.pt (every epoch and on Ctrl-C).
 """
+import contextlib
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,14 +23,13 @@ import torch
 from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
-from tinytlm.common import UserError, cli, default_data_root, default_raw_root
+from tinytlm.common import UserError, cli, default_data_root, default_raw_root, read_json, short_hash
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
 from tinytlm.train import (RunLog, autocast, lr_at, make_optimizer, parse_run_args, prepare_model, print_config,
                            resolve_device)
 
-CLS, SEP, PAD, MASK = 101, 102, 0, 103
-
+BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}  # bert-base-uncased
 
 # -----------------------------------------------------------------------------
 # config
@@ -56,14 +57,16 @@ class MLMConfig:
     kernels: str = "torch"  # torch | triton attention/conv-stem kernels
     log_every: int = 50  # optimizer steps between metric records
     max_steps: int = 0  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
-    interrupt_at: int = 0  # testing: behave as if Ctrl-C came after this step (0 = never)
+    interrupt_at: int = 0  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
     out: str = ""  # run directory (default runs/<name>)
     resume: str = ""  # run directory or checkpoint to continue exactly
     data: str = ""  # prepared data root (default $TINYTLM_DATA or ./data)
     raw: str = ""  # raw data root (default $TINYTLM_RAW or ../shared/data)
 
-    def run_name(self) -> str:
-        return f"mlm-{self.model}-{self.pretrain_set}-ws{self.ws}-s{self.seed}"
+    def run_name(self, overrides=None) -> str:
+        extra = f"-{short_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
+        task = f"-{self.task}" if self.pretrain_set != "random" else ""
+        return f"mlm-{self.model}{extra}-{self.pretrain_set}{task}-ws{self.ws}-s{self.seed}"
 
 
 def parse(argv=None):
@@ -87,8 +90,7 @@ def pretrain_rows(cfg: MLMConfig):
         if cfg.ws == 0:
             raise UserError("--ws 0: nothing to pre-train on (the no-pre-training arm is train_cls.py without --init)")
         shard = ensure_wiki(cfg.ws, raw, data)
-        return shard.ids[:cfg.ws], {"pretrain_set": "random", "ws": cfg.ws, "shard": str(shard.path),
-                                    "shard_checksum": shard.checksum.hex()}
+        return rows_meta(shard, shard.ids[:cfg.ws], data, {"pretrain_set": "random", "ws": cfg.ws})
     if cfg.pretrain_set not in ("custom", "raised-tm"):
         raise UserError(f"--pretrain_set {cfg.pretrain_set!r}: choose random, custom or raised-tm")
     spec = TaskSpec(task=cfg.task, labels=parse_labels(cfg.labels), train_per_label=cfg.train_per_label,
@@ -100,18 +102,67 @@ def pretrain_rows(cfg: MLMConfig):
         path = build_pretrain_set(cfg.pretrain_set, task_dir, ensure_wiki(-1, raw, data), cfg.ws, 0, data)
     shard = Shard(path)
     n = min(cfg.ws, len(shard)) if cfg.ws else len(shard)
-    return shard.ids[:n], {"pretrain_set": cfg.pretrain_set, "ws": n, "task": task_dir.name,
-                           "shard": str(path), "shard_checksum": shard.checksum.hex()}
+    return rows_meta(shard, shard.ids[:n], data, {"pretrain_set": cfg.pretrain_set, "ws": n, "task": task_dir.name})
+
+
+def rows_meta(shard, ids, data_root: Path, meta: dict):
+    """(ids, data meta): where the rows come from, a checksum of exactly these rows (a resumed run
+    checks it), and the special-token ids of the vocabulary the shard was made with."""
+    from tinytlm.data import payload_checksum
+    wiki_meta = read_json(data_root / "wikipedia" / "meta.json", "Wikipedia meta")
+    return ids, {**meta, "shard": str(shard.path), "shard_checksum": shard.checksum.hex(),
+                 "rows_checksum": payload_checksum(ids).hex(),
+                 "special_ids": wiki_meta.get("special_ids", BERT_SPECIALS)}
 
 
 # -----------------------------------------------------------------------------
 # training
 
+class StopAtBoundary(Exception):
+    """Ctrl-C was pressed: stop after the step in flight, so the checkpoint is exact."""
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """The first Ctrl-C only sets a flag the loop checks between steps (a checkpoint written in the
+    middle of a step could hold half-updated weights or used-up RNG state); a second one stops at once."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once, without saving)", file=sys.stderr)
+
+    try:
+        prev = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+def validate(cfg: MLMConfig):
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
+    for name in ("mask_per_row", "max_steps", "interrupt_at"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
+
+
 def train(cfg: MLMConfig, overrides: dict, resume_state=None):
+    validate(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ids, data_meta = pretrain_rows(cfg)
     if resume_state:
+        if resume_state["data"].get("rows_checksum") != data_meta["rows_checksum"]:
+            raise UserError(f"{resume_state['path']}: the pre-training rows differ from the ones this run started "
+                            f"with ({data_meta['shard']}); prepare the same data again to resume")
         model = build_model(resume_state)
         model_cfg = model.config
     else:
@@ -121,7 +172,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
         raise UserError(f"{data_meta['shard']}: token ids reach {int(ids.max())}, model vocab is {model_cfg.vocab_size}")
     if ids.shape[1] > model_cfg.max_pos:
         raise UserError(f"{data_meta['shard']}: rows of {ids.shape[1]} tokens exceed max_pos {model_cfg.max_pos}")
-    out = Path(cfg.out or f"runs/{cfg.run_name()}")
+    sp = data_meta["special_ids"]
+    out = Path(cfg.out or f"runs/{cfg.run_name(overrides)}")
     config = {**asdict(cfg), "model_config": model_cfg.to_dict(), "data": data_meta}
     print_config("config", {**asdict(cfg), "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers")
@@ -140,79 +192,103 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
     log = RunLog(out, config, device, resume=bool(resume_state))
     last = min(total, cfg.max_steps) if cfg.max_steps else total
 
-    def save(final=False):
-        save_checkpoint(out / "ckpt.pt", kind="mlm", model=raw_model, optimizer=None if final else opt,
+    def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
+        save_checkpoint(out / "ckpt.pt", kind="mlm", model=raw_model, optimizer=None if step == total else opt,
                         step=step, epoch=step // steps_per_epoch, train_config=asdict(cfg), data=data_meta)
 
     bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     try:
-        while step < last:
-            epoch, first = divmod(step, steps_per_epoch)
-            order = epoch_order(n, cfg.seed, epoch)
-            sums = torch.zeros(3, device=device)  # loss sum, correct predictions, predictions
-            t0, b_seqs = time.time(), 0
-            for b in range(first, steps_per_epoch):
-                lr = lr_at(step, total, cfg.lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                x = get_batch(ids, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device)
-                inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
-                                              mask_id=MASK, special_ids=(PAD, CLS, SEP), per_row=cfg.mask_per_row)
-                with autocast(device):
-                    logits, loss = model(inputs, targets=targets, per_row=cfg.mask_per_row)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                b_seqs += len(x)
-                with torch.no_grad():  # accumulate on the device; synced only when logging
-                    y = mlm_targets(targets, cfg.mask_per_row)
-                    valid = y != -100
-                    n_valid = valid.sum()
-                    sums += torch.stack([loss.detach().float() * n_valid, ((logits.argmax(-1) == y) & valid).sum(),
-                                         n_valid])
-                if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
-                    s = sums.tolist()
-                    rate = b_seqs / max(1e-9, time.time() - t0)
-                    rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "loss": s[0] / max(1, s[2]),
-                           "mlm_acc": s[1] / max(1, s[2]), "seq_per_s": rate}
-                    log.write(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", seq_s=f"{rate:.0f}")
-                bar.update(1)
-                if cfg.interrupt_at and step == cfg.interrupt_at:
-                    raise KeyboardInterrupt
-                if step == last:
-                    break
-            s = sums.tolist()
-            log.write({"kind": "epoch", "epoch": epoch, "step": step, "loss": s[0] / max(1, s[2]),
-                       "mlm_acc": s[1] / max(1, s[2])})
-            save(final=step == total)
-    except KeyboardInterrupt:
+        with deferred_sigint() as sigint:
+            while step < last:
+                epoch, first = divmod(step, steps_per_epoch)
+                order = epoch_order(n, cfg.seed, epoch)
+                sums = torch.zeros(3, device=device)  # loss sum, correct predictions, predictions
+                t0, b_seqs = time.time(), 0
+                for b in range(first, steps_per_epoch):
+                    lr = lr_at(step, total, cfg.lr)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    x = get_batch(ids, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device)
+                    inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
+                                                  mask_id=sp["mask"], special_ids=tuple(sp.values()),
+                                                  per_row=cfg.mask_per_row)
+                    with autocast(device):  # the key-padding mask comes from the original ids, as in HF
+                        logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
+                                             per_row=cfg.mask_per_row)
+                    if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
+                        signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    b_seqs += len(x)
+                    with torch.no_grad():  # accumulate on the device; synced only when logging
+                        y = mlm_targets(targets, cfg.mask_per_row)
+                        valid = y != -100
+                        n_valid = valid.sum()
+                        sums += torch.stack([loss.detach().float() * n_valid, ((logits.argmax(-1) == y) & valid).sum(),
+                                             n_valid])
+                    if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
+                        s = sums.tolist()
+                        rate = b_seqs / max(1e-9, time.time() - t0)
+                        rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "loss": s[0] / max(1, s[2]),
+                               "mlm_acc": s[1] / max(1, s[2]), "seq_per_s": rate}
+                        log.write(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", seq_s=f"{rate:.0f}")
+                    bar.update(1)
+                    if sigint["set"]:
+                        raise StopAtBoundary
+                    if step == last:
+                        break
+                s = sums.tolist()
+                log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
+                           "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2])})
+                save()  # every epoch, and where --max_steps stops
+    except StopAtBoundary:
         bar.close()
         save()
         print(f"interrupted at step {step}: checkpoint {out / 'ckpt.pt'}; continue with --resume {out}", file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last completed epoch",
+              file=sys.stderr)
+        sys.exit(130)
     bar.close()
-    if step == last:
-        save(final=step == total)
     print(f"done: {step} steps, checkpoint {out / 'ckpt.pt'}")
     return out
 
 
+RESUME_FLAGS = {"resume", "out", "max_steps", "device", "log_every", "compile", "compile_mode", "kernels",
+                "interrupt_at", "data", "raw"}  # what may change when a run is continued
+
+
 def main(argv=None):
     cfg, overrides = parse(argv)
-    resume_state = None
-    if cfg.resume:
-        resume_state = load_checkpoint(cfg.resume, kind="mlm")
-        if resume_state["optimizer"] is None:
-            raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
-        saved = MLMConfig(**resume_state["train_config"])
-        saved.resume, saved.out = cfg.resume, saved.out or str(Path(resume_state["path"]).parent)
-        saved.interrupt_at = cfg.interrupt_at
-        cfg = saved
-    return train(cfg, overrides, resume_state)
+    if not cfg.resume:
+        out = Path(cfg.out or f"runs/{cfg.run_name(overrides)}")
+        if (out / "ckpt.pt").is_file():
+            raise UserError(f"{out} already holds a checkpoint; continue it with --resume {out}, "
+                            f"or choose another --out")
+        return train(cfg, overrides)
+    resume_state = load_checkpoint(cfg.resume, kind="mlm")
+    saved = MLMConfig(**resume_state["train_config"])
+    if resume_state["optimizer"] is None:
+        raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
+    default = MLMConfig()
+    conflicts = [f for f in asdict(cfg) if f not in RESUME_FLAGS and getattr(cfg, f) != getattr(default, f)
+                 and getattr(cfg, f) != getattr(saved, f)]
+    if conflicts or overrides:
+        bad = conflicts + list(overrides)
+        raise UserError(f"--resume continues the saved configuration; --{bad[0]} cannot change "
+                        f"(only {', '.join('--' + f for f in sorted(RESUME_FLAGS - {'resume'}))} can)")
+    for f in RESUME_FLAGS:  # the flags that may change take the new value when given
+        if getattr(cfg, f) != getattr(default, f):
+            setattr(saved, f, getattr(cfg, f))
+    saved.out = saved.out or str(Path(resume_state["path"]).parent)
+    return train(saved, {}, resume_state)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
+if __package__ in (None, ""):  # run as `python data_prep/tasks.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
 from tinytlm.data import Shard, write_labels, write_shard

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
+if __package__ in (None, ""):  # run as `python data_prep/wikipedia.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
 from tinytlm.data import Shard, write_shard
@@ -173,6 +174,7 @@ def _write(dest, ids_arr, tok, perm, keep, ids, files, vocab, n, max_len, t_read
         "vocab": str(vocab), "vocab_sha256": sha256_file(vocab),
         "seed": SEED, "shuffle": "numpy.random.default_rng(42).permutation(n_articles)",
         "articles_total": n, "rows": int(len(keep)), "row_len": max_len,
+        "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id, "mask": tok.mask_id},
         "complete": len(keep) == n,
         "seconds": {"read": round(t_read, 1), "tokenize": round(t_tok, 1)},
     })

@@ -19,7 +19,8 @@ Limits:
 - compute is fp32 (accumulators, softmax); output and gradients are in the input dtype.
   On a GPU fp16/bf16 tiles go to tl.dot as they are; fp32 inputs use IEEE fp32 dots (no tf32),
   which keeps them a reference-grade path rather than a fast one.
-- rows whose keys are all masked out produce output 0 and zero gradients (SDPA gives NaN).
+- rows whose keys are all masked out produce output 0 and zero gradients (SDPA gives NaN on some
+  backends and versions, 0 on CPU in torch 2.13).
 - with dropout, B * H * T * T must stay below 2**31 (the Philox offsets are int32).
 - under TRITON_INTERPRET=1 all tiles are upcast to fp32 before tl.dot, because the
   interpreter's bf16 dot returns garbage.

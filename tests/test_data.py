@@ -90,6 +90,18 @@ def test_masking_statistics_and_specials():
     assert torch.equal(inputs[~chosen], idx[~chosen])
 
 
+def test_masking_never_chooses_any_special():
+    idx = torch.tensor([[101, 100, 103, 100, 103, 0, 0, 102]] * 64)  # only specials: [UNK] and [MASK] included
+    idx[:, 6] = 2000  # one ordinary token per row
+    inputs, targets = mask_tokens(idx, mask_generator("cpu", 0, 0), vocab_size=30522, mask_id=103,
+                                  special_ids=(0, 100, 101, 102, 103), p=0.5)
+    chosen = targets != -100
+    assert chosen[:, 6].any() and not chosen[:, [0, 1, 2, 3, 4, 5, 7]].any()
+    _, t2 = mask_tokens(idx, mask_generator("cpu", 0, 0), vocab_size=30522, mask_id=103,
+                        special_ids=(0, 100, 101, 102, 103), per_row=3)
+    assert ((t2 != -100).sum(1) == 1).all()  # a fixed count never spills onto specials
+
+
 def test_masking_fixed_count_and_replay():
     idx = torch.randint(1000, 30000, (8, 128))
     idx[:, 0], idx[:, -1] = 101, 102
@@ -283,3 +295,14 @@ def test_bad_shard_and_ws_via_tokstats(tmp_path, shared, small_raw):
     r = run(["-m", "tinytlm.tokstats", "--raw", str(small_raw), "--data", str(data), "--ws", "10",
              "--train-per-label", "5", "--test-per-label", "5"])
     assert_user_error(r, "test.bin", "truncated")
+
+
+def test_tokstats_without_pretraining_needs_no_wikipedia(tmp_path, shared):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("bert-base-uncased-vocab.txt", "ag_news"):
+        (raw / name).symlink_to(shared / name)
+    r = run(["-m", "tinytlm.tokstats", "--ws", "0", "--raw", str(raw), "--data", str(tmp_path / "d"),
+             "--train-per-label", "5", "--test-per-label", "5"])
+    assert r.returncode == 0, r.stderr
+    assert "T_W 0 " in r.stdout and not (tmp_path / "d" / "wikipedia").exists()

@@ -1,5 +1,6 @@
 """Engine: exact resume, fine-tuning with the gap, the soft committee, bad input to the three scripts."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def mlm_args(roots, out, *extra):
 
 def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path):
     train_mlm.main(mlm_args(roots, tmp_path / "a"))  # 2 epochs x 5 steps, uninterrupted
-    with pytest.raises(SystemExit) as e:  # Ctrl-C after step 3, mid-epoch
+    with pytest.raises(SystemExit) as e:  # a Ctrl-C in the middle of step 3: the run stops after it
         train_mlm.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "3"))
     assert e.value.code == 130
     mid = load_checkpoint(tmp_path / "b", kind="mlm")
@@ -43,10 +44,38 @@ def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path):
     assert [r["epoch"] for r in epochs] == [0, 1] and all(0 <= r["mlm_acc"] <= 1 for r in epochs)
 
 
-def test_resume_of_finished_run_is_refused(roots, tmp_path):
+def test_resume_rules(roots, tmp_path):
     train_mlm.main(mlm_args(roots, tmp_path / "a", "--epochs", "1"))
-    r = run(["train_mlm.py", "--resume", str(tmp_path / "a")])
-    assert_one_line_error(r, "finished")
+    assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "a")]), "finished")
+    assert_one_line_error(run(["train_mlm.py", *mlm_args(roots, tmp_path / "a")]), "already holds a checkpoint")
+    # a run stopped by --max_steps continues; flags that would change the run are refused
+    train_mlm.main(mlm_args(roots, tmp_path / "b", "--max_steps", "2"))
+    assert load_checkpoint(tmp_path / "b")["step"] == 2
+    assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--lr", "1"]), "--lr")
+    assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--n_layer", "3"]), "--n_layer")
+    train_mlm.main(["--resume", str(tmp_path / "b"), "--max_steps", "4"])
+    assert load_checkpoint(tmp_path / "b")["step"] == 4
+
+
+def test_gap_arms_differ_only_in_initialisation(roots, tmp_path):
+    """With a 'pre-trained' trunk equal to the scratch arm's initial trunk, the two arms must be identical."""
+    from tinytlm.checkpoint import save_checkpoint
+    from tinytlm.model import BertConfig, BertForClassification, BertForMLM
+    raw, data = roots
+    cfg = BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=32)
+    torch.manual_seed(5)  # run_arm seeds with --seed before building the classifier
+    trunk = BertForClassification(cfg, 4).bert.state_dict()
+    mlm = BertForMLM(cfg)
+    mlm.bert.load_state_dict(trunk)
+    save_checkpoint(tmp_path / "init.pt", kind="mlm", model=mlm, optimizer=None, step=0, epoch=0,
+                    train_config={"model": "tiny"}, data={"shard": "none", "ws": 0})
+    gap = train_cls.main(["--task", "agnews", "--train-per-label", "6", "--test-per-label", "5", "--epochs", "2",
+                          "--batch_size", "8", "--raw", str(raw), "--data", str(data), "--device", "cpu",
+                          "--seed", "5", "--init", str(tmp_path / "init.pt"), "--gap", "--out", str(tmp_path / "g")])
+    assert gap["gap"] == 0.0
+    a, b = (load_checkpoint(tmp_path / "g" / arm, kind="cls") for arm in ("pretrained", "scratch"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_finetune_gap_and_committee(roots, tmp_path):
@@ -115,6 +144,16 @@ def test_bad_input_to_the_scripts(roots, tmp_path):
     assert_one_line_error(run(["train_mlm.py", "--model", "bert99", "--ws", "10", "--raw", str(raw),
                                "--data", str(data)]), "bert99")
     assert_one_line_error(run(["ensemble.py", str(tmp_path)]), "checkpoint not found")
+    small = ["--raw", str(raw), "--data", str(data), "--ws", "10", *SMALL]
+    assert_one_line_error(run(["train_mlm.py", *small, "--batch_size", "0"]), "--batch_size")
+    assert_one_line_error(run(["train_mlm.py", *small, "--log_every", "0"]), "--log_every")
+    assert_one_line_error(run(["train_mlm.py", *small, "--mask_per_row", "-1"]), "--mask_per_row")
+    assert_one_line_error(run(["train_cls.py", "--epochs", "0", "--raw", str(raw), "--data", str(data)]), "--epochs")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "train_mlm.py", *small, "--kernels", "triton", "--out", str(tmp_path / "t")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    if not torch.cuda.is_available():
+        assert_one_line_error(r, "--kernels triton", "CUDA")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert_one_line_error(run(["ensemble.py", str(bad)]), "bad.pt")

@@ -33,6 +33,11 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")} == stamps
     assert [r["acc"] for r in second["rows"]] == [r["acc"] for r in first["rows"]]
 
+    # an interrupted table: one fine-tuning cell lost -> exactly that cell is recomputed
+    lost = sorted(stamps)[0]
+    lost.unlink()
+    assert main(argv)["table5"]["computed"] == 1 and lost.is_file()
+
 
 def test_committee_mini(shared, tmp_path):
     out = main(["table9", "--scale", "mini", "--seeds", "1", "--results", str(tmp_path / "r"),

@@ -114,6 +114,11 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
+def short_hash(obj) -> str:
+    """8 hex digits naming a configuration (sorted JSON), for folder names."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,

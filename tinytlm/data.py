@@ -156,10 +156,9 @@ def mask_tokens(idx: torch.Tensor, gen: torch.Generator, *, vocab_size: int, mas
         special |= idx == s
     u = torch.rand((B, T), generator=gen, device=idx.device)  # (B, T)
     if per_row:
-        score = u.masked_fill(special, 2.0)
-        k = min(per_row, T)
-        kth = score.topk(k, dim=1, largest=False).values[:, -1:]  # (B, 1) k-th smallest score
-        chosen = (score <= kth) & ~special
+        score = u.masked_fill(special, 2.0)  # specials sort last
+        lowest = score.topk(min(per_row, T), dim=1, largest=False).indices  # (B, k): exactly k, ties or not
+        chosen = torch.zeros_like(special).scatter_(1, lowest, True) & ~special
     else:
         chosen = (u < p) & ~special
     action = torch.rand((B, T), generator=gen, device=idx.device)  # (B, T)

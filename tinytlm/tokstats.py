@@ -105,13 +105,14 @@ def build_raised_tm(wiki: Shard, c_task: np.ndarray, ws: int, top_k: int = 0):
     return rows[:ws], top_k
 
 
-def pretrain_path(data_root: Path, kind: str, task_dirname: str, ws: int = 0) -> Path:
-    return data_root / "pretrain" / (f"{kind}-{task_dirname}" + (f"-ws{ws}" if ws else "") + ".bin")
+def pretrain_path(data_root: Path, kind: str, task_dirname: str, ws: int = 0, top_k: int = 0) -> Path:
+    name = f"{kind}-{task_dirname}" + (f"-ws{ws}" if ws else "") + (f"-k{top_k}" if top_k else "")
+    return data_root / "pretrain" / (name + ".bin")
 
 
 def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_k: int = 0,
                        data_root: Path = None) -> Path:
-    """Write the custom or raised-tm shard for a task and return its path (reused when present)."""
+    """Write the custom or raised-tm shard for a task and return its path (always rebuilt)."""
     data_root = data_root or task_dir.parent
     c_task = task_counts(task_dir)
     meta_wiki = read_json(wiki.path.parent / "meta.json", "Wikipedia meta")
@@ -126,7 +127,7 @@ def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_
             raise UserError("--build raised-tm needs --ws N (rows to keep)")
         rows, k = build_raised_tm(wiki, c_task, ws, top_k)
         info = {"top_k": int(k)}
-        path = pretrain_path(data_root, kind, task_dir.name, ws)
+        path = pretrain_path(data_root, kind, task_dir.name, ws, top_k)
     else:
         raise UserError(f"--build {kind!r}: choose custom or raised-tm")
     if len(rows) == 0:
@@ -155,8 +156,8 @@ def main(argv=None):
         raise UserError(f"--ws {args.ws}: must be >= 0")
     task_dir = ensure_task(spec_from_args(args), args.raw, args.data)
     c_task = task_counts(task_dir)
-    wiki = ensure_wiki(args.ws if not args.build else -1, args.raw, args.data)
-    c_wiki = wiki_counts(wiki, args.ws) if args.ws else np.zeros_like(c_task)
+    wiki = ensure_wiki(args.ws if not args.build else -1, args.raw, args.data) if (args.ws or args.build) else None
+    c_wiki = wiki_counts(wiki, args.ws) if args.ws else np.zeros_like(c_task)  # W_s = 0: no pre-training
     s = pair_stats(c_task, c_wiki)
     print(f"task {task_dir.name}  W_s {args.ws:,}  T_W {s['T_W']:,}  T_C {s['T_C']:,}  T_M {s['T_M']:,}  "
           f"occ_overlap {s['occ_overlap']:.4f}  log_freq_overlap {s['log_freq_overlap']:.3f}  "

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -105,6 +106,8 @@ def prepare_model(model, device, kernels="torch", compile=False, compile_mode="d
         raise UserError(f"--kernels {kernels!r}: choose torch or triton")
     if compile_mode not in COMPILE_MODES:
         raise UserError(f"--compile_mode {compile_mode!r}: choose {', '.join(COMPILE_MODES)}")
+    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     model.to(device)
     set_kernels(model, kernels)
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
