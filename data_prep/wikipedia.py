@@ -129,54 +129,88 @@ def encode_parallel(texts, vocab_path, max_len, workers, chunk=1000, desc="token
 # -----------------------------------------------------------------------------
 # main
 
+def count_articles(path: Path) -> int:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # read_articles has already said so if pyarrow is missing
+        return pq.ParquetFile(path).metadata.num_rows
+    try:
+        with open_text(path) as f:
+            return sum(1 for line in f if line.strip())
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise UserError(f"{path}: unreadable ({e})")
+
+
 def prepare(raw: Path, out: Path, vocab: Path, rows: int = 0, max_len: int = 128, workers: int = 0,
             quiet=False, rows_flag="--rows") -> Path:
-    """Build out/wikipedia/wiki.bin (+ meta.json, perm.npy). Returns the shard path."""
+    """Build out/wikipedia/wiki.bin (+ meta.json, perm.npy, wiki.pageids.npy). Returns the shard path.
+
+    Only one file's texts are in memory at a time (the full HF dump is ~20 GB of text): with every
+    article, each file is tokenized and the uint16 rows are put in shuffled order at the end; with
+    --rows N, the articles are counted first and only the N the prefix needs are read back.
+    """
     if max_len > MAX_POS or max_len < 2:
         raise UserError(f"--max-len {max_len}: must be between 2 and the model's {MAX_POS} positions")
     tok = WordPieceTokenizer.from_file(vocab)
     t0 = time.time()
     files = wiki_files(raw)
-    texts, ids = [], []
-    for p in tqdm(files, desc="read", unit="file", disable=quiet or None):
-        t, i = read_articles(p)
-        texts += t
-        ids += i
-    n = len(texts)
-    if n == 0:
-        raise UserError(f"{raw / 'wikipedia'}: no articles found")
-    if rows > n:
-        raise UserError(f"{rows_flag} {rows}: only {n} articles are available")
-    perm = np.random.default_rng(SEED).permutation(n)
-    keep = perm[:rows] if rows else perm
-    t_read = time.time() - t0
     workers = workers or os.cpu_count() or 1
-    ids_arr = encode_parallel([texts[i] for i in keep], vocab, max_len, workers)
-    t_tok = time.time() - t0 - t_read
-
+    if rows:  # a prefix of the shuffled order
+        counts = [count_articles(p) for p in tqdm(files, desc="count", unit="file", disable=quiet or None)]
+        n = sum(counts)
+        if rows > n:
+            raise UserError(f"{rows_flag} {rows}: only {n} articles are available")
+        perm = np.random.default_rng(SEED).permutation(n)
+        dest_row = np.full(n, -1, dtype=np.int64)  # output row of each article, -1 = not in the prefix
+        dest_row[perm[:rows]] = np.arange(rows)
+        ids_arr = np.zeros((rows, max_len), dtype=np.uint16)
+        page_ids = np.full(rows, -1, dtype=np.int64)
+        start = 0
+        for p, c in zip(files, counts):
+            local = np.flatnonzero(dest_row[start:start + c] >= 0)
+            if len(local):
+                texts, ids = read_articles(p)
+                if len(texts) != c:
+                    raise UserError(f"{p}: changed while it was read ({c} then {len(texts)} articles)")
+                where = dest_row[start + local]
+                ids_arr[where] = encode_parallel([texts[i] for i in local], vocab, max_len, workers,
+                                                 desc=f"tokenize {p.name}")
+                page_ids[where] = [_page_id(ids[i]) for i in local]
+            start += c
+    else:  # every article
+        parts, pids = [], []
+        for p in files:
+            texts, ids = read_articles(p)
+            parts.append(encode_parallel(texts, vocab, max_len, workers, desc=f"tokenize {p.name}"))
+            pids += [_page_id(i) for i in ids]
+        n = sum(len(a) for a in parts)
+        if n == 0:
+            raise UserError(f"{raw / 'wikipedia'}: no articles found")
+        perm = np.random.default_rng(SEED).permutation(n)
+        ids_arr = np.concatenate(parts)[perm]
+        page_ids = np.array(pids, dtype=np.int64)[perm]
+    seconds = time.time() - t0
     with atomic_dir(out / "wikipedia") as dest:  # shard, permutation and meta appear together or not at all
-        _write(dest, ids_arr, tok, perm, keep, ids, files, vocab, n, max_len, t_read, t_tok)
+        _write(dest, ids_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds)
     shard = out / "wikipedia" / "wiki.bin"
     if not quiet:
-        print(f"wrote {shard}: {len(keep):,} of {n:,} articles x {max_len} tokens "
-              f"(read {t_read:.0f}s, tokenize {t_tok:.0f}s with {workers} processes)")
+        print(f"wrote {shard}: {len(ids_arr):,} of {n:,} articles x {max_len} tokens in {seconds:.0f} s "
+              f"({workers} processes)")
     return shard
 
 
-def _write(dest, ids_arr, tok, perm, keep, ids, files, vocab, n, max_len, t_read, t_tok):
+def _write(dest, ids_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds):
     write_shard(dest / "wiki.bin", ids_arr, tok.vocab_size)
     save_npy(dest / "perm.npy", perm)
-    page_ids = np.array([_page_id(ids[i]) for i in keep], dtype=np.int64)
     save_npy(dest / "wiki.pageids.npy", page_ids)
     write_json(dest / "meta.json", {
         "kind": "wikipedia",
         "sources": [{"file": str(p), "sha256": sha256_file(p)} for p in files],
         "vocab": str(vocab), "vocab_sha256": sha256_file(vocab),
         "seed": SEED, "shuffle": "numpy.random.default_rng(42).permutation(n_articles)",
-        "articles_total": n, "rows": int(len(keep)), "row_len": max_len,
+        "articles_total": n, "rows": int(len(ids_arr)), "row_len": max_len,
         "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id, "mask": tok.mask_id},
-        "complete": len(keep) == n,
-        "seconds": {"read": round(t_read, 1), "tokenize": round(t_tok, 1)},
+        "complete": len(ids_arr) == n,
+        "seconds": round(seconds, 1),
     })
 
 
