@@ -5,6 +5,7 @@
     python train_cls.py --task agnews --init runs/mlm-... --gap      # both arms, same seed: the gap
     python train_cls.py --task fewrel --labels 0,2,5,10,11,12,13,14,15,3 --init runs/mlm-...
     python train_cls.py --task agnews --model tiny --train-per-label 200 --test-per-label 200 --epochs 5
+    python train_cls.py --task agnews --init hf:path/to/bert-base-uncased --gap   # a Hugging Face BERT folder
 
 The architecture comes from the checkpoint when --init is given, else from --model
 and the model flags. Test accuracy is printed each epoch; the reported result is the
@@ -45,7 +46,7 @@ class ClsConfig:
     test_per_label: int = 0  # test rows per label (0 = the paper's)
     fewrel_source: str = "val_wiki"  # val_wiki | train_wiki
     entity_markers: bool = False  # FewRel: mark head and tail
-    init: str = ""  # train_mlm checkpoint or run directory; empty = random init (no pre-training)
+    init: str = ""  # train_mlm checkpoint or run directory, or hf:DIR (a HF BERT folder); empty = no pre-training
     model: str = "bert6"  # preset for scratch runs (ignored with --init)
     epochs: int = 50  # fine-tuning epochs
     decay_epochs: int = 50  # the lr decays linearly to 0 over this many epochs (PAPER.md)
@@ -82,6 +83,8 @@ def token_stats(c_task, init_state):
     if init_state is None:
         return pair_stats(c_task, np.zeros_like(c_task))
     d = init_state["data"]
+    if "shard" not in d:  # e.g. a Hugging Face checkpoint: its pre-training data is unknown
+        return None
     try:
         return pair_stats(c_task, wiki_counts(Shard(d["shard"]), d["ws"]))
     except UserError:
@@ -177,7 +180,7 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
 
 def report(r: dict):
     s = r["token_stats"]
-    ts = f"T_C {s['T_C']:,}  T_W {s['T_W']:,}  T_M {s['T_M']:,}" if s else "token stats unavailable (shard missing)"
+    ts = f"T_C {s['T_C']:,}  T_W {s['T_W']:,}  T_M {s['T_M']:,}" if s else "token stats unavailable (pre-training data unknown or gone)"
     print(f"[{r['arm']}] {r['task']}: final-epoch test acc {r['acc']:.4f} "
           f"(best {r['acc_best_selected_on_test']:.4f} at epoch {r['best_epoch']}, selected on test); {ts}")
     print("  per label: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_label_acc"].items()))
@@ -185,7 +188,11 @@ def report(r: dict):
 
 def main(argv=None):
     cfg, overrides = parse(argv)
-    init_state = load_checkpoint(cfg.init, kind="mlm") if cfg.init else None
+    if cfg.init.startswith("hf:"):
+        from tinytlm.hf import hf_init_state
+        init_state = hf_init_state(cfg.init[3:])
+    else:
+        init_state = load_checkpoint(cfg.init, kind="mlm") if cfg.init else None
     if cfg.gap and init_state is None:
         raise UserError("--gap needs --init CKPT (the pre-trained arm)")
     if init_state is not None and overrides:

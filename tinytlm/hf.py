@@ -132,3 +132,52 @@ def from_hf_state_dict(sd: dict, config: BertConfig, n_labels=None):
     except RuntimeError as e:  # size mismatch: the config does not describe these weights
         raise UserError(f"Hugging Face weights do not fit the config: {str(e).splitlines()[-1].strip()}")
     return model
+
+
+def load_hf_dir(path):
+    """(BertConfig, HF-keyed state dict) of a Hugging Face BERT checkpoint folder: config.json plus
+    model.safetensors (needs the safetensors package) or pytorch_model.bin. Old key spellings
+    (LayerNorm gamma/beta, a bare BertModel without the `bert.` prefix) are normalised."""
+    from pathlib import Path
+
+    from tinytlm.common import read_json
+    path = Path(path)
+    c = read_json(path / "config.json", "Hugging Face config")
+    if c.get("model_type", "bert") != "bert":
+        raise UserError(f"{path / 'config.json'}: model_type {c.get('model_type')!r}; only BERT checkpoints "
+                        f"import (DistilBERT and others have another architecture)")
+    if c.get("hidden_act", "gelu") != "gelu" or c.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"{path / 'config.json'}: needs hidden_act gelu and absolute position embeddings")
+    H, heads, inter = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
+    if H % heads or inter % H:
+        raise UserError(f"{path / 'config.json'}: hidden {H} / heads {heads} / intermediate {inter} do not fit BertConfig")
+    config = BertConfig(n_layer=c["num_hidden_layers"], n_head=heads, head_dim=H // heads, ffn_mult=inter // H,
+                        max_pos=c["max_position_embeddings"], vocab_size=c["vocab_size"],
+                        type_vocab=c.get("type_vocab_size", 2), dropout=c.get("hidden_dropout_prob", 0.1),
+                        attn_dropout=c.get("attention_probs_dropout_prob", 0.1), ln_eps=c.get("layer_norm_eps", 1e-12),
+                        init_std=c.get("initializer_range", 0.02), pad_id=c.get("pad_token_id") or 0)
+    if (path / "model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"{path / 'model.safetensors'}: reading it needs the safetensors package")
+        sd = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{path}: no model.safetensors or pytorch_model.bin")
+    if not any(k.startswith("bert.") for k in sd):  # a bare BertModel
+        sd = {("bert." + k if not k.startswith("cls.") else k): v for k, v in sd.items()}
+    sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+          for k, v in sd.items() if not k.endswith("position_ids")}
+    return config, sd
+
+
+def hf_init_state(path) -> dict:
+    """A pre-trained trunk from a Hugging Face BERT folder, shaped like a train_mlm checkpoint
+    (what train_cls.py --init hf:DIR loads). The pre-training data is unknown: no token stats."""
+    config, sd = load_hf_dir(path)
+    trunk = from_hf_state_dict(sd, config, n_labels=1).bert.state_dict()  # the classifier head is dropped
+    return {"kind": "mlm", "path": f"hf:{path}", "model_config": config.to_dict(),
+            "model": {f"bert.{k}": v for k, v in trunk.items()}, "train_config": {"model": "hf"},
+            "data": {"pretrain_set": "hugging face checkpoint", "source": str(path)}, "optimizer": None}
