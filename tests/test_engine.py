@@ -169,3 +169,13 @@ def test_committee_forward_sums_member_logits():
     with torch.no_grad():
         expect = sum(m(x)[0] for m in members)
         torch.testing.assert_close(committee_forward(members, x), expect)
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"ws": 123, "epochs": 3, "n_conv": 2, "conv_kernel": [16, 3]}))
+    cfg, over = train_mlm.parse(["--config", str(cfg_file), "--epochs", "7"])
+    assert (cfg.ws, cfg.epochs) == (123, 7)  # the command line wins over the file
+    assert over == {"n_conv": 2, "conv_kernel": (16, 3)}
+    cfg_file.write_text(json.dumps({"wss": 1}))
+    assert_one_line_error(run(["train_mlm.py", "--config", str(cfg_file)]), "c.json", "'wss'")

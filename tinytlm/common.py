@@ -78,7 +78,12 @@ def atomic_dir(path):
         old = path.with_name(f".{path.name}.{os.getpid()}.old")
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():  # put the previous complete folder back
+                os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

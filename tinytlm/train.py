@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tinytlm.common import ArgParser, UserError, git_revision, write_json
+from tinytlm.common import ArgParser, UserError, git_revision, read_json, write_json
 from tinytlm.model import BertConfig, set_kernels
 
 
@@ -69,8 +69,17 @@ def parse_run_args(cls, doc: str, title: str, argv=None):
     """(script config, model overrides) from the command line: the script's dataclass flags plus
     one optional flag per BertConfig field. Unknown flags and bad values are one-line errors."""
     ap = ArgParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--config", default="", help="JSON file of flag values (command-line flags win)")
     add_dataclass_args(ap, cls, title)
     add_dataclass_args(ap, BertConfig, "model overrides", all_optional=True)
+    pre, _ = ap.parse_known_args(argv)
+    if pre.config:
+        values = read_json(pre.config, "config")
+        known = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(BertConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{pre.config}: unknown key {unknown[0]!r}")
+        ap.set_defaults(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     args = ap.parse_args(argv)
     return dataclass_from_args(cls, args), model_overrides(args)
 
