@@ -111,10 +111,16 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
         model_cfg = BertConfig.from_dict(init_state["model_config"])
         model = BertForClassification(model_cfg, n_labels)
         trunk = {k[len("bert."):]: v for k, v in init_state["model"].items() if k.startswith("bert.")}
-        model.bert.load_state_dict(trunk)  # strict: the trunk must match exactly
+        try:
+            model.bert.load_state_dict(trunk)  # strict: the trunk must match exactly
+        except RuntimeError as e:
+            raise UserError(f"{init_state['path']}: its weights do not match its config ({str(e).splitlines()[0]})")
     else:
         model_cfg = BertConfig.preset(cfg.model, **overrides)
         model = BertForClassification(model_cfg, n_labels)
+    top = max(int(train.ids.max(initial=0)), int(test.ids.max(initial=0)))
+    if top >= model_cfg.vocab_size:
+        raise UserError(f"{task_dir}: token ids reach {top}, the model's vocabulary has {model_cfg.vocab_size}")
     if train.row_len > model_cfg.max_pos:
         raise UserError(f"{train.path}: rows of {train.row_len} tokens exceed the model's {model_cfg.max_pos} positions")
     config = {**asdict(cfg), "lr": lr, "wd": wd, "task_dir": task_dir.name, "model_config": model_cfg.to_dict()}
