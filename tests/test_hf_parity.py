@@ -105,3 +105,32 @@ def test_refuses_conv_stem_and_foreign_keys():
         from_hf_state_dict({k: v for k, v in sd.items() if "layer.1." not in k}, cfg)
     with pytest.raises(UserError):  # wrong width
         from_hf_state_dict(sd, BertConfig.preset("tiny", vocab_size=200, n_head=4))
+
+
+def test_training_steps_match_hf():
+    """Five AdamW steps from the same weights on the same masked batches: the losses of our model
+    (sparse head) and of transformers.BertForMaskedLM (dense head) stay equal, so gradients match too."""
+    import transformers
+    from tinytlm.data import mask_generator, mask_tokens
+    from tinytlm.hf import hf_config, to_hf_state_dict
+    torch.manual_seed(0)
+    cfg = BertConfig.preset("tiny", n_layer=2, dropout=0.0, attn_dropout=0.0)
+    ours = BertForMLM(cfg)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**hf_config(cfg), attn_implementation="eager"))
+    hf.load_state_dict(to_hf_state_dict(ours))
+    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.01)
+    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-3, weight_decay=0.01)
+    for step in range(5):
+        idx = torch.randint(1000, 30000, (4, 24), generator=torch.Generator().manual_seed(step))
+        idx[:, 0], idx[:, -1] = 101, 102
+        idx[1, 12:] = 0
+        idx[1, 11] = 102
+        inputs, targets = mask_tokens(idx, mask_generator("cpu", 0, step), vocab_size=30522, mask_id=103,
+                                      special_ids=(0, 100, 101, 102, 103))
+        _, la = ours(inputs, attention_mask=idx != 0, targets=targets)
+        lb = hf(input_ids=inputs, attention_mask=(idx != 0).long(), labels=targets).loss
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+        for opt, loss in ((opt_a, la), (opt_b, lb)):
+            loss.backward()
+            opt.step()
+            opt.zero_grad()

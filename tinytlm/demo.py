@@ -23,9 +23,9 @@ from tinytlm.common import ArgParser, cli
 def main(argv=None):
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ws", type=int, default=4000, help="Wikipedia rows to pre-train on")
-    ap.add_argument("--pretrain-epochs", type=int, default=4, help="MLM epochs")
+    ap.add_argument("--pretrain-epochs", type=int, default=3, help="MLM epochs")
     ap.add_argument("--per-label", type=int, default=200, help="AG News train and test rows per label")
-    ap.add_argument("--finetune-epochs", type=int, default=4, help="fine-tuning epochs")
+    ap.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs")
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     args = ap.parse_args(argv)
     t0 = time.time()
