@@ -151,46 +151,54 @@ def _check_conv(x, weight, bias, where):
                          "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
 
 
-class _Conv2dSame(torch.autograd.Function):
-    """NCHW conv2d with 'same' padding: Triton forward, torch backward."""
+# The Triton launches are wrapped as torch.library custom ops, so torch.compile sees one opaque node
+# per conv (with a fake for shapes and an autograd rule) instead of tracing into the launcher.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        # weights are cast to the activation dtype (as autocast would); bias None -> zeros
-        ctx.w_dtype, ctx.has_bias = weight.dtype, bias is not None
-        weight = weight.to(x.dtype)
-        bias = bias.to(x.dtype) if bias is not None else x.new_zeros(weight.shape[0])
-        _check_conv(x, weight, bias, "conv2d_same")
-        if x.dim() != 4 or x.shape[1] != weight.shape[1]:
-            raise ValueError(f"conv2d_same: x must be (B, C_in={weight.shape[1]}, T, W), got {tuple(x.shape)}")
-        B, C_in, T, W = x.shape
-        y = torch.empty((B, weight.shape[0], T, W), device=x.device, dtype=x.dtype)  # (B, C_out, T, W)
-        sx, sy = x.stride(), y.stride()
-        # the kernel walks (b, t, w, c): NCHW strides passed in that order
-        _conv_launch(x, (sx[0], sx[2], sx[3], sx[1]), T, W, weight, bias, y,
-                     (sy[0], sy[2], sy[3], sy[1]), gelu=False)
-        ctx.save_for_backward(x, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        gy = gy.to(x.dtype)
-        kh, kw = weight.shape[2:]
-        pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)  # (left, right, top, bottom)
-        xp = F.pad(x, pads)  # 'same' as an explicit pad + a valid convolution
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gxp = torch.nn.grad.conv2d_input(xp.shape, weight, gy)
-            gx = gxp[:, :, pads[2]:pads[2] + x.shape[2], pads[0]:pads[0] + x.shape[3]]
-        if ctx.needs_input_grad[1]:
-            gw = torch.nn.grad.conv2d_weight(xp, weight.shape, gy).to(ctx.w_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum((0, 2, 3)).to(ctx.w_dtype)
-        return gx, gw, gb
+@torch.library.custom_op("tinytlm::conv2d_same", mutates_args=())
+def _conv2d_same_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    _check_conv(x, weight, bias, "conv2d_same")
+    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv2d_same: x must be (B, C_in={weight.shape[1]}, T, W), got {tuple(x.shape)}")
+    B, C_in, T, W = x.shape
+    y = torch.empty((B, weight.shape[0], T, W), device=x.device, dtype=x.dtype)  # (B, C_out, T, W)
+    sx, sy = x.stride(), y.stride()
+    # the kernel walks (b, t, w, c): NCHW strides passed in that order
+    _conv_launch(x, (sx[0], sx[2], sx[3], sx[1]), T, W, weight, bias, y, (sy[0], sy[2], sy[3], sy[1]), gelu=False)
+    return y
 
 
-conv2d_same = _Conv2dSame.apply
+@_conv2d_same_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _conv2d_same_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _conv2d_same_backward(ctx, gy):
+    """torch's conv gradients on the explicitly padded input ('same' = pad + valid conv)."""
+    x, weight = ctx.saved_tensors
+    gy = gy.to(x.dtype)
+    kh, kw = weight.shape[2:]
+    pads = ((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2)  # (left, right, top, bottom)
+    xp = F.pad(x, pads)
+    gxp = torch.nn.grad.conv2d_input(xp.shape, weight, gy)
+    gx = gxp[:, :, pads[2]:pads[2] + x.shape[2], pads[0]:pads[0] + x.shape[3]]
+    gw = torch.nn.grad.conv2d_weight(xp, weight.shape, gy)
+    return gx, gw, gy.sum((0, 2, 3))
+
+
+_conv2d_same_op.register_autograd(_conv2d_same_backward, setup_context=_conv2d_same_setup)
+
+
+def conv2d_same(x, weight, bias=None):
+    """NCHW conv2d with 'same' padding: Triton forward, torch backward. Weights are cast to the
+    activation dtype (as autocast would; autograd casts their gradients back); bias None -> zeros."""
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else x.new_zeros(weight.shape[0])
+    return _conv2d_same_op(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -251,6 +259,12 @@ def conv_stem_infer(x, params):
         raise ValueError(f"conv_stem_infer: x must be (B, T, H), got {tuple(x.shape)}")
     if len(params) < 2 or params[-1]["weight"].shape[0] != 1 or params[-1]["weight"].shape[2:] != (1, 1):
         raise ValueError("conv_stem_infer: params must be fold_stem output: conv layers then a 1x1 d -> 1 projection")
+    return _conv_stem_infer_op(x, [p["weight"] for p in params], [p["bias"] for p in params])
+
+
+@torch.library.custom_op("tinytlm::conv_stem_infer", mutates_args=())
+def _conv_stem_infer_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    params = [{"weight": w, "bias": b} for w, b in zip(weights, biases)]
     B, T, W = x.shape
     h = x.contiguous()  # channels-last (B, T, W, 1)
     c_in = 1
@@ -275,6 +289,11 @@ def conv_stem_infer(x, params):
             _conv_launch(h, (T * W * c_in, W * c_in, c_in, 1), T, W, weight, bias, y, y.stride(), gelu=True)
         h, c_in = y, c_out
     return h
+
+
+@_conv_stem_infer_op.register_fake
+def _(x, weights, biases):
+    return torch.empty_like(x)
 
 
 def conv_stem_train(x, stem):

@@ -199,8 +199,12 @@ class ConvStem(nn.Module):
         # x (B, T, H)
         if self.kernels == "triton":
             from kernels import conv_stem as ks  # imported here: Triton is optional
-            # training needs batch statistics, so only the convs are kernels; eval folds BN into them
-            return ks.conv_stem_train(x, self) if self.training else ks.conv_stem_infer(x, ks.fold_stem(self))
+            # pure inference folds BN into the convs (one fused op); with autograd on (training, or
+            # gradients in eval mode) only the convs are kernels and BN runs as a module (batch
+            # statistics in train mode, running statistics in eval mode)
+            if not self.training and not torch.is_grad_enabled():
+                return ks.conv_stem_infer(x, ks.fold_stem(self))
+            return ks.conv_stem_train(x, self)
         h = x.unsqueeze(1)  # (B, 1, T, H)
         for conv, bn in zip(self.convs, self.bns):
             h = F.gelu(bn(conv(h)))  # (B, d, T, H)
