@@ -124,7 +124,7 @@ class StopAtBoundary(Exception):
 
 @contextlib.contextmanager
 def deferred_sigint():
-    """The first Ctrl-C only sets a flag the loop checks between steps (a checkpoint written in the
+    """The first Ctrl-C (or SIGTERM) only sets a flag the loop checks between steps (a checkpoint written in the
     middle of a step could hold half-updated weights or used-up RNG state); a second one stops at once."""
     flag = {"set": False}
 
@@ -134,15 +134,16 @@ def deferred_sigint():
         flag["set"] = True
         print("\nCtrl-C: stopping after this step (press again to stop at once, without saving)", file=sys.stderr)
 
-    try:
-        prev = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+    try:  # SIGTERM (a job scheduler's kill) is handled like Ctrl-C
+        prev = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: the signals keep their default behaviour
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for sig, h in prev.items():
+            signal.signal(sig, h)
 
 
 def validate(cfg: MLMConfig):

@@ -179,3 +179,21 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert over == {"n_conv": 2, "conv_kernel": (16, 3)}
     cfg_file.write_text(json.dumps({"wss": 1}))
     assert_one_line_error(run(["train_mlm.py", "--config", str(cfg_file)]), "c.json", "'wss'")
+
+
+def test_sigterm_stops_at_a_step_boundary(roots, tmp_path):
+    """A SIGTERM (e.g. from a job scheduler) is handled like Ctrl-C: an exact checkpoint, exit 130."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "train_mlm.py", *mlm_args(roots, tmp_path / "t", "--epochs", "50")],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # wait until the first step record is written
+        m = tmp_path / "t" / "metrics.jsonl"
+        if m.is_file() and '"kind": "step"' in m.read_text():
+            break
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    state = load_checkpoint(tmp_path / "t")
+    assert state["step"] >= 2 and state["optimizer"] is not None and "--resume" in err
