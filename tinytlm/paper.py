@@ -72,6 +72,14 @@ class Runner:
         state = "cached" if cached else f"{time.time() - t0:.0f} s"
         print(f"[{self.computed + self.cached}] {what}: {state}{extra}", flush=True)
 
+    def _cached(self, out: Path, what: str, t0: float):
+        """A finished cell's result.json (logged as cached), or None."""
+        if not (out / "result.json").is_file():
+            return None
+        r = read_json(out / "result.json")
+        self._log(what, True, t0, f" acc {r['acc']:.4f}")
+        return r
+
     def pretrain(self, row: dict, seed: int) -> tuple:
         """(checkpoint dir, key) of the row's pre-training at this seed; trains or resumes when missing."""
         from train_mlm import MLMConfig, train
@@ -113,11 +121,8 @@ class Runner:
         match = key_of({"cls": base, "model": row["model"], "overrides": row["overrides"]})  # same for both arms
         key = key_of({"match": match, "init": pkey})
         out = self.cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if ckpt else 'scratch'}-s{seed}-{key}"
-        what = f"finetune {row['name']} seed {seed}"
-        t0 = time.time()
-        if (out / "result.json").is_file():
-            r = read_json(out / "result.json")
-            self._log(what, True, t0, f" acc {r['acc']:.4f}")
+        what, t0 = f"finetune {row['name']} seed {seed}", time.time()
+        if r := self._cached(out, what, t0):
             return r
         init_state = load_checkpoint(ckpt, kind="mlm") if ckpt else None
         with quiet_to(out):
@@ -137,11 +142,8 @@ class Runner:
         from tinytlm.train import resolve_device
         key = key_of(sorted(m["key"] for m in members))
         out = self.cache / "committee" / key
-        what = f"committee {name} seed {members[0]['seed']}"
-        t0 = time.time()
-        if (out / "result.json").is_file():
-            r = read_json(out / "result.json")
-            self._log(what, True, t0, f" acc {r['acc']:.4f}")
+        what, t0 = f"committee {name} seed {members[0]['seed']}", time.time()
+        if r := self._cached(out, what, t0):
             return r
         device = resolve_device(self.device)
         states = [load_checkpoint(self.cache / "cls" / m["dir"], kind="cls") for m in members]
