@@ -88,27 +88,26 @@ def test_attention_matches_sdpa(shape, padded, dtype):
         assert_close(g, gr, dtype, f"d{name}")
 
 
-def test_attention_fp16():
-    q, k, v = _qkv(1, 2, 130, 64, torch.float16)
-    mask = _padding_mask(1, 130)
+def _check_padded_against_ref(shape, dtype):
+    """Forward and gradients of a padded batch against attention_ref in fp32 on the same inputs."""
+    q, k, v = _qkv(*shape, dtype)
+    mask = _padding_mask(shape[0], shape[2])
     out = attention(q, k, v, key_padding_mask=mask)
-    assert out.dtype == torch.float16
+    assert out.dtype == dtype
     qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
     ref = attention_ref(qr, kr, vr, key_padding_mask=mask)
-    assert_close(out, ref, torch.float16, "out")
+    assert_close(out, ref, dtype, "out")
     for name, g, gr in zip("qkv", _grads(out, (q, k, v)), _grads(ref, (qr, kr, vr))):
-        assert_close(g, gr, torch.float16, f"d{name}")
+        assert_close(g, gr, dtype, f"d{name}")
+
+
+def test_attention_fp16():
+    _check_padded_against_ref((1, 2, 130, 64), torch.float16)
 
 
 def test_attention_t512():
     # the longest supported sequence: 8 x 8 tiles, forward and backward, with padding
-    q, k, v = _qkv(1, 1, 512, 64, torch.float32)
-    mask = _padding_mask(1, 512)
-    out = attention(q, k, v, key_padding_mask=mask)
-    ref = attention_ref(q, k, v, key_padding_mask=mask)
-    assert_close(out, ref, torch.float32, "out")
-    for name, g, gr in zip("qkv", _grads(out, (q, k, v)), _grads(ref, (q, k, v))):
-        assert_close(g, gr, torch.float32, f"d{name}")
+    _check_padded_against_ref((1, 1, 512, 64), torch.float32)
 
 
 def test_attention_ref_matches_sdpa():
