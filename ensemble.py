@@ -11,7 +11,6 @@ latency in layers is the deepest member's (members can run side by side, as the 
 counts it); its measured latency is given twice: members one after another, and members on
 parallel CUDA streams (committee_forward; on CPU the same loop).
 """
-import argparse
 from pathlib import Path
 
 from data_prep.tasks import TaskSpec, ensure_task, load_task
@@ -52,8 +51,7 @@ def main(argv=None):
 
     states = [load_checkpoint(p, kind="cls") for p in args.ckpts]
     check_members(states)
-    task_dir = ensure_task(TaskSpec(**{**states[0]["extra"]["spec"], "labels": tuple(states[0]["extra"]["spec"]["labels"])}),
-                           args.raw, args.data)
+    task_dir = ensure_task(TaskSpec.from_dict(states[0]["extra"]["spec"]), args.raw, args.data)
     _, _, test, yte, _ = load_task(task_dir)
     if test.checksum.hex() != states[0]["extra"]["test_fingerprint"]:
         raise UserError(f"{test.path}: this test set differs from the one the members were evaluated on")

@@ -24,12 +24,11 @@ from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
 from tinytlm.common import UserError, cli, default_data_root, default_raw_root, read_json, short_hash
-from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens
+from tinytlm.data import BERT_SPECIAL_IDS, epoch_order, get_batch, mask_generator, mask_tokens
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
 from tinytlm.train import (RunLog, autocast, lr_at, make_optimizer, parse_run_args, prepare_model, print_config,
                            resolve_device)
 
-BERT_SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}  # bert-base-uncased
 
 # -----------------------------------------------------------------------------
 # config
@@ -112,7 +111,7 @@ def rows_meta(shard, ids, data_root: Path, meta: dict):
     wiki_meta = read_json(data_root / "wikipedia" / "meta.json", "Wikipedia meta")
     return ids, {**meta, "shard": str(shard.path), "shard_checksum": shard.checksum.hex(),
                  "rows_checksum": payload_checksum(ids).hex(),
-                 "special_ids": wiki_meta.get("special_ids", BERT_SPECIALS)}
+                 "special_ids": wiki_meta.get("special_ids", BERT_SPECIAL_IDS)}
 
 
 # -----------------------------------------------------------------------------

@@ -78,6 +78,11 @@ class TaskSpec:
             raise UserError("--train-per-label/--test-per-label must be positive")
         return TaskSpec(**d)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        """The spec saved in a checkpoint or meta.json (JSON turns the labels tuple into a list)."""
+        return cls(**{**d, "labels": tuple(d.get("labels", ()))}).resolved()
+
     def dirname(self) -> str:
         s = self.resolved()
         name = s.task + (f"-{s.fewrel_source}" if s.task == "fewrel" else "")

@@ -12,7 +12,6 @@ has every article. Input: JSONL objects with `title` and `text` (`.jsonl`,
 `.jsonl.xz`, `.jsonl.gz`) or, with pyarrow installed, the Hugging Face
 `wikimedia/wikipedia` parquet files, anywhere under RAW/wikipedia/.
 """
-import argparse
 import gzip
 import json
 import lzma

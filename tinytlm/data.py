@@ -34,6 +34,8 @@ assert HEADER.size == 64
 DTYPES = {1: np.uint16, 2: np.uint32}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 IGNORE = -100  # Hugging Face's ignore index for MLM targets
+# bert-base-uncased's special ids; a prepared Wikipedia shard records its own in meta.json
+BERT_SPECIAL_IDS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 
 
 # -----------------------------------------------------------------------------

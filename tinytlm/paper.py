@@ -150,7 +150,7 @@ class Runner:
         fingerprints = {s["extra"]["test_fingerprint"] for s in states}
         if len(fingerprints) != 1:
             raise UserError(f"committee {name}: members were tested on different test sets")
-        spec = TaskSpec(**{**states[0]["extra"]["spec"], "labels": tuple(states[0]["extra"]["spec"]["labels"])})
+        spec = TaskSpec.from_dict(states[0]["extra"]["spec"])
         _, _, test, yte, _ = load_task(ensure_task(spec, Path(self.raw) if self.raw else default_raw_root(),
                                                    Path(self.data) if self.data else default_data_root()))
         if test.checksum.hex() not in fingerprints:

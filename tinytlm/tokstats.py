@@ -20,16 +20,15 @@ Constructed sets, written as shards under DATA/pretrain/ (rows keep the shuffled
   tokens, the first W_s of them; with --top-k 0 (default) k is the smallest value
   that still gives W_s rows, which makes T_M as large as possible.
 """
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from tinytlm.common import (ArgParser, UserError, cli, default_data_root, default_raw_root, read_json, save_npy,
                             write_json)
-from tinytlm.data import Shard, write_shard
+from tinytlm.data import BERT_SPECIAL_IDS, Shard, write_shard
 
-SPECIALS = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK] in bert-base-uncased
+SPECIALS = tuple(BERT_SPECIAL_IDS.values())  # [PAD] [UNK] [CLS] [SEP] [MASK]
 
 
 def counts(ids: np.ndarray, vocab_size: int) -> np.ndarray:
