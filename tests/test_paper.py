@@ -3,13 +3,23 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tinytlm.common import REPO
-from tinytlm.paper import main, summarize
+from tinytlm.model import BertConfig
+from tinytlm.paper import EXTRA, TABLES, main, summarize
+from tinytlm.paper_tables import SCALES, grid
 
 
 def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     results, cache = tmp_path / "results", tmp_path / "cache"
     argv = ["table5", "--scale", "mini", "--results", str(results), "--cache", str(cache), "--device", "cpu"]
+    # --plan lists what would run (1 pre-training of 64 rows x 1 epoch, 4 fine-tunings of 4 labels x 8 rows
+    # x 1 epoch) and runs nothing
+    planned = main(argv + ["--plan"])["table5"]
+    assert sorted((c["cell"], c["state"], c["seqs"]) for c in planned) == \
+        [("finetune", "todo", 32)] * 4 + [("pretrain", "todo", 64)]
+    assert not cache.exists() and not results.exists()
     first = main(argv)["table5"]
     # 1 pre-training (shared by both seeds at mini) + 2 rows x 2 seeds of fine-tuning
     assert first["computed"] == 5
@@ -28,6 +38,7 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")}
     assert len(stamps) == 4
 
+    assert {c["state"] for c in main(argv + ["--plan"])["table5"]} == {"cached"}
     second = main(argv)["table5"]
     assert second["computed"] == 0  # every cell came from the cache
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")} == stamps
@@ -61,3 +72,39 @@ def test_bad_table_is_one_line_error():
     p = subprocess.run([sys.executable, "-m", "tinytlm.paper", "table42"], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.strip().startswith("error: unknown table 'table42'") and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_every_grid_is_well_formed(scale, tmp_path):
+    """Every table at every scale: names it refers to exist, presets exist, and --plan resolves every
+    cell's configuration (what a paper-scale run needs before it can start) without running anything."""
+    presets = BertConfig.presets()
+    for t in TABLES + EXTRA:
+        g = grid(t, scale)
+        names = [r["name"] for r in g["rows"]]
+        assert len(names) == len(set(names)), t
+        for r in g["rows"]:
+            if r["kind"] == "committee":
+                assert set(r["members"]) <= set(names) and r["reference"] in names, (t, r["name"])
+                continue
+            assert r["model"] in presets, (t, r["model"])
+            assert r["gap_of"] is None or r["gap_of"] in names, (t, r["name"])
+            assert r["gap_of"] is None or r["pretrain"], (t, r["name"])  # a gap is pre-trained minus scratch
+        assert g["deviations"] or scale == "paper", t
+    cells = main(["all", "--scale", scale, "--plan", "--seeds", "1", "--cache", str(tmp_path)])
+    assert set(cells) == set(TABLES) and not any(tmp_path.iterdir())
+    assert all(c["state"] == "todo" for cs in cells.values() for c in cs)
+
+
+def test_budget_shares_table5_cells():
+    """The budget sweep's shortest pre-training and its scratch arm are Table 5's cells (same dicts, same keys)."""
+    for scale in ("cpu", "paper"):
+        t5 = {r["name"]: r for r in grid("table5", scale)["rows"]}
+        b = grid("budget", scale)["rows"]
+        ws = SCALES[scale]["ws"]["budget"]
+        def computed(r):  # what defines a row's cells (its label and the paper's numbers do not)
+            return {k: v for k, v in r.items() if k not in ("name", "paper")}
+        assert b[-1]["name"] == "no pre-training" and computed(b[-1]) == computed(t5["no pre-training"])
+        shared = [r for r in b if r["pretrain"] and r["pretrain"] == t5.get(f"W_s {ws:,}", {}).get("pretrain")]
+        assert len(shared) == 1 and shared[0]["finetune"] == t5[f"W_s {ws:,}"]["finetune"]
+        assert [r["pretrain"]["epochs"] for r in b[:-1]] == list(SCALES[scale]["budget_epochs"])

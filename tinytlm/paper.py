@@ -4,6 +4,7 @@
     python -m tinytlm.paper table9 --scale cpu --seeds 3
     python -m tinytlm.paper all --scale paper               # every table at the paper's sizes (GPU)
     python -m tinytlm.paper overlap                          # gap vs T_M and weighted overlaps, from the cache
+    python -m tinytlm.paper budget --scale cpu               # beyond the paper: gap vs pre-training length
     python -m tinytlm.paper table5 --scale mini --results /tmp/r --cache /tmp/c   # seconds (the CI test)
 
 Grids live in tinytlm/paper_tables.py. Caching (under --cache, default runs/paper/):
@@ -30,6 +31,8 @@ from tinytlm.common import REPO, ArgParser, UserError, cli, git_revision, read_j
 from tinytlm.paper_tables import SCALES, TITLES, grid, plot, plot_overlap
 
 TABLES = [f"table{i}" for i in range(1, 10)]
+N_LABELS = {"agnews": 4, "dbpedia": 14, "val_wiki": 16, "train_wiki": 64}  # labels when a task takes all
+EXTRA = ["budget"]  # beyond the paper, not part of "all"
 # fields that do not change what is computed (paths, device, speed switches, logging)
 VOLATILE = ("out", "resume", "device", "compile", "compile_mode", "kernels", "log_every", "interrupt_at", "quiet",
             "data", "raw", "max_steps", "init")
@@ -60,9 +63,16 @@ def quiet_to(path: Path):
 # cells: one pre-training, one fine-tuning or one committee evaluation each
 
 class Runner:
-    def __init__(self, cache: Path, device: str, data: str, raw: str):
+    """Runs (or, with plan=True, only lists) the cells of a table; finished cells come from the cache."""
+
+    def __init__(self, cache: Path, device: str, data: str, raw: str, plan: bool = False):
         self.cache, self.device, self.data, self.raw = Path(cache), device, data, raw
         self.computed, self.cached = 0, 0
+        self.plan = {} if plan else None  # cell dir -> {"cell", "what", "state", "seqs", "model"}
+
+    def _planned(self, out: Path, cell: str, what: str, state: str, seqs: int, model: str, **result) -> dict:
+        self.plan.setdefault(str(out), {"cell": cell, "what": what, "state": state, "seqs": seqs, "model": model})
+        return {"acc": float("nan"), **result}
 
     def _log(self, what: str, cached: bool, t0: float, extra: str = ""):
         if cached:
@@ -88,8 +98,13 @@ class Runner:
                         **row["pretrain"])
         key = key_of({"mlm": config_fields(cfg, {"model", "seed", *row["pretrain"]}), "overrides": row["overrides"]})
         out = self.cache / "mlm" / f"{cfg.run_name()}-{key}"
-        what = f"pretrain {cfg.model} {cfg.pretrain_set} W_s {cfg.ws:,} x{cfg.epochs} seed {seed}"
+        ws = f"{cfg.ws:,}" if cfg.ws else "all rows"  # a constructed set with no cap
+        what = f"pretrain {cfg.model} {cfg.pretrain_set} W_s {ws} x{cfg.epochs} seed {seed}"
         t0 = time.time()
+        if self.plan is not None:
+            state = "cached" if (out / "done.json").is_file() else "partial" if (out / "ckpt.pt").is_file() else "todo"
+            self._planned(out, "pretrain", what, state, cfg.ws * cfg.epochs, cfg.model)
+            return out, key
         if (out / "done.json").is_file():
             self._log(what, True, t0)
             return out, key
@@ -122,6 +137,12 @@ class Runner:
         key = key_of({"match": match, "init": pkey})
         out = self.cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if ckpt else 'scratch'}-s{seed}-{key}"
         what, t0 = f"finetune {row['name']} seed {seed}", time.time()
+        if self.plan is not None:
+            spec = cfg.spec()
+            n_labels = len(spec.labels) or N_LABELS[spec.task if spec.task != "fewrel" else spec.fewrel_source]
+            state = "cached" if (out / "result.json").is_file() else "todo"
+            return self._planned(out, "finetune", what, state, spec.train_per_label * n_labels * cfg.epochs,
+                                 row["model"], key=key, seed=seed, dir=out.name)
         if r := self._cached(out, what, t0):
             return r
         init_state = load_checkpoint(ckpt, kind="mlm") if ckpt else None
@@ -143,6 +164,9 @@ class Runner:
         key = key_of(sorted(m["key"] for m in members))
         out = self.cache / "committee" / key
         what, t0 = f"committee {name} seed {members[0]['seed']}", time.time()
+        if self.plan is not None:
+            state = "cached" if (out / "result.json").is_file() else "todo"
+            return self._planned(out, "committee", what, state, 0, "", key=key, seed=members[0]["seed"])
         if r := self._cached(out, what, t0):
             return r
         device = resolve_device(self.device)
@@ -195,6 +219,10 @@ def summarize(out: dict) -> list:
                "acc_std": float(acc.std(ddof=1)) if len(rs) > 1 else 0.0, "acc": acc.tolist(),
                "paper": row["paper"], "ws": (row.get("pretrain") or {}).get("ws", 0),
                "pretrain_set": (row.get("pretrain") or {}).get("pretrain_set")}
+        if row.get("pretrain"):
+            rec["pt_epochs"] = row["pretrain"].get("epochs")
+            if rs[0].get("init") and (ep := final_mlm_epoch(rs[0]["init"])):
+                rec["mlm_acc"] = ep["mlm_acc"]
         st = rs[0].get("token_stats")
         if st:
             rec.update({k: st[k] for k in ("T_W", "T_C", "T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10")})
@@ -284,16 +312,20 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
     write_json(results / f"{t}.json", {"meta": meta, "grid": g, "rows": recs, "cells": out["cells"]})
 
 
+def final_mlm_epoch(init: str):
+    """The last epoch record in a pre-trained checkpoint's metrics.jsonl, or None."""
+    m = Path(init).parent / "metrics.jsonl"
+    ep = [r for r in map(json.loads, m.read_text().splitlines() if m.is_file() else []) if r.get("kind") == "epoch"]
+    return ep[-1] if ep else None
+
+
 def mlm_lines(out: dict) -> list:
     """One line per pre-trained checkpoint a table used: its last epoch record from metrics.jsonl."""
     lines = []
     for init in sorted({c["init"] for rs in out["cells"].values() for c in rs if c.get("init")}):
-        d = Path(init).parent
-        m = d / "metrics.jsonl"
-        ep = [r for r in map(json.loads, m.read_text().splitlines() if m.is_file() else []) if r.get("kind") == "epoch"]
-        if ep:
-            lines.append(f"| `{d.name}` | {ep[-1]['epoch'] + 1} | {ep[-1]['step']:,} | {ep[-1]['loss']:.3f} | "
-                         f"{ep[-1]['mlm_acc']:.3f} |")
+        if ep := final_mlm_epoch(init):
+            lines.append(f"| `{Path(init).parent.name}` | {ep['epoch'] + 1} | {ep['step']:,} | {ep['loss']:.3f} | "
+                         f"{ep['mlm_acc']:.3f} |")
     return lines
 
 
@@ -351,9 +383,39 @@ def overlap(cache: Path, results: Path) -> dict:
 # -----------------------------------------------------------------------------
 # command line
 
+def plan(tables: list, scale: str, seeds: int, runner: Runner) -> dict:
+    """Print every cell that is not finished yet and the work it stands for; a cell shared by
+    several tables is listed under the first. Returns {table: [cell records]}."""
+    out, seen = {}, set()
+    for t in tables:
+        run_table(t, scale, seeds, runner)
+        new = [(d, c) for d, c in runner.plan.items() if d not in seen]
+        seen.update(d for d, _ in new)
+        out[t] = [c for _, c in new]
+        todo = [c for c in out[t] if c["state"] != "cached"]
+        print(f"== {TITLES[t]} (scale {scale}, {seeds} seeds): {len(out[t])} new cells, "
+              f"{len(out[t]) - len(todo)} cached, {len(todo)} to run", flush=True)
+        for c in todo:
+            n = f"{c['seqs']:,} sequences" if c["seqs"] else "size known once the set is built"
+            print(f"  {c['state']:<7} {c['what']}" + (f": {n}" if c["cell"] != "committee" else ""))
+    cells = [c for cs in out.values() for c in cs]
+    work = {}
+    for c in cells:
+        if c["state"] != "cached" and c["seqs"]:
+            k = (c["cell"], c["model"])
+            work[k] = work.get(k, 0) + c["seqs"]
+    print(f"== plan: {len(cells)} cells, {sum(c['state'] == 'cached' for c in cells)} cached; to run: "
+          + ("; ".join(f"{cell} {model} {n:,} sequences" for (cell, model), n in sorted(work.items())) or "nothing")
+          + (" (plus the uncapped constructed sets)" if any(c["cell"] == "pretrain" and not c["seqs"]
+                                                             and c["state"] != "cached" for c in cells) else "")
+          + ". Time = sequences / seq/s (a partial pre-training resumes, so it takes less; "
+          "`python bench/train_throughput.py` measures seq/s)")
+    return out
+
+
 def main(argv=None):
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("table", help="table1 ... table9, all, or overlap")
+    ap.add_argument("table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)")
     ap.add_argument("--scale", default="cpu", choices=list(SCALES), help="grid size: paper | cpu | mini")
     ap.add_argument("--seeds", type=int, default=0, help="seeds per cell (0 = the scale's default)")
     ap.add_argument("--results", type=Path, default=REPO / "results", help="where the md/json/png go")
@@ -361,20 +423,25 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
     ap.add_argument("--raw", default="", help="raw data root (default $TINYTLM_RAW or ../shared/data)")
+    ap.add_argument("--plan", action="store_true", help="list the cells (cached or to run) and the sequences "
+                    "they would process; runs nothing")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     if args.table == "overlap":
         return overlap(args.cache, args.results)
-    if args.table not in TABLES + ["all"]:
-        raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all or overlap")
+    if args.table not in TABLES + EXTRA + ["all"]:
+        raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")
     seeds = args.seeds or SCALES[args.scale]["seeds"]
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
+    tables = TABLES if args.table == "all" else [args.table]
+    if args.plan:
+        return plan(tables, args.scale, seeds, Runner(args.cache, args.device, args.data, args.raw, plan=True))
     from tinytlm.train import device_name, resolve_device
     args.results.mkdir(parents=True, exist_ok=True)
     runner = Runner(args.cache, args.device, args.data, args.raw)
     summary = {}
-    for t in TABLES if args.table == "all" else [args.table]:
+    for t in tables:
         t0, c0 = time.time(), runner.computed
         print(f"== {TITLES[t]} (scale {args.scale}, {seeds} seeds)", flush=True)
         out = run_table(t, args.scale, seeds, runner)
