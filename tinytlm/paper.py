@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.tasks import TASKS
 from tinytlm.common import REPO, ArgParser, UserError, cli, git_revision, read_json, write_json
 from tinytlm.paper_tables import SCALES, TITLES, grid, plot, plot_overlap
 
 TABLES = [f"table{i}" for i in range(1, 10)]
-N_LABELS = {"agnews": 4, "dbpedia": 14, "val_wiki": 16, "train_wiki": 64}  # labels when a task takes all
+FEWREL_RELATIONS = {"val_wiki": 16, "train_wiki": 64}  # labels when a FewRel task takes all
 EXTRA = ["budget"]  # beyond the paper, not part of "all"
 # fields that do not change what is computed (paths, device, speed switches, logging)
 VOLATILE = ("out", "resume", "device", "compile", "compile_mode", "kernels", "log_every", "interrupt_at", "quiet",
@@ -68,10 +69,12 @@ class Runner:
     def __init__(self, cache: Path, device: str, data: str, raw: str, plan: bool = False):
         self.cache, self.device, self.data, self.raw = Path(cache), device, data, raw
         self.computed, self.cached = 0, 0
-        self.plan = {} if plan else None  # cell dir -> {"cell", "what", "state", "seqs", "model"}
+        # plan mode: cell dir -> {"cell", "what", "state", "seqs" (trained), "eval_seqs" (forward only), "model"}
+        self.plan_cells = {} if plan else None
 
-    def _planned(self, out: Path, cell: str, what: str, state: str, seqs: int, model: str, **result) -> dict:
-        self.plan.setdefault(str(out), {"cell": cell, "what": what, "state": state, "seqs": seqs, "model": model})
+    def _planned(self, out: Path, cell: str, what: str, state: str, model: str, seqs=0, eval_seqs=0, **result):
+        self.plan_cells.setdefault(str(out), {"cell": cell, "what": what, "state": state, "seqs": seqs,
+                                              "eval_seqs": eval_seqs, "model": model})
         return {"acc": float("nan"), **result}
 
     def _log(self, what: str, cached: bool, t0: float, extra: str = ""):
@@ -101,9 +104,16 @@ class Runner:
         ws = f"{cfg.ws:,}" if cfg.ws else "all rows"  # a constructed set with no cap
         what = f"pretrain {cfg.model} {cfg.pretrain_set} W_s {ws} x{cfg.epochs} seed {seed}"
         t0 = time.time()
-        if self.plan is not None:
+        if self.plan_cells is not None:
+            todo = cfg.ws * cfg.epochs or None  # None: an uncapped constructed set, size unknown until built
+            if cfg.pretrain_set != "random" and cfg.ws:
+                what += " (W_s at most)"
             state = "cached" if (out / "done.json").is_file() else "partial" if (out / "ckpt.pt").is_file() else "todo"
-            self._planned(out, "pretrain", what, state, cfg.ws * cfg.epochs, cfg.model)
+            if state == "partial":  # the last step it logged; it resumes from its last checkpoint, near there
+                steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                         if r.get("kind") == "step"] if (out / "metrics.jsonl").is_file() else []
+                todo = todo and max(0, todo - (steps[-1] if steps else 0) * cfg.batch_size)
+            self._planned(out, "pretrain", what, state, cfg.model, todo)
             return out, key
         if (out / "done.json").is_file():
             self._log(what, True, t0)
@@ -137,12 +147,15 @@ class Runner:
         key = key_of({"match": match, "init": pkey})
         out = self.cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if ckpt else 'scratch'}-s{seed}-{key}"
         what, t0 = f"finetune {row['name']} seed {seed}", time.time()
-        if self.plan is not None:
+        if self.plan_cells is not None:
             spec = cfg.spec()
-            n_labels = len(spec.labels) or N_LABELS[spec.task if spec.task != "fewrel" else spec.fewrel_source]
+            n_labels = len(spec.labels) or (len(TASKS[spec.task][2]) if spec.task != "fewrel" else
+                                            FEWREL_RELATIONS[spec.fewrel_source])
             state = "cached" if (out / "result.json").is_file() else "todo"
-            return self._planned(out, "finetune", what, state, spec.train_per_label * n_labels * cfg.epochs,
-                                 row["model"], key=key, seed=seed, dir=out.name)
+            return self._planned(out, "finetune", what, state, row["model"],
+                                 spec.train_per_label * n_labels * cfg.epochs,  # trained
+                                 spec.test_per_label * n_labels * cfg.epochs,  # scored after every epoch
+                                 key=key, seed=seed, dir=out.name)
         if r := self._cached(out, what, t0):
             return r
         init_state = load_checkpoint(ckpt, kind="mlm") if ckpt else None
@@ -164,9 +177,9 @@ class Runner:
         key = key_of(sorted(m["key"] for m in members))
         out = self.cache / "committee" / key
         what, t0 = f"committee {name} seed {members[0]['seed']}", time.time()
-        if self.plan is not None:
+        if self.plan_cells is not None:
             state = "cached" if (out / "result.json").is_file() else "todo"
-            return self._planned(out, "committee", what, state, 0, "", key=key, seed=members[0]["seed"])
+            return self._planned(out, "committee", what, state, "", key=key, seed=members[0]["seed"])
         if r := self._cached(out, what, t0):
             return r
         device = resolve_device(self.device)
@@ -389,27 +402,28 @@ def plan(tables: list, scale: str, seeds: int, runner: Runner) -> dict:
     out, seen = {}, set()
     for t in tables:
         run_table(t, scale, seeds, runner)
-        new = [(d, c) for d, c in runner.plan.items() if d not in seen]
+        new = [(d, c) for d, c in runner.plan_cells.items() if d not in seen]
         seen.update(d for d, _ in new)
         out[t] = [c for _, c in new]
         todo = [c for c in out[t] if c["state"] != "cached"]
         print(f"== {TITLES[t]} (scale {scale}, {seeds} seeds): {len(out[t])} new cells, "
               f"{len(out[t]) - len(todo)} cached, {len(todo)} to run", flush=True)
         for c in todo:
-            n = f"{c['seqs']:,} sequences" if c["seqs"] else "size known once the set is built"
-            print(f"  {c['state']:<7} {c['what']}" + (f": {n}" if c["cell"] != "committee" else ""))
+            n = "" if c["cell"] == "committee" else ": size known once the set is built" if c["seqs"] is None else \
+                f": {c['seqs']:,} sequences" + (f" + {c['eval_seqs']:,} scored" if c["eval_seqs"] else "")
+            print(f"  {c['state']:<7} {c['what']}{n}")
     cells = [c for cs in out.values() for c in cs]
     work = {}
     for c in cells:
         if c["state"] != "cached" and c["seqs"]:
-            k = (c["cell"], c["model"])
-            work[k] = work.get(k, 0) + c["seqs"]
+            for k, n in ((f"{c['cell']} {c['model']}", c["seqs"]), (f"scoring {c['model']}", c["eval_seqs"])):
+                work[k] = work.get(k, 0) + n
+    unknown = any(c["seqs"] is None and c["state"] != "cached" for c in cells)
     print(f"== plan: {len(cells)} cells, {sum(c['state'] == 'cached' for c in cells)} cached; to run: "
-          + ("; ".join(f"{cell} {model} {n:,} sequences" for (cell, model), n in sorted(work.items())) or "nothing")
-          + (" (plus the uncapped constructed sets)" if any(c["cell"] == "pretrain" and not c["seqs"]
-                                                             and c["state"] != "cached" for c in cells) else "")
-          + ". Time = sequences / seq/s (a partial pre-training resumes, so it takes less; "
-          "`python bench/train_throughput.py` measures seq/s)")
+          + ("; ".join(f"{k} {n:,} sequences" for k, n in sorted(work.items()) if n) or "nothing")
+          + (" (plus the uncapped constructed sets)" if unknown else "")
+          + ". Time = trained sequences / training seq/s (`python bench/train_throughput.py`) + scored "
+          "sequences / inference seq/s")
     return out
 
 
@@ -423,11 +437,13 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
     ap.add_argument("--raw", default="", help="raw data root (default $TINYTLM_RAW or ../shared/data)")
-    ap.add_argument("--plan", action="store_true", help="list the cells (cached or to run) and the sequences "
-                    "they would process; runs nothing")
+    ap.add_argument("--plan", action="store_true", help="list the unfinished cells and the sequences they "
+                    "would process, count the cached ones; runs nothing")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     if args.table == "overlap":
+        if args.plan:
+            raise UserError("--plan: overlap computes nothing new (it reads the cache); leave --plan out")
         return overlap(args.cache, args.results)
     if args.table not in TABLES + EXTRA + ["all"]:
         raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")

@@ -240,8 +240,9 @@ def deviations(table: str, scale: str) -> list:
         model = s["model"] + (f" {s['overrides']}" if s["overrides"] else "")
         d.append(f"scale {scale}: model {model} instead of BERT-6; fine-tuning "
                  f"{s['ft_epochs']} epochs at lr {s['ft_lr']} (linear decay over them) instead of 50; "
-                 f"pre-training lr {s['pt_lr']}, epochs = min(50, ceil({s['pt_seqs']} / W_s)) "
-                 f"instead of 50; {s['seeds']} seeds; per-label sizes {s['sizes']}"
+                 f"pre-training lr {s['pt_lr']}, epochs = "
+                 + ("the sweep's (below)" if table == "budget" else f"min(50, ceil({s['pt_seqs']} / W_s))")
+                 + f" instead of 50; {s['seeds']} seeds; per-label sizes {s['sizes']}"
                  if s["pt_seqs"] else f"scale {scale}: a miniature for tests; numbers mean nothing")
     if s["pretrain_seeds"] < s["seeds"]:
         d.append(f"one pre-trained checkpoint per setting (seed 0) is shared by all {s['seeds']} fine-tuning "
