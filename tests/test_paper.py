@@ -117,3 +117,12 @@ def test_budget_shares_table5_rows():
         shared = [r for r in b if r["pretrain"] and r["pretrain"] == t5.get(f"W_s {ws:,}", {}).get("pretrain")]
         assert len(shared) == 1 and shared[0]["finetune"] == t5[f"W_s {ws:,}"]["finetune"]
         assert [r["pretrain"]["epochs"] for r in b[:-1]] == list(SCALES[scale]["budget_epochs"])
+
+
+@pytest.mark.parametrize("scale", list(SCALES))
+def test_committee_members_are_distinct_architectures(scale):
+    """Shrinking the BERT-1 variants for a scale must not turn two of Table 8's five into one model."""
+    rows = [r for r in grid("table8", scale)["rows"] if r["kind"] == "train" and r["model"].startswith("bert1")]
+    archs = {r["model"]: BertConfig.preset(r["model"], **r["overrides"]) for r in rows}
+    assert len(archs) == 5 and len({repr(a) for a in archs.values()}) == 5
+    assert [a.n_head for a in archs.values()] == [8, 12, 24, 12, 12]  # the paper's head counts survive

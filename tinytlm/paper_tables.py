@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinytlm.model import BertConfig
+
 # FewRel val_wiki has 16 relations; the paper's 10-label experiments draw 10 of its 64 train
 # relations, which we do not have at 630/70, so three fixed sets of 10 val_wiki indices stand in.
 VAL_SETS = ("0,1,2,3,4,5,6,7,8,9", "6,7,8,9,10,11,12,13,14,15", "0,2,4,6,8,10,12,13,14,15")
@@ -31,7 +33,7 @@ SCALES = {
     # model: the BERT-6 stand-in; pt_seqs: pre-training sequences per checkpoint (epochs = seqs / W_s,
     # capped at 50); pretrain_seeds: distinct pre-training seeds (fine-tuning seeds beyond reuse seed 0)
     "paper": dict(model="bert6", overrides={}, seeds=5, pretrain_seeds=5, pt_epochs=50, pt_seqs=None,
-                  pt_lr=5.5e-5, ft_epochs=50, ft_lr=None, member_overrides={},
+                  pt_lr=5.5e-5, ft_epochs=50, ft_lr=None, member_hidden=0, member_conv_div=1,
                   sizes={"fewrel10": (630, 70), "fewrel64": (100, 30), "agnews": (1000, 1000),
                          "dbpedia": (96, 100)},
                   ws={"table3": (2000, 5000, 10000, 20000, 40000, 90000), "table5": (2000, 5000, 40000, 90000),
@@ -42,7 +44,7 @@ SCALES = {
     # few hundred steps to leave chance level (a scratch probe: 150 steps at 5e-4 gave 0.51 on AG News),
     # so the per-label train sizes stay near the paper's and the W_s sweep has two points.
     "cpu": dict(model="tiny", overrides={}, seeds=3, pretrain_seeds=1, pt_epochs=50, pt_seqs=24000,
-                pt_lr=5e-4, ft_epochs=4, ft_lr=5e-4, member_overrides={"n_head": 2, "conv_channels": 8},
+                pt_lr=5e-4, ft_epochs=4, ft_lr=5e-4, member_hidden=96, member_conv_div=8,
                 sizes={"fewrel10": (300, 70), "fewrel64": (20, 20), "agnews": (1000, 250), "dbpedia": (96, 100)},
                 ws={"table3": (2000, 8000), "table5": (2000, 8000), "table6": (2000, 8000),
                     "raised": 8000, "raised_db": 8000, "small": 2000, "committee": 2000, "custom_cap": 8000,
@@ -50,7 +52,7 @@ SCALES = {
                 budget_epochs=(3, 12, 24)),  # 3 = Table 5's W_s 8,000 checkpoint (24,000 sequences)
     "mini": dict(model="tiny", overrides={"n_layer": 1, "n_head": 1}, seeds=2, pretrain_seeds=1, pt_epochs=1,
                  pt_seqs=None, pt_lr=5e-4, ft_epochs=1, ft_lr=3e-4,
-                 member_overrides={"n_head": 1, "conv_channels": 4},
+                 member_hidden=24, member_conv_div=16,
                  sizes={"fewrel10": (4, 4), "fewrel64": (2, 2), "agnews": (8, 8), "dbpedia": (4, 4)},
                  ws={"table3": (64, 128), "table5": (64,), "table6": (64, 128), "raised": 128,
                      "raised_db": 128, "small": 64, "committee": 128, "custom_cap": 128, "budget": 64},
@@ -106,6 +108,21 @@ def _pretrain(s, ws, pretrain_set="random", task=None):
         p.update({k: task[k] for k in ("task", "labels", "train_per_label", "test_per_label", "fewrel_source")
                   if k in task})
     return p
+
+
+def _member(s, model: str) -> dict:
+    """BERT-1 member overrides at a reduced scale. The five Table 8 variants differ in heads, conv layers,
+    kernel and channels: all of it is kept (hidden fixed, head_dim = hidden / heads; channels divided), so
+    no two members collapse into one architecture."""
+    if not s["member_hidden"]:
+        return {}
+    p = BertConfig.preset(model)
+    if s["member_hidden"] % p.n_head:
+        raise ValueError(f"member_hidden {s['member_hidden']} is not a multiple of {model}'s {p.n_head} heads")
+    o = {"head_dim": s["member_hidden"] // p.n_head}
+    if p.n_conv:
+        o["conv_channels"] = max(1, p.conv_channels // s["member_conv_div"])
+    return o
 
 
 def _row(name, s, ft, pretrain=None, gap_of="no pre-training", paper=None, model=None, overrides=None, seed_offset=0):
@@ -202,7 +219,7 @@ def grid(table: str, scale: str) -> dict:
             for v, p in zip(BERT1_VARIANTS, paper):
                 names.append(f"{tag}: {v}")
                 rows.append(_row(names[-1], s, ft, _pretrain(s, w["committee"]), None, {"acc": p[j]}, model=v,
-                                 overrides=s["member_overrides"]))
+                                 overrides=_member(s, v)))
             rows.append({"name": f"{tag}: committee", "kind": "committee", "members": names,
                          "reference": f"{tag}: {s['model']} W_s {w['committee']:,}",
                          "paper": {"acc": (0.866, 0.634)[j]}})
@@ -210,12 +227,12 @@ def grid(table: str, scale: str) -> dict:
                              None, {"acc": (0.865, 0.625)[j]}))
     elif table == "table9":
         ft = _task("agnews", s, table)
-        mo = s["member_overrides"]
+        mo = _member(s, "bert1")
         rows = [_row("bert1 (0 CLs, 12 heads) #1", s, ft, model="bert1", overrides=mo, paper={"acc": 0.839}),
                 _row("bert1 (0 CLs, 12 heads) #2", s, ft, model="bert1", overrides=mo, paper={"acc": 0.834},
                      seed_offset=1000),
-                _row("bert1 (1 CL, d 64, 3x3)", s, ft, model="bert1-cl1-d64-3x3-h12", overrides=mo,
-                     paper={"acc": 0.820}),
+                _row("bert1 (1 CL, d 64, 3x3)", s, ft, model="bert1-cl1-d64-3x3-h12",
+                     overrides=_member(s, "bert1-cl1-d64-3x3-h12"), paper={"acc": 0.820}),
                 {"name": "committee", "kind": "committee", "paper": {"acc": 0.868},
                  "reference": f"{s['model']} W_s {w['small']:,}",
                  "members": ["bert1 (0 CLs, 12 heads) #1", "bert1 (0 CLs, 12 heads) #2", "bert1 (1 CL, d 64, 3x3)"]},
@@ -265,8 +282,10 @@ def deviations(table: str, scale: str) -> list:
                  "W_s rows (tinytlm.tokstats), which maximises T_M; the paper's exact token list is not given")
     if table == "table8":
         d.append("the paper does not state Table 8's W_s; we use the same W_s as our BERT-6 reference row")
-    if table in ("table8", "table9") and s["member_overrides"]:
-        d.append(f"BERT-1 members take {s['member_overrides']} on top of their presets to fit the CPU budget")
+    if table in ("table8", "table9") and s["member_hidden"]:
+        d.append(f"BERT-1 members keep the paper's head counts and conv layers and kernels, but every member has "
+                 f"hidden {s['member_hidden']} (head_dim = {s['member_hidden']} / heads; the paper: 64 per head) "
+                 f"and 1/{s['member_conv_div']} of the conv channels, to fit the CPU budget")
     if table in ("table3", "table5", "table6") and scale != "paper":
         d.append(f"W_s values {', '.join(f'{x:,}' for x in s['ws'][table])} instead of the paper's "
                  f"{', '.join(f'{x:,}' for x in SCALES['paper']['ws'][table])}; the paper column shows the "
