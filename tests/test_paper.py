@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tinytlm.common import REPO
@@ -58,6 +59,12 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     assert all(0 <= rows[f"W_s 64 x{e} epochs"]["mlm_acc"] <= 1 for e in (1, 2))
     assert rows["W_s 64 x1 epochs"]["acc"] == gap["acc"]
     assert "not in the paper" in (results / "budget.md").read_text()
+
+    # overlap: the two pre-training lengths at the same W_s are two cells, not one averaged over both
+    cells = main(["overlap", "--cache", str(cache), "--results", str(results)])["cells"]
+    assert sorted((c["ws"], c["pt_epochs"], c["n"]) for c in cells) == [(64, 1, 2), (64, 2, 2)]
+    assert {round(c["gap"], 9) for c in cells} == {round(float(np.mean(rows[f"W_s 64 x{e} epochs"]["gap"])), 9)
+                                                   for e in (1, 2)}
 
 
 def test_committee_mini(shared, tmp_path):

@@ -352,13 +352,16 @@ def overlap(cache: Path, results: Path) -> dict:
     groups = {}
     for r in rs:
         if r.get("arm") == "pretrained" and (r.get("match"), r["seed"]) in scratch and r["token_stats"]:
-            # one cell = task x pre-training set x W_s x architecture x fine-tuning recipe; seeds averaged
+            # one cell = task x pre-training set x W_s x checkpoint settings (epochs, lr, ...) x architecture x
+            # fine-tuning recipe; seeds averaged
             k = (r["task"], r["pretrain"]["pretrain_set"], r["pretrain"]["ws"],
-                 key_of([r["model_config"], r["lr"], r["wd"], r["epochs"], r["n_train"]]))
-            g = groups.setdefault(k, {"gaps": [], "stats": r["token_stats"]})
+                 key_of([r.get("pretrain_key"), r["model_config"], r["lr"], r["wd"], r["epochs"], r["n_train"]]))
+            ep = final_mlm_epoch(r["init"]) if r.get("init") else None
+            g = groups.setdefault(k, {"gaps": [], "stats": r["token_stats"], "pt_epochs": ep and ep["epoch"] + 1,
+                                      "mlm_acc": ep and ep["mlm_acc"]})
             g["gaps"].append(r["acc"] - scratch[(r["match"], r["seed"])])
-    cells = [{"task": k[0], "pretrain_set": k[1], "ws": k[2], "gap": float(np.mean(v["gaps"])), "n": len(v["gaps"]),
-              **v["stats"]} for k, v in groups.items()]
+    cells = [{"task": k[0], "pretrain_set": k[1], "ws": k[2], "pt_epochs": v["pt_epochs"], "mlm_acc": v["mlm_acc"],
+              "gap": float(np.mean(v["gaps"])), "n": len(v["gaps"]), **v["stats"]} for k, v in groups.items()]
     fits = {}
     for x in ("T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10"):
         if len(cells) >= 3:
@@ -369,7 +372,8 @@ def overlap(cache: Path, results: Path) -> dict:
                 fits[x] = {"slope": float(slope), "intercept": float(icpt),
                            "r2": float(1 - res.var() / ys.var()) if ys.var() > 0 else float("nan")}
     lines = ["# Gap vs token statistics (all cached cells)", "",
-             f"{len(cells)} (task, W_s, pre-training set) cells, gaps paired by seed and averaged.", ""]
+             f"{len(cells)} (task, W_s, pre-training set, pre-training length) cells, gaps paired by seed and "
+             "averaged.", ""]
     if len(cells) < 3:
         lines.append(f"Too few cells ({len(cells)}) to fit anything; run more tables first.")
     else:
@@ -381,10 +385,11 @@ def overlap(cache: Path, results: Path) -> dict:
                   "The gap (or every predictor) does not vary across cells: nothing to fit."]
         if len(cells) < 8:
             lines.append(f"Only {len(cells)} cells: treat the R^2 values as anecdotal.")
-    lines += ["", "| task | set | W_s | T_M | occ_overlap | log_freq_overlap | occ_overlap_10 | gap | n |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {c['task']} | {c['pretrain_set']} | {c['ws']:,} | {c['T_M']:,} | {c['occ_overlap']:.4f} | "
-              f"{c['log_freq_overlap']:.3f} | {c['occ_overlap_10']:.4f} | {c['gap']:+.3f} | {c['n']} |" for c in cells]
+    lines += ["", "| task | set | W_s | pt epochs | MLM acc | T_M | occ_overlap | log_freq_overlap | occ_overlap_10 "
+              "| gap | n |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {c['task']} | {c['pretrain_set']} | {c['ws']:,} | {fmt(c['pt_epochs'])} | {fmt(c['mlm_acc'])} "
+              f"| {c['T_M']:,} | {c['occ_overlap']:.4f} | {c['log_freq_overlap']:.3f} | {c['occ_overlap_10']:.4f} "
+              f"| {c['gap']:+.3f} | {c['n']} |" for c in cells]
     if cells and plot_overlap(cells, fits, results / "overlap.png"):
         lines += ["", "![gap vs token statistics](overlap.png)"]
     (results / "overlap.md").write_text("\n".join(lines) + "\n")
