@@ -83,7 +83,7 @@ for stage in "$@"; do
       for t in "${tasks[@]}"; do
         i=$((i + 1)); step "prep_task$i" python data_prep/tasks.py $t --out "$TINYTLM_DATA"
       done
-      git rev-parse --short HEAD > "$TINYTLM_DATA/REVISION" 2>/dev/null
+      echo "$rev" > "$TINYTLM_DATA/REVISION"  # the revision computed above, "+changes" included
       du -sh "$TINYTLM_DATA"
       ;;
     kernels)

@@ -110,9 +110,8 @@ class Runner:
                 what += " (W_s at most)"
             state = "cached" if (out / "done.json").is_file() else "partial" if (out / "ckpt.pt").is_file() else "todo"
             if state == "partial":  # the last step it logged; it resumes from its last checkpoint, near there
-                steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                         if r.get("kind") == "step"] if (out / "metrics.jsonl").is_file() else []
-                todo = todo and max(0, todo - (steps[-1] if steps else 0) * cfg.batch_size)
+                step = last_record(out, "step")
+                todo = todo and max(0, todo - (step["step"] if step else 0) * cfg.batch_size)
             self._planned(out, "pretrain", what, state, cfg.model, todo)
             return out, key
         if (out / "done.json").is_file():
@@ -234,7 +233,7 @@ def summarize(out: dict) -> list:
                "pretrain_set": (row.get("pretrain") or {}).get("pretrain_set")}
         if row.get("pretrain"):
             rec["pt_epochs"] = row["pretrain"].get("epochs")
-            if rs[0].get("init") and (ep := final_mlm_epoch(rs[0]["init"])):
+            if rs[0].get("init") and (ep := last_record(Path(rs[0]["init"]).parent, "epoch")):
                 rec["mlm_acc"] = ep["mlm_acc"]
         st = rs[0].get("token_stats")
         if st:
@@ -325,18 +324,18 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
     write_json(results / f"{t}.json", {"meta": meta, "grid": g, "rows": recs, "cells": out["cells"]})
 
 
-def final_mlm_epoch(init: str):
-    """The last epoch record in a pre-trained checkpoint's metrics.jsonl, or None."""
-    m = Path(init).parent / "metrics.jsonl"
-    ep = [r for r in map(json.loads, m.read_text().splitlines() if m.is_file() else []) if r.get("kind") == "epoch"]
-    return ep[-1] if ep else None
+def last_record(run_dir: Path, kind: str):
+    """The last record of this kind ("step", "epoch") in a run's metrics.jsonl, or None."""
+    m = Path(run_dir) / "metrics.jsonl"
+    rs = [r for r in map(json.loads, m.read_text().splitlines() if m.is_file() else []) if r.get("kind") == kind]
+    return rs[-1] if rs else None
 
 
 def mlm_lines(out: dict) -> list:
     """One line per pre-trained checkpoint a table used: its last epoch record from metrics.jsonl."""
     lines = []
     for init in sorted({c["init"] for rs in out["cells"].values() for c in rs if c.get("init")}):
-        if ep := final_mlm_epoch(init):
+        if ep := last_record(Path(init).parent, "epoch"):
             lines.append(f"| `{Path(init).parent.name}` | {ep['epoch'] + 1} | {ep['step']:,} | {ep['loss']:.3f} | "
                          f"{ep['mlm_acc']:.3f} |")
     return lines
@@ -356,9 +355,11 @@ def overlap(cache: Path, results: Path) -> dict:
             # fine-tuning recipe; seeds averaged
             k = (r["task"], r["pretrain"]["pretrain_set"], r["pretrain"]["ws"],
                  key_of([r.get("pretrain_key"), r["model_config"], r["lr"], r["wd"], r["epochs"], r["n_train"]]))
-            ep = final_mlm_epoch(r["init"]) if r.get("init") else None
-            g = groups.setdefault(k, {"gaps": [], "stats": r["token_stats"], "pt_epochs": ep and ep["epoch"] + 1,
-                                      "mlm_acc": ep and ep["mlm_acc"]})
+            if k not in groups:  # the checkpoint's last epoch, read once per cell (not per seed)
+                ep = last_record(Path(r["init"]).parent, "epoch") if r.get("init") else None
+                groups[k] = {"gaps": [], "stats": r["token_stats"], "pt_epochs": ep and ep["epoch"] + 1,
+                             "mlm_acc": ep and ep["mlm_acc"]}
+            g = groups[k]
             g["gaps"].append(r["acc"] - scratch[(r["match"], r["seed"])])
     cells = [{"task": k[0], "pretrain_set": k[1], "ws": k[2], "pt_epochs": v["pt_epochs"], "mlm_acc": v["mlm_acc"],
               "gap": float(np.mean(v["gaps"])), "n": len(v["gaps"]), **v["stats"]} for k, v in groups.items()]
