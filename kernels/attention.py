@@ -12,6 +12,13 @@ Features: non-causal (BERT), key-padding mask (B, T) with True = real token, att
 with a counter-based Philox stream: the keep decision for element (b, h, q, k) is
 `tl.rand(seed, ((b * H + h) * T + q) * T + k) > p`, replayed identically in the backward and
 exposed by `dropout_mask` so the plain-torch `attention_ref` can use the exact same mask.
+The seed is device-side state: an int64 (1,) tensor on q's device that every kernel tl.loads.
+`attention` draws it with torch.randint from the generator of q's device, only when dropout is
+on, so there is no host sync; torch.compile sees the draw; a CUDA graph replays it, so every
+replay draws new masks (a property only a GPU can check); and restoring the generator state
+(tinytlm.checkpoint.set_rng_state) replays the same masks.
+Under autocast q, k, v are first cast to the autocast dtype, autocast's rule for
+F.scaled_dot_product_attention, so the precision does not depend on the kernel choice.
 
 Limits:
 - head dim D in {16, 32, 64, 128}; any T >= 1 (tails are masked); q, k, v of the same shape
@@ -58,7 +65,7 @@ def _dropout_keep(seed, bh, offs_q, offs_k, T, dropout_p):
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK, O, LSE,
-    seed, dropout_p, qk_scale,
+    SEED, dropout_p, qk_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -84,6 +91,8 @@ def _attn_fwd_kernel(
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # int64, read at run time: a CUDA graph replay sees the new draw
 
     # online-softmax state, base-2 units (qk_scale folds in log2(e)). m starts finite so that a
     # block whose keys are all masked (-inf scores) gives exp2(-inf - m) = 0, never NaN.
@@ -157,7 +166,7 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, MASK, DO, LSE, DELTA, DK, DV,
-    seed, dropout_p, qk_scale, sm_scale,
+    SEED, dropout_p, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -192,6 +201,8 @@ def _attn_bwd_dkdv_kernel(
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
     row_base = bh.to(tl.int64) * T
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
@@ -232,7 +243,7 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, MASK, DO, LSE, DELTA, DQ,
-    seed, dropout_p, qk_scale, sm_scale,
+    SEED, dropout_p, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -264,6 +275,8 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
 
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     for start_n in range(0, T, BLOCK_N):
@@ -295,8 +308,9 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(KEEP, seed, dropout_p, T, BLOCK: tl.constexpr):
+def _dropout_mask_kernel(KEEP, SEED, dropout_p, T, BLOCK: tl.constexpr):
     # KEEP: (B*H, T, T) uint8, contiguous; one program per (BLOCK query rows, batch*head)
+    seed = tl.load(SEED)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_q = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -309,18 +323,19 @@ def _dropout_mask_kernel(KEEP, seed, dropout_p, T, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- launchers
 
-def _tiles(T, D):
-    """(BLOCK_M, BLOCK_N, num_warps). Hard-coded from the Triton fused-attention tutorial's
-    H100 configurations (64 x 64 tiles, 4 warps; a narrower K/V tile at D = 128 to keep the
-    fp32 accumulators in registers), not autotuned here. Small T shrinks the tiles (>= 16,
+def _config(q):
+    """Launch constants shared by the kernels. Tiles hard-coded from the Triton fused-attention
+    tutorial's H100 configurations (64 x 64 tiles, 4 warps; a narrower K/V tile at D = 128 to keep
+    the fp32 accumulators in registers), not autotuned here. Small T shrinks the tiles (>= 16,
     the tl.dot minimum) so short sequences waste less work."""
+    T, D = q.shape[2:]
     cap = max(16, triton.next_power_of_2(T))
-    block_m = min(64, cap)
-    block_n = min(32 if D == 128 else 64, cap)
-    return block_m, block_n, 4
+    upcast = _interpreted()
+    return dict(HEAD_D=D, BLOCK_M=min(64, cap), BLOCK_N=min(32 if D == 128 else 64, cap), UPCAST=upcast,
+                DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32", num_warps=4)
 
 
-def _check_inputs(q, k, v, key_padding_mask, dropout_p):
+def _check_inputs(q, k, v, key_padding_mask, dropout_p, seed):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, T, D), got "
@@ -355,36 +370,34 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p):
         raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and B * H * T * T >= 2**31:
         raise ValueError(f"attention: B*H*T*T = {B * H * T * T} too large for int32 dropout offsets")
+    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
+                              and seed.numel() == 1 and seed.device == q.device):
+        raise ValueError(f"attention: the dropout seed must be an int64 tensor of one element on {q.device}, got "
+                         f"{(seed.dtype, tuple(seed.shape), seed.device) if isinstance(seed, torch.Tensor) else seed}")
 
 
-def _mask_args(key_padding_mask, q):
-    # bool -> uint8 view (no copy): one byte per key, True = real token
+def _pointer_args(key_padding_mask, seed, q):
+    """(mask, its strides, HAS_MASK, seed); q stands in for an absent tensor (never read)."""
+    seed = q if seed is None else seed
     if key_padding_mask is None:
-        return q, 0, 0, False  # dummy pointer, never read
-    m = key_padding_mask.view(torch.uint8)
-    return m, m.stride(0), m.stride(1), True
+        return q, 0, 0, False, seed
+    m = key_padding_mask.view(torch.uint8)  # bool -> uint8 view (no copy): one byte per key
+    return m, m.stride(0), m.stride(1), True, seed
 
 
 def _launch_fwd(q, k, v, key_padding_mask, dropout_p, seed):
-    """Run the forward kernel; returns out (B, H, T, D) in q.dtype and lse (B, H, T) fp32, base 2."""
+    """Run the forward kernel; returns out (B, H, T, D) in q.dtype and lse (B, H, T) fp32, base 2.
+    seed: the int64 (1,) device tensor, or None without dropout."""
     B, H, T, D = q.shape
-    block_m, block_n, num_warps = _tiles(T, D)
+    cfg = _config(q)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    mask, smb, smt, has_mask = _mask_args(key_padding_mask, q)
-    sm_scale = 1.0 / math.sqrt(D)
-    upcast = _interpreted()
-    grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, mask, out, lse,
-        seed, dropout_p, sm_scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt,
-        H, T,
-        HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0,
-        UPCAST=upcast, DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-        num_warps=num_warps,
-    )
+    mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
+    qk_scale = 1.4426950408889634 / math.sqrt(D)  # log2(e) / sqrt(D): the kernel uses exp2
+    _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+        q, k, v, mask, out, lse, seed, dropout_p, qk_scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt, H, T,
+        HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, **cfg)
     return out, lse
 
 
@@ -393,64 +406,62 @@ def _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    block_m, block_n, num_warps = _tiles(T, D)
+    cfg = _config(q)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, block_m), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=block_m)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=cfg["BLOCK_M"])
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    mask, smb, smt, has_mask = _mask_args(key_padding_mask, q)
+    mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
     sm_scale = 1.0 / math.sqrt(D)
-    upcast = _interpreted()
-    common = dict(HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=has_mask,
-                  HAS_DROPOUT=dropout_p > 0, UPCAST=upcast,
-                  DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32",
-                  num_warps=num_warps)
     # fp32 tiles at D = 128 with the default 3-stage pipeline would need ~200 KB of shared
     # memory per program, past the H100's 227 KB once the rest is counted: use fewer stages
-    common["num_stages"] = 1 if (q.element_size() == 4 and D == 128) else 2
+    cfg.update(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0,
+               num_stages=1 if (q.element_size() == 4 and D == 128) else 2)
     args = (seed, dropout_p, sm_scale * 1.4426950408889634, sm_scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, H, T)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
-        q, k, v, mask, do, lse, delta, dk, dv, *args, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, v, mask, do, lse, delta, dq, *args, **common)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H)](
+        q, k, v, mask, do, lse, delta, dk, dv, *args, **cfg)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+        q, k, v, mask, do, lse, delta, dq, *args, **cfg)
     return dq, dk, dv
 
 
-def _new_seed():
-    # drawn from torch's default generator, so torch.manual_seed makes a run reproducible
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def _seed_tensor(seed, device):
+    """The dropout seed as the kernels read it: an int64 (1,) tensor on `device`. None draws a
+    fresh one on the device from its torch generator (no host sync; a CUDA graph replays the
+    draw, inductor replaces it by its own device seeds from the same generator); an int is
+    wrapped; a tensor is used as it is."""
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("tinytlm::attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                      dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, lse, seed_used). seed < 0 draws a fresh seed inside the op, so a compiled graph
-    never has to call .item(); the seed used comes back as a CPU int64 scalar for the backward."""
-    _check_inputs(q, k, v, key_padding_mask, dropout_p)
-    if dropout_p > 0 and seed < 0:
-        seed = _new_seed()
-    out, lse = _launch_fwd(q, k, v, key_padding_mask, dropout_p, max(seed, 0))
-    return out, lse, torch.tensor(max(seed, 0), dtype=torch.int64)
+                      dropout_p: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse). seed: int64 (1,) tensor on q's device when dropout_p > 0 (else None); it is an
+    input rather than drawn in here, so the draw is a visible op for torch.compile and CUDA graphs."""
+    _check_inputs(q, k, v, key_padding_mask, dropout_p, seed)
+    return _launch_fwd(q, k, v, key_padding_mask, dropout_p, seed)
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, dropout_p, seed):
     B, H, T, D = q.shape
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((B, H, T), dtype=torch.float32),
-            torch.empty((), dtype=torch.int64, device="cpu"))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("tinytlm::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], dropout_p: float,
-                      seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, int(seed.item()))
+                      seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed)
 
 
 @_attention_bwd_op.register_fake
@@ -459,14 +470,14 @@ def _(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, dropout_p, _ = inputs
-    out, lse, seed = output
-    ctx.save_for_backward(q, k, v, out, lse, seed)
+    q, k, v, key_padding_mask, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)  # the seed tensor, so the backward replays the masks
     ctx.key_padding_mask = key_padding_mask
     ctx.dropout_p = dropout_p
 
 
-def _backward(ctx, dout, dlse, dseed):
+def _backward(ctx, dout, dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, ctx.key_padding_mask, ctx.dropout_p, seed)
     return dq, dk, dv, None, None, None
@@ -477,20 +488,29 @@ _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None):
     """Fused softmax(q k^T / sqrt(D)) v. q, k, v: (B, H, T, D); key_padding_mask: (B, T) bool,
-    True = real token; dropout on the attention probabilities with probability dropout_p,
-    from `seed` (None: drawn from torch's generator). Returns (B, H, T, D) in q.dtype."""
-    seed = -1 if seed is None else int(seed)
-    out, _, _ = torch.ops.tinytlm.attention_fwd(q, k, v, key_padding_mask, float(dropout_p), seed)
+    True = real token; dropout on the attention probabilities with probability dropout_p, from
+    `seed`: None draws a fresh one on q's device (only when dropout_p > 0), an int or an int64
+    (1,) tensor on q's device fixes it. Returns (B, H, T, D) in q.dtype (the autocast dtype
+    inside an autocast region)."""
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        # autocast's rule for SDPA: floating inputs other than float64 run in the autocast dtype
+        dtype = torch.get_autocast_dtype(dev)
+        q, k, v = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0 else None
+    out, _ = torch.ops.tinytlm.attention_fwd(q, k, v, key_padding_mask, float(dropout_p), seed)
     return out
 
 
 # ----------------------------------------------------------------------------- reference
 
 def dropout_mask(B, H, T, seed, dropout_p, device="cpu"):
-    """The exact keep-mask (B, H, T, T) bool the kernels use for this seed and probability."""
+    """The exact keep-mask (B, H, T, T) bool the kernels use for this seed (an int, or an int64
+    one-element tensor on `device`) and probability."""
     keep = torch.empty((B, H, T, T), dtype=torch.uint8, device=device)
     block = min(64, max(16, triton.next_power_of_2(T)))
-    _dropout_mask_kernel[(triton.cdiv(T, block), B * H)](keep, int(seed), float(dropout_p), T, BLOCK=block)
+    _dropout_mask_kernel[(triton.cdiv(T, block), B * H)](keep, _seed_tensor(seed, device), float(dropout_p), T,
+                                                         BLOCK=block)
     return keep.bool()
 
 

@@ -20,6 +20,10 @@ Two paths:
   GELU stay torch modules, and the conv backward is torch's (torch.nn.grad conv2d_input /
   conv2d_weight on the explicitly padded input).
 
+Under autocast both paths first cast the activations to the autocast dtype (weights follow
+them), as autocast does for F.conv2d, which it cannot do for a custom op: `kernels='triton'`
+then computes in the precision `kernels='torch'` does.
+
 Limits: input channels C_in and output channels C_out <= 128 (one program holds all output
 channels: d is 32 or 64 in the paper); any T, W, kernel size; fp32 / fp16 / bf16 inputs with
 fp32 accumulation (fp32 inputs use IEEE dots, no tf32). Under TRITON_INTERPRET=1 tiles are
@@ -193,9 +197,20 @@ def _conv2d_same_backward(ctx, gy):
 _conv2d_same_op.register_autograd(_conv2d_same_backward, setup_context=_conv2d_same_setup)
 
 
+def _autocast(x):
+    """x in the autocast dtype inside an enabled autocast region of its device, as autocast casts
+    F.conv2d's inputs (any floating dtype but float64); otherwise x unchanged."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
 def conv2d_same(x, weight, bias=None):
-    """NCHW conv2d with 'same' padding: Triton forward, torch backward. Weights are cast to the
-    activation dtype (as autocast would; autograd casts their gradients back); bias None -> zeros."""
+    """NCHW conv2d with 'same' padding: Triton forward, torch backward. x goes to the autocast
+    dtype inside an autocast region; weights are cast to the activation dtype (as autocast would;
+    autograd casts their gradients back); bias None -> zeros."""
+    x = _autocast(x)
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else x.new_zeros(weight.shape[0])
     return _conv2d_same_op(x, weight, bias)
@@ -254,12 +269,13 @@ def fold_stem(stem):
 
 def conv_stem_infer(x, params):
     """Inference stem: x (B, T, H) -> (B, T, H), with params from fold_stem. One fused
-    conv + bias + GELU launch per layer; the last layer also applies the 1x1 projection."""
+    conv + bias + GELU launch per layer; the last layer also applies the 1x1 projection.
+    Computes in x.dtype (the autocast dtype inside an autocast region); params are cast to it."""
     if x.dim() != 3:
         raise ValueError(f"conv_stem_infer: x must be (B, T, H), got {tuple(x.shape)}")
     if len(params) < 2 or params[-1]["weight"].shape[0] != 1 or params[-1]["weight"].shape[2:] != (1, 1):
         raise ValueError("conv_stem_infer: params must be fold_stem output: conv layers then a 1x1 d -> 1 projection")
-    return _conv_stem_infer_op(x, [p["weight"] for p in params], [p["bias"] for p in params])
+    return _conv_stem_infer_op(_autocast(x), [p["weight"] for p in params], [p["bias"] for p in params])
 
 
 @torch.library.custom_op("tinytlm::conv_stem_infer", mutates_args=())

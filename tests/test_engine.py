@@ -149,10 +149,16 @@ def test_bad_input_to_the_scripts(roots, tmp_path):
     assert_one_line_error(run(["train_mlm.py", *small, "--log_every", "0"]), "--log_every")
     assert_one_line_error(run(["train_mlm.py", *small, "--mask_per_row", "-1"]), "--mask_per_row")
     assert_one_line_error(run(["train_cls.py", "--epochs", "0", "--raw", str(raw), "--data", str(data)]), "--epochs")
+    # --kernels triton without the interpreter: a one-line error without CUDA, a normal run with it
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "train_mlm.py", *small, "--kernels", "triton", "--out", str(tmp_path / "t")],
+    cuda = torch.cuda.is_available()
+    r = subprocess.run([sys.executable, "train_mlm.py", *small, "--device", "cuda" if cuda else "cpu",
+                        "--epochs", "1", "--kernels", "triton", "--out", str(tmp_path / "t")],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    if not torch.cuda.is_available():
+    if cuda:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert load_checkpoint(tmp_path / "t", kind="mlm")["step"] >= 1
+    else:
         assert_one_line_error(r, "--kernels triton", "CUDA")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

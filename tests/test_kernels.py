@@ -209,8 +209,47 @@ def test_attention_custom_op_opcheck():
     q, k, v = _qkv(1, 2, 20, 32, torch.float32)
     mask = _padding_mask(1, 20)
     op = torch.ops.tinytlm.attention_fwd.default
-    torch.library.opcheck(op, (q, k, v, mask, 0.0, -1))
-    torch.library.opcheck(op, (q, k, v, None, 0.2, 3))
+    torch.library.opcheck(op, (q, k, v, mask, 0.0, None))
+    torch.library.opcheck(op, (q, k, v, None, 0.2, torch.tensor([3], device=DEVICE)))
+
+
+def test_attention_dropout_seed_stays_on_the_device(monkeypatch):
+    # the seed is an int64 device tensor that the kernels read: an int seed and the same seed as a
+    # tensor give one mask, and neither the forward nor the backward calls .item() (a host sync,
+    # and a value that a CUDA graph would freeze)
+    q, k, v = _qkv(1, 2, 20, 32, torch.float32)
+    seed = torch.tensor([77], device=DEVICE)
+    assert torch.equal(attention(q, k, v, dropout_p=0.3, seed=seed), attention(q, k, v, dropout_p=0.3, seed=77))
+    assert torch.equal(dropout_mask(1, 2, 20, seed, 0.3, DEVICE), dropout_mask(1, 2, 20, 77, 0.3, DEVICE))
+    rng = torch.cuda.get_rng_state if DEVICE == "cuda" else torch.get_rng_state  # q's device's generator
+    before = rng()
+
+    def no_item(t):
+        raise AssertionError("Tensor.item() called: a host sync")
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    for s in (None, 77, seed):
+        _grads(attention(q, k, v, dropout_p=0.3, seed=s), (q, k, v))
+    monkeypatch.undo()
+    drawn = rng()
+    assert not torch.equal(before, drawn)  # seed None drew from the generator of q's device
+    attention(q, k, v)
+    assert torch.equal(rng(), drawn)  # without dropout nothing is drawn: dropout-free runs are unchanged
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+def test_attention_autocast_matches_sdpa(with_mask):
+    # autocast runs SDPA in its dtype (bf16 here) on fp32 inputs: the kernel must compute in it too
+    dtype = torch.bfloat16
+    q, k, v = _qkv(2, 2, 24, 32, torch.float32)
+    mask = _padding_mask(2, 24) if with_mask else None
+    with torch.autocast(DEVICE, dtype=dtype):
+        out = attention(q, k, v, key_padding_mask=mask)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+    assert out.dtype == ref.dtype == dtype
+    assert_close(out, ref, dtype, "out")
+    for name, g, gr in zip("qkv", _grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        assert g.dtype == gr.dtype == torch.float32  # autograd casts the gradients back to the fp32 leaves
+        assert_close(g, gr, dtype, f"d{name}")
 
 
 def _loss(q, k, v, mask):

@@ -1,12 +1,21 @@
-"""The training loop with --kernels triton tracks the torch path (CPU: Triton interpreter)."""
+"""The training loop with --kernels triton tracks the torch path (CPU: Triton interpreter); autocast
+parity of the model's Triton stem and attention; the attention dropout seed as device-side state."""
+import copy
 import json
+import os
 
 import pytest
 
 pytest.importorskip("triton")
-import train_mlm  # noqa: E402
+import torch  # noqa: E402
 
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu",
+import train_mlm  # noqa: E402
+from tinytlm.checkpoint import rng_state, set_rng_state  # noqa: E402
+from tinytlm.model import BertConfig, ConvStem, SelfAttention, set_kernels  # noqa: E402
+
+# CPU: the Triton interpreter (conftest); on a GPU the same tests run natively on CUDA
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
+SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", DEVICE,
          "--ws", "16", "--epochs", "1", "--batch_size", "4", "--log_every", "1", "--lr", "1e-3"]
 
 
@@ -32,27 +41,139 @@ def test_triton_loss_curve_tracks_torch(roots, tmp_path, n_conv):
 @pytest.mark.parametrize("n_conv", [0, 1])
 def test_training_step_with_triton_kernels_has_no_graph_break(n_conv):
     """The Triton kernels are custom ops: torch.compile captures the whole step as one graph."""
-    import torch
     import torch._dynamo
-    from tinytlm.model import BertConfig, BertForMLM, set_kernels
+    from tinytlm.model import BertForMLM
     torch.manual_seed(0)
     m = BertForMLM(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=32, n_conv=n_conv, conv_channels=8))
-    set_kernels(m, "triton")
-    x = torch.randint(1000, 30000, (2, 32))
+    set_kernels(m, "triton").to(DEVICE)
+    x = torch.randint(1000, 30000, (2, 32), device=DEVICE)
     t = torch.full_like(x, -100)
     t[:, 3] = x[:, 3]
-    for mode, grad in (("train", True), ("eval", True), ("eval", False)):  # stem: conv kernels / folded BN
+    # stem: conv kernels / folded BN; under autocast the kernel wrappers' casts must trace too
+    for mode, grad, amp in (("train", True, False), ("eval", True, False), ("eval", False, False),
+                            ("train", True, True), ("eval", False, True)):
         getattr(m, mode)()
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
             exp = torch._dynamo.explain(lambda x, t: m(x, targets=t, per_row=2)[1])(x, t)
         assert exp.graph_break_count == 0, [str(b.reason) for b in exp.break_reasons]
         assert exp.graph_count == 1
 
 
 def test_conv2d_same_custom_op_check():
-    import torch
     from kernels.conv_stem import _conv2d_same_op
-    x = torch.randn(2, 3, 8, 6, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
+    x = torch.randn(2, 3, 8, 6, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.randn(4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(_conv2d_same_op, (x, w, b))
+
+
+# ----------------------------------------------------------------------------- autocast parity
+
+
+def _close(got, ref, what, rel=3e-2):
+    # bf16 tolerance, relative to max |ref| (floored at 0.1): the two paths round differently
+    err = (got.float() - ref.float()).abs().max().item()
+    assert err <= rel * max(ref.float().abs().max().item(), 0.1), f"{what}: max err {err:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_conv_stem_under_autocast_matches_torch(mode):
+    """bf16 autocast runs the torch stem's convs in bf16; the Triton stem must too (train: conv
+    kernels with gradients; eval without autograd: the fused, BN-folded inference op)."""
+    torch.manual_seed(0)
+    stems = [getattr(ConvStem(BertConfig.preset("tiny", n_conv=2, conv_channels=8)), mode)().to(DEVICE)]
+    stems.append(copy.deepcopy(stems[0]))
+    stems[1].kernels = "triton"
+    x = torch.randn(2, 12, 20, device=DEVICE, requires_grad=True)  # (B, T, H): the stem works on any H
+    dout = torch.randn(2, 12, 20, device=DEVICE)
+    outs, grads = [], []
+    for stem in stems:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16), torch.set_grad_enabled(mode == "train"):
+            outs.append(stem(x))
+        if mode == "train":
+            weights = [stem.convs[0].weight, stem.convs[1].weight, stem.proj.weight]
+            grads.append(torch.autograd.grad(outs[-1], [x, *weights], dout))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    _close(outs[1], outs[0], "forward")
+    if mode == "train":
+        for name, g, gr in zip(["x", "convs.0.weight", "convs.1.weight", "proj.weight"], grads[1], grads[0]):
+            assert g.dtype == gr.dtype == torch.float32
+            _close(g, gr, f"d{name}")
+
+
+def test_self_attention_under_autocast_matches_torch():
+    # here q, k, v already come out of the autocast Linear in bf16; the kernel-level check with
+    # fp32 inputs is test_kernels.py::test_attention_autocast_matches_sdpa
+    torch.manual_seed(0)
+    attn = SelfAttention(BertConfig.preset("tiny", n_head=2, head_dim=16, attn_dropout=0.0)).to(DEVICE)
+    x = torch.randn(2, 24, 32, device=DEVICE, requires_grad=True)
+    mask = torch.arange(24, device=DEVICE) < torch.tensor([[24], [15]], device=DEVICE)  # (B, T): row 1 padded
+    dout = torch.randn(2, 24, 32, device=DEVICE)
+    outs, grads = [], []
+    for name in ("torch", "triton"):
+        set_kernels(attn, name)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            outs.append(attn(x, mask))
+        grads.append(torch.autograd.grad(outs[-1], [x, attn.qkv.weight], dout))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    _close(outs[1], outs[0], "forward")
+    for name, g, gr in zip(["x", "qkv.weight"], grads[1], grads[0]):
+        _close(g, gr, f"d{name}")
+
+
+# ----------------------------------------------------------------------------- dropout seed
+
+def _dropout_attention():
+    """A SelfAttention on Triton kernels with attention dropout 0.5, an input x (B, T, H) and its
+    key-padding mask (B, T)."""
+    torch.manual_seed(0)
+    attn = SelfAttention(BertConfig.preset("tiny", n_head=1, head_dim=16, attn_dropout=0.5))
+    x = torch.randn(2, 16, 16, device=DEVICE, requires_grad=True)
+    return set_kernels(attn, "triton").to(DEVICE), x, torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
+
+
+# inductor on CPU imports torch.utils.mkldnn, which warns about its own use of torch.jit
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_attention_dropout_new_masks_each_step_and_replayed_after_restore(compiled):
+    """Each training step draws a new dropout seed from the torch generator of the device, so
+    (a) two steps on the same input differ and (b) restoring the RNG state that a checkpoint saves
+    replays the first step bitwise, output and gradients. That CUDA graph replays draw new masks
+    can only be checked on a GPU: test_cuda_graph_replays_draw_new_dropout_masks."""
+    attn, x, mask = _dropout_attention()
+    dout = torch.randn(x.shape, device=DEVICE)
+    fn = torch.compile(attn, fullgraph=True) if compiled else attn
+    if compiled:
+        # the draw is an op of the graph, on the inputs' device, not hidden inside the kernel op:
+        # so inductor and CUDA graphs own it
+        graph = torch._dynamo.explain(attn)(x, mask).graphs[0].graph
+        draws = [n for n in graph.nodes if n.target is torch.randint]
+        assert len(draws) == 1 and draws[0].kwargs["device"] == x.device, graph
+
+    def step():
+        y = fn(x, mask)
+        return [y, *torch.autograd.grad(y, [x, *attn.parameters()], dout)]
+
+    state = rng_state()
+    first, second = step(), step()
+    assert not torch.equal(first[0], second[0])  # (a) a new mask each step
+    set_rng_state(state)
+    for a, b in zip(first, step()):  # (b) a resumed run replays the same masks
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU and natively compiled kernels")
+def test_cuda_graph_replays_draw_new_dropout_masks():
+    """compile mode reduce-overhead records the step as a CUDA graph: its replays must draw new
+    dropout seeds (a seed read on the host at capture would be frozen into the graph)."""
+    from torch._dynamo.utils import counters
+    attn, x, mask = _dropout_attention()
+    fn = torch.compile(attn, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
+    outs = []
+    with torch.no_grad():
+        for _ in range(5):  # warm-up, recording, then replays
+            torch.compiler.cudagraph_mark_step_begin()
+            outs.append(fn(x, mask).clone())
+    assert not counters["inductor"]["cudagraph_skips"]
+    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))

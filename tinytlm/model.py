@@ -141,7 +141,8 @@ class SelfAttention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         if self.kernels == "triton":
             from kernels.attention import attention  # imported here: Triton is optional
-            y = attention(q, k, v, key_padding_mask, p)  # dropout seed drawn from torch's generator
+            # seed None: a fresh dropout seed drawn on x's device from its torch generator per call
+            y = attention(q, k, v, key_padding_mask, p)
         else:
             mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
