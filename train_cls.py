@@ -14,6 +14,7 @@ test). Outputs in --out (default runs/<name>): config.json, metrics.jsonl, ckpt.
 (a classifier checkpoint ensemble.py reads) and result.json.
 """
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -138,11 +139,16 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
     accs, step = [], 0
     bar = tqdm(range(cfg.epochs), desc=f"finetune {'pre-trained' if init_state else 'scratch'}", unit="epoch",
                disable=cfg.quiet or None)
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    train_s = eval_s = 0.0  # wall time of the training steps and of the scoring, for the records' seq/s
     for epoch in bar:
         order = epoch_order(n, cfg.seed, epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
+        t0 = time.perf_counter()
         for b in range(steps_per_epoch):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, lr)
             rows = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
@@ -155,14 +161,18 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
             opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach().float()
             step += 1
-        logits = predict_logits(model, test.ids, device)
+        loss_sum = loss_sum.item()  # syncs: the training steps are done
+        t1 = time.perf_counter()
+        logits = predict_logits(model, test.ids, device)  # syncs too (.cpu() of the logits)
+        train_s += t1 - t0
+        eval_s += time.perf_counter() - t1
         acc = accuracy(logits, yte)
         accs.append(acc)
-        log.write({"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss_sum.item() / steps_per_epoch,
+        log.write({"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss_sum / steps_per_epoch,
                    "test_acc": acc})
-        bar.set_postfix(loss=f"{loss_sum.item() / steps_per_epoch:.3f}", test_acc=f"{acc:.4f}")
+        bar.set_postfix(loss=f"{loss_sum / steps_per_epoch:.3f}", test_acc=f"{acc:.4f}")
         if not cfg.quiet:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum.item() / steps_per_epoch:.4f}, "
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {loss_sum / steps_per_epoch:.4f}, "
                        f"test acc {acc:.4f}")
 
     test_fp = test.checksum.hex()
@@ -175,6 +185,9 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
         "token_stats": stats, "n_train": n, "n_test": len(test), "seed": cfg.seed, "lr": lr, "wd": wd,
         "epochs": cfg.epochs, "model_config": model_cfg.to_dict(), "params": raw_model.num_params(),
         "device": device_name(device),
+        # wall time per sequence, first epoch (compilation) included
+        "seq_per_s": round(n * cfg.epochs / max(train_s, 1e-9), 1),
+        "eval_seq_per_s": round(len(test) * cfg.epochs / max(eval_s, 1e-9), 1),
     }
     save_checkpoint(out / "ckpt.pt", kind="cls", model=raw_model, optimizer=None, step=step, epoch=cfg.epochs,
                     train_config=config, data={"task_dir": task_dir.name, "spec": asdict(spec)},

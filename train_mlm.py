@@ -49,6 +49,7 @@ class MLMConfig:
     weight_decay: float = 1e-2  # AdamW weight decay
     grad_clip: float = 0.0  # max gradient norm (0 = off; the paper's code does not clip)
     mask_per_row: int = 0  # 0: Bernoulli 15% masking; k > 0: exactly k chosen per row (static shapes)
+    mask_cap: int = 0  # k > 0: Bernoulli 15% masking, at most k chosen per row (static shapes, the paper's masks)
     seed: int = 0  # data order, masks, init and dropout all follow from it
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model
@@ -149,9 +150,11 @@ def validate(cfg: MLMConfig):
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("mask_per_row", "max_steps", "interrupt_at"):
+    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    if cfg.mask_per_row and cfg.mask_cap:
+        raise UserError("--mask_per_row and --mask_cap exclude each other (exact k per row, or Bernoulli capped at k)")
 
 
 def train(cfg: MLMConfig, overrides: dict, resume_state=None):
@@ -191,6 +194,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
         print(f"resuming {resume_state['path']} at step {step} (epoch {step // steps_per_epoch})")
     log = RunLog(out, config, device, resume=bool(resume_state))
     last = min(total, cfg.max_steps) if cfg.max_steps else total
+    slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
     def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
         save_checkpoint(out / "ckpt.pt", kind="mlm", model=raw_model, optimizer=None if step == total else opt,
@@ -205,16 +210,18 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                 sums = torch.zeros(3, device=device)  # loss sum, correct predictions, predictions
                 t0, b_seqs = time.time(), 0
                 for b in range(first, steps_per_epoch):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
                     lr = lr_at(step, total, cfg.lr)
                     for g in opt.param_groups:
                         g["lr"] = lr
                     x = get_batch(ids, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device)
                     inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
                                                   mask_id=sp["mask"], special_ids=tuple(sp.values()),
-                                                  per_row=cfg.mask_per_row)
+                                                  per_row=cfg.mask_per_row, cap=cfg.mask_cap)
                     with autocast(device):  # the key-padding mask comes from the original ids, as in HF
                         logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
-                                             per_row=cfg.mask_per_row)
+                                             per_row=slots)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     loss.backward()
@@ -225,7 +232,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                     step += 1
                     b_seqs += len(x)
                     with torch.no_grad():  # accumulate on the device; synced only when logging
-                        y = mlm_targets(targets, cfg.mask_per_row)
+                        y = mlm_targets(targets, slots)
                         valid = y != -100
                         n_valid = valid.sum()
                         sums += torch.stack([loss.detach().float() * n_valid, ((logits.argmax(-1) == y) & valid).sum(),

@@ -306,3 +306,26 @@ def test_tokstats_without_pretraining_needs_no_wikipedia(tmp_path, shared):
              "--train-per-label", "5", "--test-per-label", "5"])
     assert r.returncode == 0, r.stderr
     assert "T_W 0 " in r.stdout and not (tmp_path / "d" / "wikipedia").exists()
+
+
+def test_masking_cap_keeps_the_bernoulli_masks():
+    """cap=k: rows with <= k chosen get exactly the uncapped Bernoulli masks; rows with more keep their k
+    lowest draws; specials are never chosen either way."""
+    idx = torch.randint(1000, 30000, (64, 128))
+    idx[:, 0], idx[:, -1] = 101, 102
+    idx[:4, 100:] = 0  # a few padded rows
+    kw = dict(vocab_size=30522, mask_id=103, special_ids=(0, 101, 102))
+    free_in, free_t = mask_tokens(idx, mask_generator("cpu", 1, 2), **kw)
+    n_free = (free_t != -100).sum(1)
+    cap = int(n_free.float().median())  # about half of the rows exceed it
+    cap_in, cap_t = mask_tokens(idx, mask_generator("cpu", 1, 2), cap=cap, **kw)
+    n_cap = (cap_t != -100).sum(1)
+    under = n_free <= cap
+    assert under.any() and (~under).any()
+    assert torch.equal(cap_t[under], free_t[under]) and torch.equal(cap_in[under], free_in[under])
+    assert (n_cap[~under] == cap).all()
+    assert ((cap_t != -100) <= (free_t != -100)).all()  # a subset of the uncapped choice
+    assert not (cap_t != -100)[idx == 0].any()
+    # a cap of 32 almost never binds at p = 0.15 (128-token rows: 18.9 expected)
+    _, t32 = mask_tokens(idx, mask_generator("cpu", 1, 2), cap=32, **kw)
+    assert torch.equal(t32, free_t)

@@ -144,13 +144,16 @@ def get_batch(ids: np.ndarray, rows: np.ndarray, device) -> torch.Tensor:
 # masked language modelling
 
 def mask_tokens(idx: torch.Tensor, gen: torch.Generator, *, vocab_size: int, mask_id: int,
-                special_ids, p: float = 0.15, per_row: int = 0):
+                special_ids, p: float = 0.15, per_row: int = 0, cap: int = 0):
     """BERT masking on idx's device: choose p of the non-special tokens, 80% -> [MASK],
     10% -> a random id, 10% unchanged. Returns (inputs, targets) with targets = original id
     at the chosen positions and -100 elsewhere.
 
     per_row > 0 chooses exactly min(per_row, candidates) tokens in each row instead of a
     Bernoulli draw, so full rows always give the same number of predictions (static shapes).
+    cap > 0 keeps the Bernoulli draw but at most `cap` chosen per row (the lowest draws): the
+    sparse head then fits `cap` static slots per row (CUDA graphs) and the masks are the
+    uncapped ones in every row with <= cap chosen (same random numbers are drawn).
     """
     B, T = idx.shape
     special = torch.zeros_like(idx, dtype=torch.bool)
@@ -163,6 +166,9 @@ def mask_tokens(idx: torch.Tensor, gen: torch.Generator, *, vocab_size: int, mas
         chosen = torch.zeros_like(special).scatter_(1, lowest, True) & ~special
     else:
         chosen = (u < p) & ~special
+        if cap and cap < T:  # keep the `cap` lowest draws among the chosen
+            lowest = u.masked_fill(~chosen, 2.0).topk(cap, dim=1, largest=False).indices  # (B, cap)
+            chosen &= torch.zeros_like(chosen).scatter_(1, lowest, True)
     action = torch.rand((B, T), generator=gen, device=idx.device)  # (B, T)
     random_ids = torch.randint(0, vocab_size, (B, T), generator=gen, device=idx.device)
     inputs = torch.where(chosen & (action < 0.8), torch.full_like(idx, mask_id), idx)
