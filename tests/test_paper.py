@@ -8,7 +8,8 @@ import pytest
 
 from tinytlm.common import REPO
 from tinytlm.model import BertConfig
-from tinytlm.paper import EXTRA, TABLES, main, summarize
+from tinytlm.paper import EXTRA, TABLES, main
+from tinytlm.paper_report import summarize
 from tinytlm.paper_tables import SCALES, grid
 
 
@@ -24,11 +25,11 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     first = main(argv)["table5"]
     # 1 pre-training (shared by both seeds at mini) + 2 rows x 2 seeds of fine-tuning
     assert first["computed"] == 5
-    md = (results / "table5.md").read_text()
+    md = (results / "mini" / "table5.md").read_text()
     assert "Scale **mini**" in md and "python -m tinytlm.paper table5" in md
     assert "acc 0.840" in md and "T_M 17,072" in md  # the paper's no-pre-training row beside ours
     assert "not reproduced" in md  # the DistilBERT row
-    data = json.loads((results / "table5.json").read_text())
+    data = json.loads((results / "mini" / "table5.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
     assert rows["no pre-training"]["n"] == 2 and rows["no pre-training"]["T_W"] == 0
     gap = rows["W_s 64"]
@@ -45,9 +46,14 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")} == stamps
     assert [r["acc"] for r in second["rows"]] == [r["acc"] for r in first["rows"]]
 
-    # an interrupted table: one fine-tuning cell lost -> exactly that cell is recomputed
+    # every computed cell left a record: the cache alone lost -> nothing recomputed, the report is the same
+    records = sorted((results / "cells" / "mini").glob("*.json"))
+    assert [p.stem for p in records] == sorted(p.parent.name for p in stamps)
     lost = sorted(stamps)[0]
     lost.unlink()
+    assert main(argv)["table5"]["computed"] == 0 and not lost.is_file()
+    # an interrupted table: a cell lost from the cache and the records -> exactly that cell is recomputed
+    (results / "cells" / "mini" / f"{lost.parent.name}.json").unlink()
     assert main(argv)["table5"]["computed"] == 1 and lost.is_file()
 
     # the budget sweep reuses Table 5's 1-epoch checkpoint, its fine-tunings and the scratch arm through the
@@ -58,13 +64,53 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     assert [rows[f"W_s 64 x{e} epochs"]["pt_epochs"] for e in (1, 2)] == [1, 2]
     assert all(0 <= rows[f"W_s 64 x{e} epochs"]["mlm_acc"] <= 1 for e in (1, 2))
     assert rows["W_s 64 x1 epochs"]["acc"] == gap["acc"]
-    assert "not in the paper" in (results / "budget.md").read_text()
+    assert "not in the paper" in (results / "mini" / "budget.md").read_text()
 
     # overlap: the two pre-training lengths at the same W_s are two cells, not one averaged over both
-    cells = main(["overlap", "--cache", str(cache), "--results", str(results)])["cells"]
+    cells = main(["overlap", "--scale", "mini", "--cache", str(cache), "--results", str(results)])["cells"]
     assert sorted((c["ws"], c["pt_epochs"], c["n"]) for c in cells) == [(64, 1, 2), (64, 2, 2)]
     assert {round(c["gap"], 9) for c in cells} == {round(float(np.mean(rows[f"W_s 64 x{e} epochs"]["gap"])), 9)
                                                    for e in (1, 2)}
+
+
+def test_records_from_two_runs_merge_into_one_report(shared, tmp_path):
+    """Two machines each run one seed of Table 5 (mini); their records, put together, make one report with
+    both seeds, paired gaps and each number's device, built without any cache and the same on every rebuild."""
+    base = ["table5", "--scale", "mini", "--device", "cpu"]
+    main(base + ["--seeds", "1", "--results", str(tmp_path / "a"), "--cache", str(tmp_path / "ca")])
+    merged = tmp_path / "merged" / "cells" / "mini"
+    merged.mkdir(parents=True)
+    for p in (tmp_path / "a" / "cells" / "mini").glob("*.json"):  # machine A: rename its device
+        r = json.loads(p.read_text())
+        (merged / p.name).write_text(json.dumps({**r, "device": "GPU A", "date": "2026-12-01 10:00 UTC"}))
+    # machine B has A's records (they travel with the work tree): it computes only seed 1
+    b = tmp_path / "b"
+    (b / "cells").mkdir(parents=True)
+    import shutil
+    shutil.copytree(merged, b / "cells" / "mini")
+    second = main(base + ["--seeds", "2", "--results", str(b), "--cache", str(tmp_path / "cb")])["table5"]
+    assert second["computed"] == 3  # seed 1: its pre-training, and the two rows' fine-tunings
+    for p in (b / "cells" / "mini").glob("*.json"):
+        if not (merged / p.name).exists():
+            shutil.copy(p, merged / p.name)
+    assert len(list(merged.iterdir())) == 4
+
+    argv = base + ["--seeds", "2", "--results", str(tmp_path / "merged"), "--cache", str(tmp_path / "empty"), "--report"]
+    rows = {r["name"]: r for r in main(argv)["table5"]["rows"]}
+    assert not (tmp_path / "empty").exists()  # report mode computes nothing
+    assert rows["W_s 64"]["n"] == 2 and rows["W_s 64"]["gap_n"] == 2 and rows["no pre-training"]["n"] == 2
+    assert rows["W_s 64"]["devices"] == sorted(["GPU A", rows["W_s 64"]["devices"][1]])
+    assert rows["W_s 64"]["acc"][0] == second["rows"][0]["acc"][0]  # seed 0 is machine A's number
+    md = (tmp_path / "merged" / "mini" / "table5.md").read_text()
+    assert "GPU A" in md and "2026-12-01 10:00 UTC" in md and "4 of 4 cells" in md
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged" / "mini").iterdir()}
+    main(argv)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged" / "mini").iterdir()} == before
+
+    # a report of a table with nothing recorded says so and computes nothing
+    rows = main(["budget", *argv[1:]])["budget"]["rows"]
+    assert [r["n"] for r in rows if r["name"] != "W_s 64 x1 epochs"] == [0, 2]
+    assert "not run yet" in (tmp_path / "merged" / "mini" / "budget.md").read_text()
 
 
 def test_committee_mini(shared, tmp_path):
@@ -79,10 +125,15 @@ def test_committee_mini(shared, tmp_path):
 def test_summarize_std_and_missing_gap():
     grid = {"rows": [{"name": "pt", "kind": "train", "pretrain": {"ws": 10}, "gap_of": "s", "paper": {}},
                      {"name": "s", "kind": "train", "pretrain": None, "gap_of": None, "paper": {}}]}
-    cells = {"pt": [{"acc": 0.6}, {"acc": 0.8}], "s": [{"acc": 0.5}, {"acc": 0.5}]}
+    cells = {"pt": [{"acc": 0.6, "trial": 0}, {"acc": 0.8, "trial": 1}],
+             "s": [{"acc": 0.5, "trial": 0}, {"acc": 0.5, "trial": 1}]}
     pt, s = summarize({"grid": grid, "cells": cells})
     assert abs(pt["gap_mean"] - 0.2) < 1e-12 and abs(pt["acc_std"] - 0.1414213) < 1e-6
     assert "gap_mean" not in s
+    # a trial missing on one side drops out of the gap, not out of the row's accuracy
+    cells["s"] = [{"acc": 0.4, "trial": 1}]
+    pt, s = summarize({"grid": grid, "cells": cells})
+    assert pt["gap"] == [pytest.approx(0.4)] and pt["gap_n"] == 1 and pt["n"] == 2 and s["n"] == 1
 
 
 def test_bad_table_is_one_line_error():

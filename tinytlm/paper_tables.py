@@ -39,7 +39,7 @@ SCALES = {
                   ws={"table3": (2000, 5000, 10000, 20000, 40000, 90000), "table5": (2000, 5000, 40000, 90000),
                       "table6": (5000, 10000, 20000, 90000), "raised": 40000, "raised_db": 20000,
                       "small": 5000, "committee": 40000, "custom_cap": 0, "budget": 40000},
-                  budget_epochs=(2, 10, 50)),
+                  budget_epochs=(2, 10, 50), pt_mask_cap=32),
     # cpu: tiny runs at 20-250 seq/s on the shared 2-core machine depending on load. Fine-tuning needs a
     # few hundred steps to leave chance level (a scratch probe: 150 steps at 5e-4 gave 0.51 on AG News),
     # so the per-label train sizes stay near the paper's and the W_s sweep has two points.
@@ -49,14 +49,14 @@ SCALES = {
                 ws={"table3": (2000, 8000), "table5": (2000, 8000), "table6": (2000, 8000),
                     "raised": 8000, "raised_db": 8000, "small": 2000, "committee": 2000, "custom_cap": 8000,
                     "budget": 8000},
-                budget_epochs=(3, 12, 24)),  # 3 = Table 5's W_s 8,000 checkpoint (24,000 sequences)
+                budget_epochs=(3, 12, 24), pt_mask_cap=0),  # 3 = Table 5's W_s 8,000 checkpoint (24,000 seqs)
     "mini": dict(model="tiny", overrides={"n_layer": 1, "n_head": 1}, seeds=2, pretrain_seeds=1, pt_epochs=1,
                  pt_seqs=None, pt_lr=5e-4, ft_epochs=1, ft_lr=3e-4,
                  member_hidden=24, member_conv_div=16,
                  sizes={"fewrel10": (4, 4), "fewrel64": (2, 2), "agnews": (8, 8), "dbpedia": (4, 4)},
                  ws={"table3": (64, 128), "table5": (64,), "table6": (64, 128), "raised": 128,
                      "raised_db": 128, "small": 64, "committee": 128, "custom_cap": 128, "budget": 64},
-                 budget_epochs=(1, 2)),
+                 budget_epochs=(1, 2), pt_mask_cap=0),
 }
 
 # the paper's fine-tuning (lr, weight decay) per table (PAPER.md, last paragraph)
@@ -104,6 +104,8 @@ def _pretrain(s, ws, pretrain_set="random", task=None):
     if s["pt_seqs"]:
         epochs = max(1, min(epochs, math.ceil(s["pt_seqs"] / max(ws, 1))))
     p = {"pretrain_set": pretrain_set, "ws": ws, "epochs": epochs, "lr": s["pt_lr"]}
+    if s["pt_mask_cap"]:  # static sparse-head shapes (CUDA graphs); the masks are the paper's but in rare rows
+        p["mask_cap"] = s["pt_mask_cap"]
     if task:
         p.update({k: task[k] for k in ("task", "labels", "train_per_label", "test_per_label", "fewrel_source")
                   if k in task})
@@ -261,6 +263,11 @@ def deviations(table: str, scale: str) -> list:
                  + ("the sweep's (below)" if table == "budget" else f"min(50, ceil({s['pt_seqs']} / W_s))")
                  + f" instead of 50; {s['seeds']} seeds; per-label sizes {s['sizes']}"
                  if s["pt_seqs"] else f"scale {scale}: a miniature for tests; numbers mean nothing")
+    if s["pt_mask_cap"]:
+        d.append(f"MLM masks: the paper's Bernoulli 15% draw, but at most {s['pt_mask_cap']} masked tokens per row "
+                 "(the lowest draws are kept), so the sparse MLM head has static shapes for CUDA graphs; a full "
+                 "128-token row (126 candidates) exceeds 32 with probability 8e-4, every other row gets exactly "
+                 "the uncapped mask")
     if s["pretrain_seeds"] < s["seeds"]:
         d.append(f"one pre-trained checkpoint per setting (seed 0) is shared by all {s['seeds']} fine-tuning "
                  f"seeds, so the spread covers fine-tuning only")

@@ -1,0 +1,285 @@
+"""The cells of the paper runner: one pre-training, one fine-tuning or one committee evaluation each.
+
+A cell is found, in this order, in
+- the records: results/cells/<scale>/<name>.json, small committed JSON files (one per finished
+  fine-tuning or committee cell, with its configuration, data, device, date, git revision, speed,
+  accuracy per epoch and the MLM metrics of its checkpoint). They travel between machines, so the
+  cells of several GPU runs add up to one table;
+- the local cache (--cache, default runs/paper/): mlm/<name>-<hash>/ (a checkpoint, keyed by its
+  resolved train_mlm config and shared by every table and task that needs it; an unfinished one is
+  resumed exactly), cls/<name>-<hash>/result.json, committee/<hash>/result.json;
+and only then computed (mode "run"), listed (mode "plan": nothing runs) or reported missing (mode
+"report": nothing runs). A finished cell is never recomputed. Records are written for every cell
+computed, so the cache can be deleted without losing a table.
+"""
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from data_prep.tasks import TASKS
+from tinytlm.common import UserError, git_revision, read_json, write_json
+from tinytlm.paper_tables import SCALES, grid
+
+FEWREL_RELATIONS = {"val_wiki": 16, "train_wiki": 64}  # labels when a FewRel task takes all
+# fields that do not change what is computed (paths, device, speed switches, logging)
+VOLATILE = ("out", "resume", "device", "compile", "compile_mode", "kernels", "log_every", "interrupt_at", "quiet",
+            "data", "raw", "max_steps", "init")
+MODES = ("run", "plan", "report")
+
+
+def key_of(d) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_fields(cfg, explicit) -> dict:
+    """The fields that define a run: those the grid sets, plus any other that differs from its default.
+
+    Leaving out unset defaults keeps every cached key valid when a script gains a new field."""
+    default = type(cfg)()
+    return {k: v for k, v in asdict(cfg).items()
+            if k not in VOLATILE and (k in explicit or v != getattr(default, k))}
+
+
+@contextlib.contextmanager
+def quiet_to(path: Path):
+    """Send a run's own prints and progress bars to path/log.txt; the runner prints one line per cell."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "log.txt", "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+def last_record(run_dir: Path, kind: str):
+    """The last record of this kind ("step", "epoch") in a run's metrics.jsonl, or None."""
+    m = Path(run_dir) / "metrics.jsonl"
+    rs = [r for r in map(json.loads, m.read_text().splitlines() if m.is_file() else []) if r.get("kind") == kind]
+    return rs[-1] if rs else None
+
+
+def mlm_summary(run_dir: Path, seconds=None) -> dict:
+    """What a record keeps of a pre-training: its last epoch's loss and accuracy, steps, speed."""
+    ep, st = last_record(run_dir, "epoch"), last_record(run_dir, "step")
+    head = next(map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()[:1]), {})
+    return {"dir": Path(run_dir).name, "epochs": ep and ep["epoch"] + 1, "steps": ep and ep["step"],
+            "loss": ep and ep["loss"], "mlm_acc": ep and ep["mlm_acc"], "seq_per_s": st and st.get("seq_per_s"),
+            "seconds": seconds, "device": head.get("device"), "path": path_of(head.get("config", {}))}
+
+
+def path_of(cfg: dict) -> dict:
+    """The speed switches a run used (they do not change what is computed, but are worth knowing)."""
+    return {k: cfg.get(k) for k in ("compile", "compile_mode", "kernels")}
+
+
+class Runner:
+    """Runs (mode "run"), lists (mode "plan") or only reads back (mode "report") the cells of a table.
+
+    speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels)."""
+
+    def __init__(self, cache: Path, device: str, data: str, raw: str, mode: str = "run", records: Path = None,
+                 scale: str = "", speed: dict = None):
+        assert mode in MODES, mode
+        self.cache, self.device, self.data, self.raw, self.mode = Path(cache), device, data, raw, mode
+        self.records, self.scale, self.speed = (Path(records) if records else None), scale, dict(speed or {})
+        self.computed, self.cached = 0, 0
+        # plan mode: cell dir -> {"cell", "what", "state", "seqs" (trained), "eval_seqs" (forward only), "model"}
+        self.plan_cells = {}
+
+    def _planned(self, out: Path, cell: str, what: str, state: str, model: str, seqs=0, eval_seqs=0, **result):
+        prev = self.plan_cells.get(str(out))
+        if prev is None or (prev["state"] == "cached" and state != "cached"):  # a committee needs its checkpoint
+            self.plan_cells[str(out)] = {"cell": cell, "what": what, "state": state, "seqs": seqs,
+                                         "eval_seqs": eval_seqs, "model": model}
+        return {"acc": float("nan"), **result}
+
+    def _log(self, what: str, cached: bool, t0: float, extra: str = ""):
+        if cached:
+            self.cached += 1
+        else:
+            self.computed += 1
+        state = "cached" if cached else f"{time.time() - t0:.0f} s"
+        print(f"[{self.computed + self.cached}] {what}: {state}{extra}", flush=True)
+
+    def record_path(self, name: str):
+        return self.records / f"{name}.json" if self.records else None
+
+    def _found(self, out: Path, name: str):
+        """A finished cell's result: its record, else the cache's result.json; or None."""
+        rec = self.record_path(name)
+        for p in ([rec] if rec else []) + [out / "result.json"]:
+            if p.is_file():
+                return read_json(p)
+        return None
+
+    def _write(self, out: Path, name: str, r: dict, kind: str) -> dict:
+        """Stamp a computed result (scale, git, date, torch) and write it to the cache and, unless a record
+        of this cell exists already (e.g. from another machine: kept as it is), to the records."""
+        import torch
+        r = {"kind": kind, "scale": self.scale, **r, "git": git_revision(),
+             "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC", "torch": torch.__version__}
+        write_json(out / "result.json", r)
+        if self.records and not self.record_path(name).is_file():
+            write_json(self.record_path(name), r)
+        return r
+
+    def pretrain(self, row: dict, seed: int) -> tuple:
+        """(checkpoint dir, key) of the row's pre-training at this seed; trains or resumes it when missing
+        (mode "run"), lists it (mode "plan")."""
+        from train_mlm import MLMConfig, train
+        from tinytlm.checkpoint import load_checkpoint
+        cfg = MLMConfig(model=row["model"], seed=seed, device=self.device, data=self.data, raw=self.raw,
+                        **row["pretrain"], **self.speed)
+        key = self._pretrain_key(row, seed)
+        out = self.cache / "mlm" / f"{cfg.run_name()}-{key}"
+        ws = f"{cfg.ws:,}" if cfg.ws else "all rows"  # a constructed set with no cap
+        what = f"pretrain {cfg.model} {cfg.pretrain_set} W_s {ws} x{cfg.epochs} seed {seed}"
+        t0 = time.time()
+        if self.mode != "run":
+            todo = cfg.ws * cfg.epochs or None  # None: an uncapped constructed set, size unknown until built
+            if cfg.pretrain_set != "random" and cfg.ws:
+                what += " (W_s at most)"
+            state = "cached" if (out / "done.json").is_file() else "partial" if (out / "ckpt.pt").is_file() else "todo"
+            if state == "partial":  # the last step it logged; it resumes from its last checkpoint, near there
+                step = last_record(out, "step")
+                todo = todo and max(0, todo - (step["step"] if step else 0) * cfg.batch_size)
+            self._planned(out, "pretrain", what, state, cfg.model, todo)
+            return out, key
+        if (out / "done.json").is_file():
+            self._log(what, True, t0)
+            return out, key
+        state = load_checkpoint(out, kind="mlm") if (out / "ckpt.pt").is_file() else None
+        finished = state is not None and state["optimizer"] is None  # killed between the last save and done.json
+        if not finished:
+            try:
+                with quiet_to(out):
+                    train(replace(cfg, out=str(out)), dict(row["overrides"]), state)
+            except SystemExit:  # train() saved a checkpoint on Ctrl-C and exits 130
+                print(f"{what}: interrupted; the same command resumes it from {out}", file=sys.stderr)
+                raise
+        write_json(out / "done.json", {"key": key, "seconds": time.time() - t0})
+        self._log(what + (" (resumed)" if state is not None and not finished else ""), False, t0)
+        return out, key
+
+    def finetune(self, row: dict, seed: int, pretrain_seed: int, need_ckpt: bool = False) -> dict:
+        """The result of the row's fine-tuning at this seed (run_arm's, plus our key and match); None in
+        report mode when it is missing. need_ckpt: the classifier checkpoint must be in the local cache
+        (a committee reads it), so a record alone does not do."""
+        from train_cls import ClsConfig, run_arm
+        from tinytlm.checkpoint import load_checkpoint
+        seed = seed + row["seed_offset"]
+        f = dict(row["finetune"])
+        cfg = ClsConfig(model=row["model"], seed=seed, device=self.device, data=self.data, raw=self.raw,
+                        quiet=True, **f, **self.speed)
+        base = config_fields(cfg, {"model", "seed", *f})
+        match = key_of({"cls": base, "model": row["model"], "overrides": row["overrides"]})  # same for both arms
+        pkey = self._pretrain_key(row, pretrain_seed) if row["pretrain"] else None
+        key = key_of({"match": match, "init": pkey})
+        out = self.cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if pkey else 'scratch'}-s{seed}-{key}"
+        what, t0 = f"finetune {row['name']} seed {seed}", time.time()
+        found = self._found(out, out.name)
+        if need_ckpt and not (out / "ckpt.pt").is_file():
+            found = None
+        if self.mode == "plan":
+            if not found and row["pretrain"]:
+                self.pretrain(row, pretrain_seed)
+            spec = cfg.spec()
+            n_labels = len(spec.labels) or (len(TASKS[spec.task][2]) if spec.task != "fewrel" else
+                                            FEWREL_RELATIONS[spec.fewrel_source])
+            return self._planned(out, "finetune", what, "cached" if found else "todo", row["model"],
+                                 spec.train_per_label * n_labels * cfg.epochs,  # trained
+                                 spec.test_per_label * n_labels * cfg.epochs,  # scored after every epoch
+                                 key=key, seed=seed, dir=out.name)
+        if found or self.mode == "report":
+            if found:
+                self._log(what, True, t0, f" acc {found['acc']:.4f}")
+            return found
+        ckpt = self.pretrain(row, pretrain_seed)[0] if row["pretrain"] else None
+        init_state = load_checkpoint(ckpt, kind="mlm") if ckpt else None
+        cfg = replace(cfg, init=str(ckpt or ""))
+        with quiet_to(out):
+            r = run_arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out)
+        mlm = mlm_summary(ckpt, read_json(ckpt / "done.json").get("seconds")) if ckpt else None
+        r = {**r, "key": key, "match": match, "pretrain_key": pkey, "row": row["name"], "dir": out.name,
+             "seconds": round(time.time() - t0, 1), "finetune": base, "mlm": mlm, "path": path_of(asdict(cfg))}
+        r = self._write(out, out.name, r, "finetune")
+        self._log(what, False, t0, f" acc {r['acc']:.4f}")
+        return r
+
+    def _pretrain_key(self, row, seed) -> str:
+        """A hash of the resolved train_mlm config (volatile fields left out) and the model overrides."""
+        from train_mlm import MLMConfig
+        cfg = MLMConfig(model=row["model"], seed=seed, **row["pretrain"])
+        return key_of({"mlm": config_fields(cfg, {"model", "seed", *row["pretrain"]}), "overrides": row["overrides"]})
+
+    def committee(self, name: str, members: list, rows: list, seed: int, pseed: int) -> dict:
+        """Soft committee of the members' classifiers (sum of raw logits) on their shared test set.
+        members: the member rows' results at this seed (their keys name the committee); rows: those rows,
+        to train members whose checkpoints are not in the local cache."""
+        key = key_of(sorted(m["key"] for m in members))
+        out, rec = self.cache / "committee" / key, f"committee-{key}"
+        what, t0 = f"committee {name} seed {members[0]['seed']}", time.time()
+        found = self._found(out, rec)
+        if self.mode == "plan":
+            if not found:  # the members' checkpoints must be here: a record alone does not do
+                for row in rows:
+                    self.finetune(row, seed, pseed, need_ckpt=True)
+            return self._planned(out, "committee", what, "cached" if found else "todo", "", key=key,
+                                 seed=members[0]["seed"])
+        if found or self.mode == "report":
+            if found:
+                self._log(what, True, t0, f" acc {found['acc']:.4f}")
+            return found
+        members = [self.finetune(row, seed, pseed, need_ckpt=True) for row in rows]
+        r = {**self._evaluate(name, members), "seed": members[0]["seed"], "key": key}
+        r = self._write(out, rec, r, "committee")
+        self._log(what, False, t0, f" acc {r['acc']:.4f}")
+        return r
+
+    def _evaluate(self, name: str, members: list) -> dict:
+        from data_prep.tasks import TaskSpec, ensure_task, load_task
+        from tinytlm.checkpoint import build_model, load_checkpoint
+        from tinytlm.committee import accuracy, committee_logits, predict_logits
+        from tinytlm.common import default_data_root, default_raw_root
+        from tinytlm.train import device_name, resolve_device
+        device = resolve_device(self.device)
+        states = [load_checkpoint(self.cache / "cls" / m["dir"], kind="cls") for m in members]
+        fingerprints = {s["extra"]["test_fingerprint"] for s in states}
+        if len(fingerprints) != 1:
+            raise UserError(f"committee {name}: members were tested on different test sets")
+        spec = TaskSpec.from_dict(states[0]["extra"]["spec"])
+        _, _, test, yte, _ = load_task(ensure_task(spec, Path(self.raw) if self.raw else default_raw_root(),
+                                                   Path(self.data) if self.data else default_data_root()))
+        if test.checksum.hex() not in fingerprints:
+            raise UserError(f"committee {name}: {test.path} is not the test set the members were scored on")
+        logits = [predict_logits(build_model(s).to(device), test.ids, device) for s in states]
+        return {"acc": accuracy(committee_logits(logits), yte), "members": [m["key"] for m in members],
+                "member_acc": [accuracy(lg, yte) for lg in logits], "device": device_name(device)}
+
+
+def run_table(table: str, scale: str, seeds: int, runner: Runner, only=None) -> dict:
+    """Every cell of a table; returns {'grid', 'cells': {row: [result per seed]}}. Each result carries
+    "trial" (the table's seed index, which pairs a gap's arms and a committee's members); in report
+    mode a missing cell is left out. only: run just these (row name, seed) cells (the GPU scheduler)."""
+    g = grid(table, scale)
+    s = SCALES[scale]
+    rows = {r["name"]: r for r in g["rows"]}
+    cells = {r["name"]: [] for r in g["rows"]}
+    for seed in range(seeds):
+        # fewer pre-training seeds than fine-tuning seeds: later seeds reuse the last checkpoint
+        pseed = min(seed, s["pretrain_seeds"] - 1)
+        by_name = {}
+        for row in g["rows"]:
+            if only is not None and (row["name"], seed) not in only:
+                continue
+            if row["kind"] == "train":
+                r = runner.finetune(row, seed, pseed)
+            else:
+                members = [by_name.get(m) or runner.finetune(rows[m], seed, pseed) for m in row["members"]]
+                r = None if any(m is None for m in members) else \
+                    runner.committee(row["name"], members, [rows[m] for m in row["members"]], seed, pseed)
+            by_name[row["name"]] = r
+            if r is not None:
+                cells[row["name"]].append({**r, "trial": seed})
+    return {"grid": g, "cells": cells}

@@ -1,0 +1,183 @@
+"""Reports of the paper runner: a table's cells summarised per row, written as markdown and JSON.
+
+A report depends on its cells alone (no time of writing, no host paths), so rebuilding it from the
+same records gives the same files, whichever machine or day it is rebuilt on. Each number says which
+device and date produced it (section "Where the numbers come from").
+"""
+from pathlib import Path
+
+import numpy as np
+
+from tinytlm.common import write_json
+from tinytlm.paper_cells import last_record
+
+
+def _stats(xs) -> tuple:
+    xs = np.asarray(xs, float)
+    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def mlm_of(cell: dict):
+    """The pre-trained checkpoint's summary a cell was fine-tuned from: kept in the record (since records
+    travel without checkpoints), else read from the local cache's metrics (cells of older versions)."""
+    if cell.get("mlm"):
+        return cell["mlm"]
+    if cell.get("init") and (ep := last_record(Path(cell["init"]).parent, "epoch")):
+        return {"dir": Path(cell["init"]).parent.name, "epochs": ep["epoch"] + 1, "steps": ep["step"],
+                "loss": ep["loss"], "mlm_acc": ep["mlm_acc"]}
+    return None
+
+
+def summarize(out: dict) -> list:
+    """One record per row: acc and gap as mean, std, n over seeds, token stats, the paper's numbers.
+    Gaps and committee margins pair cells by trial (the table's seed index): a trial missing on either
+    side is left out of the difference."""
+    cells, recs = out["cells"], []
+    trials = {name: {r["trial"]: r["acc"] for r in rs} for name, rs in cells.items()}
+    for row in out["grid"]["rows"]:
+        rs = cells[row["name"]]
+        rec = {"name": row["name"], "kind": row["kind"], "n": len(rs), "acc": [r["acc"] for r in rs],
+               "paper": row["paper"], "ws": (row.get("pretrain") or {}).get("ws", 0),
+               "pretrain_set": (row.get("pretrain") or {}).get("pretrain_set"),
+               "devices": sorted({r.get("device") or "unknown" for r in rs})}
+        if rs:
+            rec["acc_mean"], rec["acc_std"] = _stats(rec["acc"])
+        if row.get("pretrain"):
+            rec["pt_epochs"] = row["pretrain"].get("epochs")
+            if rs and (m := mlm_of(rs[0])) and m.get("mlm_acc") is not None:
+                rec["mlm_acc"] = m["mlm_acc"]
+        st = rs[0].get("token_stats") if rs else None
+        if st:
+            rec.update({k: st[k] for k in ("T_W", "T_C", "T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10")})
+            if row.get("pretrain"):
+                rec["ws"] = rs[0]["pretrain"]["ws"]  # actual rows (a custom set may be smaller than asked)
+        mine = trials[row["name"]]
+        diffs = {}
+        if row.get("gap_of"):
+            other = trials[row["gap_of"]]
+            diffs["gap"] = [mine[t] - other[t] for t in sorted(mine) if t in other]
+        if row["kind"] == "committee":  # per trial: committee minus its best member, and minus the reference
+            both = [t for t in sorted(mine) if all(t in trials[m] for m in row["members"])]
+            diffs["vs_best_member"] = [mine[t] - max(trials[m][t] for m in row["members"]) for t in both]
+            if row.get("reference") in trials:
+                ref = trials[row["reference"]]
+                diffs["vs_reference"] = [mine[t] - ref[t] for t in sorted(mine) if t in ref]
+        for k, d in diffs.items():
+            if d:
+                rec[k] = d
+                rec[k + "_mean"], rec[k + "_std"] = _stats(d)
+                rec[k + "_n"] = len(d)
+        recs.append(rec)
+    return recs
+
+
+def fmt(x, nd=3):
+    if x is None or x == "":
+        return ""
+    if isinstance(x, (int, np.integer)):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def verdict(r: dict) -> str:
+    """A gap is called only when it is at least two standard errors from zero."""
+    k, what = ("gap", "gap") if "gap_mean" in r else ("vs_best_member", "committee - best member")
+    if k + "_mean" not in r or r[k + "_n"] < 2:
+        return ""
+    se = r[k + "_std"] / np.sqrt(r[k + "_n"])
+    if se == 0 or abs(r[k + "_mean"]) < 2 * se:
+        return f"no significant {what}" if k == "gap" else f"{what}: not significant"
+    return f"{what} {'>' if r[k + '_mean'] > 0 else '<'} 0"
+
+
+def _short_device(name: str) -> str:
+    return (name or "unknown").replace("NVIDIA ", "")
+
+
+def path_text(p) -> str:
+    """'eager' or 'compiled (mode)', and the kernels: how a cell was run (speed only)."""
+    if not p:
+        return ""
+    mode = "" if p.get("compile_mode") in (None, "default") else f" ({p['compile_mode']})"
+    return ("compiled" + mode if p.get("compile") else "eager") + f", kernels {p.get('kernels')}"
+
+
+def provenance(out: dict) -> list:
+    """Markdown lines: for every cell, the device, date, git revision, time and speed that produced it."""
+    lines = ["| row | seed | device | date | git | seconds | fine-tuning seq/s | pre-training seq/s | path |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rs in out["cells"].items():
+        for r in rs:
+            m = mlm_of(r) or {}
+            path = path_text(r.get("path"))
+            lines.append(f"| {name} | {r['seed']} | {_short_device(r.get('device'))} | {r.get('date', '')} "
+                         f"| {r.get('git', '')} | {fmt(r.get('seconds'), 0)} | {fmt(r.get('seq_per_s'), 0)} "
+                         f"| {fmt(m.get('seq_per_s'), 0)} | {path} |")
+    return lines
+
+
+def write_report(out: dict, recs: list, results: Path, meta: dict):
+    """results/<scale>/<table>.md and .json (and the plot named in meta) from the cells alone."""
+    g = out["grid"]
+    t = g["table"]
+    cells = [c for rs in out["cells"].values() for c in rs]
+    devices = sorted({_short_device(c.get("device")) for c in cells})
+    dates = sorted(c["date"][:10] for c in cells if c.get("date"))
+    expected = len(g["rows"]) * meta["seeds"]
+    lines = [f"# {g['title']}", "",
+             f"Scale **{g['scale']}**; {len(cells)} of {expected} cells ({meta['seeds']} seeds x {len(g['rows'])} rows) "
+             f"done, on {', '.join(devices) or 'nothing yet'}"
+             + (f", {dates[0]} to {dates[-1]}" if dates else "") + ".", "",
+             f"Command: `{meta['command']}` (cells come from the records in results/cells/{g['scale']}/ and the "
+             "local cache; this command rebuilds the report and runs what is missing)", "",
+             "Ours: final-epoch test accuracy, mean ± std over n seeds; gap = pre-trained minus not pre-trained, "
+             "paired by seed. 'no significant gap' = within two standard errors of zero.", "",
+             "| row | W_s | T_W | T_M | acc (ours) | gap or committee margin (ours) | n | verdict | device | paper |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in recs:
+        gap = [f"{r['gap_mean']:+.3f} ± {r['gap_std']:.3f}"] if "gap_mean" in r else []
+        gap += [f"{label} {r[k + '_mean']:+.3f} ± {r[k + '_std']:.3f}"
+                for k, label in (("vs_best_member", "vs best member"), ("vs_reference", "vs reference"))
+                if k + "_mean" in r]
+        ws = "" if r["kind"] == "committee" else fmt(r["ws"]) if r["ws"] else "0"
+        paper = ", ".join(f"{k} {fmt(v)}" for k, v in r["paper"].items())
+        acc = f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}" if r["n"] else "not run yet"
+        lines.append(f"| {r['name']} | {ws} | {fmt(r.get('T_W'))} | {fmt(r.get('T_M'))} | {acc} | {'; '.join(gap)} "
+                     f"| {r['n']} | {verdict(r)} | {', '.join(map(_short_device, r['devices']))} | {paper} |")
+    for r in g["not_reproduced"]:
+        lines.append(f"| {r['name']} | | | | not reproduced | not reproduced | 0 | | | "
+                     + ", ".join(f"{k} {fmt(v)}" for k, v in r["paper"].items()) + " |")
+    data = sorted({c["task"] for c in cells if "task" in c})
+    pre = sorted({(c["pretrain"]["pretrain_set"], "/".join(Path(c["pretrain"]["shard"]).parts[-2:]))
+                  for c in cells if c.get("pretrain")})
+    lines += ["", "## Data used", ""] + [f"- task `{d}` (data/{d}/meta.json lists the source rows)" for d in data]
+    lines += [f"- pre-training: {k} set, first W_s rows of `{p}`" for k, p in pre]
+    sizes = sorted({(c["task"], c["n_train"], c["n_test"]) for c in cells if "n_train" in c})
+    lines += [f"- `{t}`: {a:,} train rows, {b:,} test rows" for t, a, b in sizes]
+    if pre:
+        lines += ["", "## Pre-trained checkpoints", "", "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc |",
+                  "| --- | --- | --- | --- | --- |"] + mlm_lines(cells)
+    lines += ["", "## Test accuracy per fine-tuning epoch (mean over seeds)", ""]
+    lines += [f"- {name}: " + ", ".join(f"{a:.3f}" for a in np.mean([c["acc_per_epoch"] for c in rs], axis=0))
+              for name, rs in out["cells"].items() if rs and "acc_per_epoch" in rs[0]]
+    lines += ["", "## Deviations from the paper", ""] + [f"- {d}" for d in g["deviations"]]
+    lines += ["", "## Where the numbers come from", ""] + provenance(out)
+    if meta.get("plot"):
+        lines += ["", f"![plot]({meta['plot']})"]
+    elif meta.get("plot_note"):
+        lines += ["", meta["plot_note"]]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{t}.md").write_text("\n".join(lines) + "\n")
+    write_json(results / f"{t}.json", {"meta": meta, "grid": g, "rows": recs, "cells": out["cells"]})
+
+
+def mlm_lines(cells: list) -> list:
+    """One line per pre-trained checkpoint the cells used."""
+    seen = {}
+    for c in cells:
+        if (m := mlm_of(c)) and m.get("epochs"):
+            seen.setdefault(m["dir"], m)
+    return [f"| `{d}` | {m['epochs']} | {m['steps']:,} | {m['loss']:.3f} | {m['mlm_acc']:.3f} |"
+            for d, m in sorted(seen.items())]
