@@ -1,5 +1,5 @@
-"""Helpers shared by bench/train_throughput.py and bench/latency.py: synthetic token batches,
-model FLOPs from a BertConfig, timing with device synchronisation, result files.
+"""Helpers shared by the bench/ scripts: synthetic token batches, model FLOPs from a BertConfig,
+timing with device synchronisation, the MFU peak from bench/probe.py's probe.json, result files.
 
 Nothing here runs work at import. Timings synchronise the device around the timed region
 (CUDA kernels are asynchronous); on CPU `sync` is a no-op.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tinytlm.common import REPO, atomic_path, git_revision
+from tinytlm.common import REPO, UserError, atomic_path, default_data_root, git_revision, read_json
 from tinytlm.model import BertConfig
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103  # bert-base-uncased special ids, as train_mlm.py
@@ -101,9 +101,12 @@ def sync(device) -> None:
 
 
 def mean_step_ms(step, warmup: int, steps: int, device):
-    """Call step(i) warmup times, then `steps` times under one timer. Returns (first call s, mean ms).
+    """Call step(i) warmup times, then `steps` times under one timer.
+    Returns (first call s, all warmup calls s, mean ms of the timed calls).
 
-    The first call is timed on its own: for a compiled model it is the compile time.
+    The first call is timed on its own: for a compiled model it is the compile time. The warmup total
+    also holds any recompile (torch.compile's dynamic=None compiles again, dynamic, when a shape first
+    changes: the Bernoulli-masked sparse head), so warmup s - warmup * mean is the whole compile cost.
     """
     sync(device)
     t0 = time.perf_counter()
@@ -113,11 +116,12 @@ def mean_step_ms(step, warmup: int, steps: int, device):
     for i in range(1, warmup):
         step(i)
     sync(device)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
     sync(device)
-    return first_s, (time.perf_counter() - t0) * 1e3 / steps
+    return first_s, warmup_s, (time.perf_counter() - t0) * 1e3 / steps
 
 
 def latency_ms(fn, warmup: int, n: int, device):
@@ -137,6 +141,27 @@ def latency_ms(fn, warmup: int, n: int, device):
 
 def peak_memory_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def error_note(e: Exception) -> str:
+    """One table-safe line for a failed case: 'FAILED: <type>: <message, 160 chars at most>'."""
+    return f"FAILED: {type(e).__name__}: " + " ".join(str(e).split())[:160].replace("|", "/")
+
+
+def read_peak(probe: str, default: float):
+    """(peak TFLOP/s for MFU, where it came from): probe.json's matmul_tflops (bench/probe.py), else
+    `default`. An unusable probe only warns: a failed probe must not stop a GPU session's benchmark."""
+    if not probe:
+        return default, "--peak_tflops"
+    try:
+        info = read_json(probe, "probe")
+        peak = float(info["matmul_tflops"])
+        if not peak > 0:
+            raise ValueError(f"matmul_tflops {peak}")
+        return peak, f"{probe}: {info.get('matmul', {}).get('label', '')}"
+    except (UserError, KeyError, TypeError, ValueError) as e:
+        print(f"warning: --probe {probe} unusable ({e}); MFU uses --peak_tflops {default:g}", file=sys.stderr)
+        return default, f"--peak_tflops (probe {probe} unusable)"
 
 
 def free_memory(device) -> None:
@@ -167,6 +192,20 @@ def versions() -> dict:
     return out
 
 
+def revision() -> str:
+    """The git revision; on a machine without .git (the GPU machine gets the work tree only), the one
+    bench/gpu_session.sh recorded at prep in $TINYTLM_DATA/REVISION, marked as such; else "unknown"."""
+    rev = git_revision()
+    recorded = default_data_root() / "REVISION"
+    if rev == "unknown" and recorded.is_file():
+        rev = f"{recorded.read_text().strip()} (recorded at prep)"
+    return rev
+
+
+def utc_now() -> str:
+    return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+
+
 def result_path(kind: str, device, out: str, smoke: bool):
     """--out if given; else bench/results/<date>-<device-slug>-<kind>.md; a smoke run writes nothing by default."""
     if out:
@@ -188,7 +227,7 @@ def run_header(device, config: dict) -> list:
     """Lines for the top of a report (and the console): command, git, versions, device, config."""
     v = versions()
     return [f"- command: `PYTHONPATH=. python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; git revision: `{git_revision()}`",
+            f"- date: {utc_now()}; git revision: `{revision()}`",
             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
             f"- device: {device_label(device)}",
             "- config: " + " ".join(f"{k}={val}" for k, val in config.items())]

@@ -1,39 +1,35 @@
 #!/usr/bin/env bash
-# The GPU session, scripted: what to run when the device tool lends a GPU (30 minutes, 10 per call).
+# A GPU session in one command: what to run when the device tool lends a GPU (one H100/H200, ~15 minutes
+# of device time, one command of <= 10 minutes, no network, no ../shared, <= 8 files back).
 #
-#   bash bench/gpu_session.sh prep                  # here, on the CPU machine: gpu_data/ to carry (26 s)
-#   run(command="bash bench/gpu_session.sh kernels bench", carry=["gpu_data"])      # call 1 (GPU)
-#   run(command="bash bench/gpu_session.sh engine", carry=["gpu_data"])             # call 2 (GPU)
-#   run(command="bash bench/gpu_session.sh paper", carry=["gpu_data"])              # call 3 (GPU)
-#   SMOKE=1 bash bench/gpu_session.sh prep kernels bench engine paper              # the flow on a CPU, tiny sizes
+#   bash bench/gpu_session.sh prep       # here, on the CPU machine: gpu_data/ (the shards the cells read)
+#   run(command="bash bench/gpu_session.sh", carry=["gpu_data"], timeout_s=560)   # the GPU: everything
+#   python bench/gpu_import.py PATH/gpu_session.tgz                                # here: file what came back
+#   SMOKE=1 bash bench/gpu_session.sh prep && SMOKE=1 bash bench/gpu_session.sh   # the same flow on a CPU
 #
-# Stages (logs and results go to $WORK, default gpu_out/; every log starts with the time, git revision,
-# torch/triton versions and device; on exit $WORK is packed into $OUT/gpu_session.tgz when $OUT is set,
-# because the device tool returns at most 8 files):
-#   prep     prepare the data the GPU stages read (the GPU machine has no ../shared): Wikipedia's first
-#            200,000 shuffled rows and the task shards of Tables 3, 5, 8 and 9 at the paper's sizes:
-#            61.8 MB measured, which with the ~1.4 MB work tree just fits the 64 MiB a call carries.
-#            Tables 1, 2, 4 and 7 need constructed sets built from all of Wikipedia: not carried.
-#   kernels  the kernel and model tests on the GPU, natively (no TRITON_INTERPRET)
-#   bench    bench/attention.py (T 128; T 512 with dropout), train_throughput.py, latency.py
-#   engine   BERT-6 train_mlm.py --ws 40000 for one epoch (compiled, KERNELS=torch|triton), then
-#            train_cls.py --task agnews (the paper's 50 epochs) from it
-#   paper    paper-scale tables (PAPER_TABLES, default Table 9, Table 5, budget; SEEDS, default 1) until
-#            PAPER_SECONDS (default 540) run out. Cells are cached in runs/paper, which survives only while
-#            the machine stays warm: a cut-off pre-training resumes there, a cut-off fine-tuning restarts.
-# Copy what comes back into bench/results/ and results/ with the device named; never edit the numbers.
+# Stages, in order of value, inside one time budget (GPU_SECONDS, default 500; each stage is timed and
+# logged to $WORK/<stage>.log, its exit code and seconds to $WORK/stages.jsonl):
+#   probe    device, driver, versions, measured bf16 matmul TFLOP/s (the MFU denominator)   <= 30 s
+#   kernels  the Triton kernel tests natively (no TRITON_INTERPRET)                          <= 90 s
+#            a failure sends --kernels_ok false to the benchmark: no Triton path is chosen after it
+#   bench    training throughput, HF BertForMaskedLM (the paper's stack) vs our paths, same process:
+#            bert6 batch 32, bert1 batch 32, bert6 batch 256 -> throughput.json (best path per model)
+#   cells    paper-scale cells in order of value until the budget ends (bench/gpu_cells.py): each one
+#            sized from throughput.json and started only if it will finish; cells already recorded in
+#            results/cells/ (they travel with the work tree) are skipped, new records and the rebuilt
+#            reports go to $WORK/results/
+#   pack     whatever happened: $WORK -> $OUT/gpu_session.tgz (checkpoints and caches left out, <= 16 MiB)
+# Everything after `prep` reads no raw data (TINYTLM_RAW is pointed at nothing, as on the GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || { echo "usage: bash bench/gpu_session.sh STAGE... (prep, kernels, bench, engine, paper)" >&2; exit 2; }
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TINYTLM_DATA="${TINYTLM_DATA:-gpu_data}"
-WORK="${WORK:-gpu_out}"
 SMOKE="${SMOKE:-0}"
-PAPER_CACHE="${PAPER_CACHE:-runs/paper}"
-if [ "$SMOKE" = 1 ]; then
-  PAPER_CACHE="$WORK/cache"  # never mix miniature cells into the real cache
-fi
-mkdir -p "$WORK"
-status=0
+base=gpu; [ "$SMOKE" = 1 ] && base=gpu_smoke  # never mix the miniature's data or outputs with the real ones
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TINYTLM_DATA="${TINYTLM_DATA:-${base}_data}"
+WORK="${WORK:-${base}_out}"
+GPU_SECONDS="${GPU_SECONDS:-500}"
+SEEDS="${SEEDS:-3}"
+scale=paper; [ "$SMOKE" = 1 ] && scale=mini
+tables="table5,table9,table6,table3,table8"; [ "$SMOKE" = 1 ] && tables="table5,table9"
 
 # provenance, computed once: the GPU machine gets the work tree without .git, so prep records the revision
 if rev=$(git rev-parse --short HEAD 2>/dev/null); then
@@ -43,90 +39,92 @@ elif [ -f "$TINYTLM_DATA/REVISION" ]; then
 else
   rev=unknown
 fi
-versions=$(python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, '|',
-torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1)
+
+if [ "${1:-}" = prep ]; then  # CPU side: the data every cell of the scheduled tables reads
+  python bench/gpu_cells.py --prep --scale "$scale" --tables "$tables" --data "$TINYTLM_DATA" || exit
+  echo "$rev" > "$TINYTLM_DATA/REVISION"  # "+changes" included
+  du -sh "$TINYTLM_DATA"
+  exit 0
+fi
+[ $# -eq 0 ] || { echo "usage: bash bench/gpu_session.sh [prep]" >&2; exit 2; }
+[ -d "$TINYTLM_DATA" ] || { echo "error: $TINYTLM_DATA: not prepared; run 'bash bench/gpu_session.sh prep' and carry it" >&2; exit 2; }
+
+rm -rf "$WORK"
+mkdir -p "$WORK/bench" "$WORK/results/cells"
+start=$SECONDS
+left() { echo $((GPU_SECONDS - (SECONDS - start))); }
+export TINYTLM_RAW=/nonexistent  # the GPU machine has no raw data: a file prep missed must fail here too
 
 pack() {
-  if [ -n "${OUT:-}" ] && [ "$OUT" != "$WORK" ]; then
-    tar czf "$OUT/gpu_session.tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
+  [ -n "${OUT:-}" ] || return 0
+  local tgz="$OUT/gpu_session.tgz"
+  tar czf "$tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
+  if [ "$(stat -c %s "$tgz")" -gt $((16 * 1024 * 1024)) ]; then  # the device tool's limit: logs go first
+    find "$WORK" -name '*.log' -size +1M -exec truncate -s 1M {} +
+    tar czf "$tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
   fi
+  echo "packed $tgz ($(stat -c %s "$tgz") bytes) after $((SECONDS - start)) s"
 }
 trap pack EXIT
 
-step() {  # $1 = log name, rest = command; keeps going after a failure and reports it at the end
-  local log="$WORK/$1.log"; shift
-  printf '# %s git %s\n# %s\n$ %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$rev" "$versions" "$*" > "$log"
-  echo "== $* (log: $log)"
-  local t0=$SECONDS
-  "$@" >> "$log" 2>&1
-  local rc=$?
-  echo "# exit $rc after $((SECONDS - t0)) s" >> "$log"
-  if [ $rc -eq 124 ]; then
-    echo "   stopped at the time budget: run the stage again on the warm machine to go on"
-  elif [ $rc -ne 0 ]; then
-    echo "   FAILED (exit $rc): tail of $log"; tail -n 5 "$log"; status=1
+stage() {  # $1 = name, $2 = time cap (s), rest = command; a failure is logged and the run goes on
+  local name=$1 cap=$2; shift 2
+  local log="$WORK/$name.log" t0=$SECONDS rc
+  local budget; budget=$(left)
+  [ "$cap" -gt $((budget - 15)) ] && cap=$((budget - 15))  # keep 15 s to pack
+  if [ "$cap" -lt 5 ]; then
+    printf '{"stage": "%s", "rc": null, "seconds": 0, "status": "not run: time budget spent"}\n' "$name" >> "$WORK/stages.jsonl"
+    echo "== $name: not run, the time budget is spent"; return 1
   fi
+  printf '# %s git %s\n$ %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$rev" "$*" > "$log"
+  echo "== $name (<= $cap s; log $log)"
+  timeout -k 15 -s TERM "$cap" "$@" >> "$log" 2>&1
+  rc=$?
+  local status=ok
+  [ $rc -eq 124 ] && status="stopped at its time cap"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && status="failed"
+  printf '{"stage": "%s", "rc": %d, "seconds": %d, "status": "%s"}\n' "$name" $rc $((SECONDS - t0)) "$status" \
+    >> "$WORK/stages.jsonl"
+  echo "   $status (exit $rc) after $((SECONDS - t0)) s"; [ $rc -eq 0 ] || tail -n 5 "$log"
+  return $rc
 }
 
-noraw=()  # the GPU machine has no raw data: under SMOKE, hide it so that a file prep missed fails here too
-[ "$SMOKE" = 1 ] && noraw=(env TINYTLM_RAW=/nonexistent)
+python - "$WORK/session.json" "$rev" "$GPU_SECONDS" "$SMOKE" "$scale" <<'EOF'
+import json, sys, time, torch
+path, rev, budget, smoke, scale = sys.argv[1:]
+json.dump({"git": rev, "started": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC",
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "gpu_seconds": int(budget), "smoke": smoke == "1", "scale": scale,
+           "command": "bash bench/gpu_session.sh"}, open(path, "w"), indent=2)
+EOF
 
-for stage in "$@"; do
-  case "$stage" in
-    prep)
-      rows=200000; [ "$SMOKE" = 1 ] && rows=2000
-      step prep_wiki python data_prep/wikipedia.py --rows "$rows" --out "$TINYTLM_DATA"
-      tasks=("--task agnews" "--task fewrel --labels 0,1,2,3,4,5,6,7,8,9"
-             "--task fewrel --fewrel-source train_wiki --train-per-label 100 --test-per-label 30")
-      [ "$SMOKE" = 1 ] && tasks=("--task agnews --train-per-label 8 --test-per-label 8")
-      i=0
-      for t in "${tasks[@]}"; do
-        i=$((i + 1)); step "prep_task$i" python data_prep/tasks.py $t --out "$TINYTLM_DATA"
-      done
-      echo "$rev" > "$TINYTLM_DATA/REVISION"  # the revision computed above, "+changes" included
-      du -sh "$TINYTLM_DATA"
-      ;;
-    kernels)
-      interp=0; [ "$SMOKE" = 1 ] && interp=1
-      step kernels env TRITON_INTERPRET=$interp python -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        tests/test_kernels_training.py tests/test_model.py
-      ;;
-    bench)
-      mkdir -p "$WORK/bench/t128" "$WORK/bench/t512"
-      if [ "$SMOKE" = 1 ]; then
-        step bench_train python bench/train_throughput.py --smoke --out "$WORK/bench/train.md"
-        step bench_latency python bench/latency.py --smoke --out "$WORK/bench/latency.md"
-      else  # attention.py names its file by date and device only: one folder per shape
-        step bench_attention python bench/attention.py --out "$WORK/bench/t128"
-        step bench_attention_t512 python bench/attention.py --T 512 --dropout 0.1 --out "$WORK/bench/t512"
-        step bench_train python bench/train_throughput.py --out "$WORK/bench/train.md"
-        step bench_latency python bench/latency.py --out "$WORK/bench/latency.md"
-      fi
-      ;;
-    engine)
-      m=(--model bert6 --ws 40000 --epochs 1 --compile --kernels "${KERNELS:-torch}")
-      c=(--task agnews)
-      if [ "$SMOKE" = 1 ]; then
-        m=(--model tiny --ws 256 --epochs 1)
-        c=(--task agnews --train-per-label 8 --test-per-label 8 --epochs 1)
-      fi
-      rm -rf "$WORK/engine"
-      step engine_mlm "${noraw[@]}" python train_mlm.py "${m[@]}" --out "$WORK/engine/mlm"
-      step engine_cls "${noraw[@]}" python train_cls.py "${c[@]}" --init "$WORK/engine/mlm" \
-        --out "$WORK/engine/cls"
-      ;;
-    paper)  # tables in order until PAPER_SECONDS run out; a finished table writes its report
-      scale=paper; [ "$SMOKE" = 1 ] && scale=mini
-      end=$((SECONDS + ${PAPER_SECONDS:-540}))
-      for t in ${PAPER_TABLES:-table9 table5 budget}; do
-        args=("$t" --scale "$scale" --seeds "${SEEDS:-1}" --cache "$PAPER_CACHE")
-        step "paper_${t}_plan" python -m tinytlm.paper "${args[@]}" --plan
-        left=$((end - SECONDS)); [ $left -gt 10 ] || break
-        step "paper_$t" "${noraw[@]}" timeout -k 20 -s TERM "$left" \
-          python -m tinytlm.paper "${args[@]}" --results "$WORK/results"
-      done
-      ;;
-    *) echo "unknown stage '$stage' (prep, kernels, bench, engine, paper)" >&2; exit 2 ;;
-  esac
-done
-exit $status
+# 1. probe
+probe=(python bench/probe.py --out "$WORK/bench"); [ "$SMOKE" = 1 ] && probe+=(--smoke)
+stage probe 30 "${probe[@]}"
+
+# 2. kernels, natively (the interpreter under SMOKE); a test that fails rules the Triton path out
+interp=0; kt=(tests/test_kernels.py tests/test_kernels_training.py)
+[ "$SMOKE" = 1 ] && { interp=1; kt=(tests/test_kernels.py -k "2x2x7x32 or dropout_seeds or fold_bn"); }
+stage kernels 90 env TRITON_INTERPRET=$interp python -m pytest -o addopts= -m "not slow" -v -p no:cacheprovider "${kt[@]}"
+krc=$?
+passed=$(grep -c ' PASSED' "$WORK/kernels.log"); failed=$(grep -cE ' (FAILED|ERROR)' "$WORK/kernels.log")
+kernels_ok=true
+if [ "$failed" -gt 0 ] || [ "$passed" -eq 0 ] || { [ $krc -ne 0 ] && [ $krc -ne 124 ]; }; then kernels_ok=false; fi
+printf '{"passed": %d, "failed": %d, "rc": %d, "kernels_ok": %s}\n' "$passed" "$failed" $krc $kernels_ok \
+  > "$WORK/kernels.json"
+echo "   kernels: $passed passed, $failed failed -> Triton path $([ $kernels_ok = true ] && echo allowed || echo ruled out)"
+
+# 3. throughput: HF vs our paths, in one process; the fastest path that passed its tests is chosen per model
+tp=(python bench/train_throughput.py --gpu_session --kernels_ok "$kernels_ok" --probe "$WORK/bench/probe.json"
+    --json "$WORK/bench/throughput.json" --out "$WORK/bench/train.md" --time_limit 90)
+[ "$SMOKE" = 1 ] && tp+=(--smoke --time_limit 25)  # a CPU compile takes a minute: HF and eager only
+stage bench 150 "${tp[@]}"
+
+# 4. paper-scale cells until the budget ends (records already committed travel along and are skipped)
+if [ -d "results/cells/$scale" ]; then mkdir -p "$WORK/results/cells" && cp -r "results/cells/$scale" "$WORK/results/cells/"; fi
+cells_budget=$(( $(left) - 25 ))
+stage cells $((cells_budget + 10)) python bench/gpu_cells.py --throughput "$WORK/bench/throughput.json" \
+  --budget "$cells_budget" --scale "$scale" --seeds "$SEEDS" --tables "$tables" --results "$WORK/results" \
+  --cache "$WORK/cache"
+echo "== done in $((SECONDS - start)) s of $GPU_SECONDS"
+exit 0

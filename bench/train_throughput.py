@@ -1,33 +1,57 @@
-"""MLM pre-training throughput and MFU: Hugging Face BERT vs tinytlm (eager, compiled, compiled + Triton).
+"""MLM pre-training throughput and MFU: Hugging Face BERT vs tinytlm's training paths (train_mlm.py flags).
 
     PYTHONPATH=. python bench/train_throughput.py                       # the full table on a GPU
-    PYTHONPATH=. python bench/train_throughput.py --models bert6 --batch 32 --stacks hf,compiled
-    PYTHONPATH=. python bench/train_throughput.py --compile_modes default,max-autotune-no-cudagraphs,reduce-overhead
+    PYTHONPATH=. python bench/train_throughput.py --cases bert6:32,bert1:32 --stacks hf,eager,graphs --json t.json
+    PYTHONPATH=. python bench/train_throughput.py --gpu_session --probe o/probe.json --json o/throughput.json \
+        --out o/train.md --time_limit 90                                # the GPU session's call
     PYTHONPATH=. python bench/train_throughput.py --smoke               # CPU sanity check, not a performance number
 
-One training step = forward, backward, AdamW step, zero_grad, on the same synthetic batches for
-every stack (bench/common.py: token_batch, ids in [1000, 30000), every 4th row padded; masks from
-tinytlm.data.mask_tokens with exactly --per_row chosen tokens per full row, made before timing).
-Stacks:
-  hf        transformers.BertForMaskedLM (config from tinytlm.hf.hf_config, attn_implementation
-            "sdpa"), fp16 autocast + GradScaler, dense MLM head with labels, torch AdamW (foreach):
-            the paper's stack. Models with a conv stem have no HF equivalent (row says n/a).
-  eager     tinytlm BertForMLM, bf16 autocast, fused AdamW, sparse head on B x per_row slots.
-  compiled  the same under torch.compile(dynamic=False), one row per --compile_modes entry.
-  triton    compiled (first mode) + set_kernels(model, "triton"); an error is recorded, not raised.
+One step = forward, backward, AdamW step, zero_grad, on the same synthetic batches for every stack
+(bench/common.py: token_batch, every 4th row padded), masked before timing by tinytlm.data.mask_tokens:
+Bernoulli 15% (train_mlm.py's default masks) for hf, eager, compiled and triton; the same draws capped at
+K = --per_row per row (train_mlm.py --mask_cap K) for the graphs stacks. Stacks, with their train_mlm.py flags:
+  hf             transformers.BertForMaskedLM (hf_config, sdpa), fp16 autocast + GradScaler, dense head with
+                 labels, AdamW foreach: the paper's stack (n/a for a conv stem)
+  eager          BertForMLM, bf16 autocast, fused AdamW, sparse head on the chosen positions (dynamic
+                 shape, one host sync per step)                             (defaults)
+  compiled       + torch.compile via prepare_model (dynamic=None: the second mask count compiles a dynamic
+                 graph in warmup), a row per --compile_modes                --compile [--compile_mode M]
+  triton         compiled (first mode) + Triton kernels                     --compile --kernels triton
+  graphs         torch.compile "reduce-overhead" (CUDA graphs), sparse head on B x K static slots
+                                                                --compile --compile_mode reduce-overhead --mask_cap K
+  graphs+triton  graphs + Triton kernels                                    ... --kernels triton
+On CPU the triton and graphs stacks are "n/a: needs CUDA" (there reduce-overhead is silently plain compile).
+A failing stack is recorded ("failed", its error), never stops the others.
 
-FLOPs per step (bench/common.py: train_flops), forward + backward = 3 x forward:
-  6 * matmul_params * B*T  +  12 * n_layer * T^2 * H * B  +  6 * (H^2 + H*V) * n_masked
-  +  3 * B * sum over stem convs of 2 * kh * kw * c_in * c_out * T * H
-where matmul_params = n_layer * (4 + 2 * ffn_mult) * H^2. The same useful FLOPs for every stack,
-so HF's dense head (all B*T positions) lowers its MFU. MFU = TFLOP/s / --peak_tflops; the default
-790 is the bf16 matmul rate measured on this workplace's H100/H200 (8192^3 on random data,
-769-798 TFLOP/s), not the 989 datasheet figure. Timing: --warmup calls (the first, which compiles,
-is reported on its own), then --steps calls between two torch.cuda.synchronize.
-Writes bench/results/<date>-<device>-train.md (rewritten after every row); --smoke writes only with --out.
+Cases (model, batch) run in order: --cases m:B,... else --models x --batch. --gpu_session: bert6:32 (hf,
+eager, graphs), bert1:32 (eager, graphs), bert6:32 (compiled, graphs+triton, triton), bert1:32
+(graphs+triton), bert6:256 (hf, compiled), warmup 3, steps 10. --kernels_ok false: the triton stacks are "skipped: kernel tests failed".
+--time_limit S: no case starts once S seconds have passed (the first always runs); the rest are
+"skipped: time limit". After a model's first (model, batch) group its inference rate is measured
+(BertForClassification, eval, no_grad, autocast, eager, batch --infer_batch; seconds, not held to the limit).
+
+FLOPs: bench/common.py train_flops, the useful forward + backward FLOPs with the head on the masked tokens
+only (the mean chosen count of the case's batches), the same for every stack (HF's dense head lowers its
+MFU). MFU = TFLOP/s / peak: probe.json's matmul_tflops (--probe, bench/probe.py) else --peak_tflops (790:
+bf16 8192^3 matmul measured on this workplace's H100/H200; datasheet 989). Timing: --warmup calls (the
+first, which compiles, timed alone; warmup_s = all of them, recompiles included), then --steps calls
+between two device synchronizations.
+
+--json FILE, rewritten atomically after every case ("complete" turns true at the end):
+  {"device", "date" (UTC), "git", "versions", "smoke", "complete", "config", "peak_tflops", "peak_source",
+   "cases": [{"model", "B", "stack", "path": {"compile": bool, "compile_mode": str, "kernels": "torch" |
+              "triton", "mask_cap": int} or null (hf), "status": "ok" | "failed" | "skipped" | "n/a", "note",
+              "seq_per_s", "ms_per_step", "mfu" (fraction), "peak_gib", "first_step_s", "warmup_s",
+              "gflop_per_step"}],                                       (numbers null unless "ok")
+   "infer": {"<model>": {"B", "status", "note", "seq_per_s", "ms_per_step"}},
+   "best": {"<model>": {"B", "stack", "path", "seq_per_s", "ms_per_step", "mfu", "first_step_s", "warmup_s",
+                        "infer_seq_per_s"}}}
+best[model]: the fastest ok tinytlm stack (never hf) at the smallest batch that has one. The markdown
+report (--out; default bench/results/<date>-<device>-train.md, none with --smoke) is rewritten likewise.
 """
 import contextlib
 import sys
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,18 +60,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or
 
 import torch  # noqa: E402
 
-from bench.common import (MASK, PAD, CLS, SEP, check_matmul_params, free_memory, markdown_table,  # noqa: E402
-                          mean_step_ms, peak_memory_gib, result_path, run_header, smoke_config, token_batch,
-                          train_flops, write_report)
-from tinytlm.common import ArgParser, UserError, cli  # noqa: E402
+from bench.common import (MASK, PAD, CLS, SEP, check_matmul_params, device_label, error_note,  # noqa: E402
+                          free_memory, markdown_table, mean_step_ms, peak_memory_gib, read_peak, result_path,
+                          revision, run_header, smoke_config, token_batch, train_flops, utc_now, versions,
+                          write_report)
+from tinytlm.common import ArgParser, UserError, cli, write_json  # noqa: E402
 from tinytlm.data import mask_generator, mask_tokens  # noqa: E402
 from tinytlm.hf import hf_config  # noqa: E402
-from tinytlm.model import BertConfig, BertForMLM  # noqa: E402
-from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model, \
-    resolve_device  # noqa: E402
+from tinytlm.model import BertConfig, BertForClassification, BertForMLM  # noqa: E402
+from tinytlm.train import COMPILE_MODES, add_dataclass_args, autocast, dataclass_from_args, make_optimizer, \
+    prepare_model, resolve_device  # noqa: E402
 
-STACKS = ("hf", "eager", "compiled", "triton")
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+STACKS = ("hf", "eager", "compiled", "triton", "graphs", "graphs+triton")
+# priority order: the likely winners of both depths first (a compile costs 20-60 s on a GPU), so a time
+# limit leaves the scheduler a measured rate for bert1 as well as bert6
+GPU_SESSION = (("bert6", 32, "hf,eager,graphs"),
+               ("bert1", 32, "eager,graphs"),
+               ("bert6", 32, "compiled,graphs+triton,triton"),
+               ("bert1", 32, "graphs+triton"),
+               ("bert6", 256, "hf,compiled"))
 
 
 # -----------------------------------------------------------------------------
@@ -57,48 +88,117 @@ COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "ma
 class BenchConfig:
     models: str = "bert6,bert1,bert1-cl2-d64-3x3-h12"  # BertConfig presets, comma-separated
     batch: tuple = (32, 256)  # batch sizes (sequences per step)
+    cases: str = ""  # model:batch pairs in priority order, e.g. bert6:32,bert1:32 (instead of models x batch)
+    gpu_session: bool = False  # the GPU session's preset cases and stacks (see the docstring)
     seq_len: int = 128  # T, tokens per sequence
-    stacks: str = "hf,eager,compiled,triton"  # which of hf, eager, compiled, triton
-    compile_modes: str = "default"  # torch.compile modes for 'compiled', comma-separated
-    per_row: int = 20  # masked tokens per full row; also the static sparse-head slots per row
+    stacks: str = "hf,eager,graphs,compiled,graphs+triton,triton"  # which stacks (see the docstring), in order
+    compile_modes: str = "default"  # torch.compile modes for 'compiled' (one row each); 'triton' uses the first
+    per_row: int = 32  # graphs stacks: masks capped at this many per row = the sparse head's static slots
+    kernels_ok: bool = True  # false: the native kernel tests failed, the triton stacks are skipped
+    time_limit: float = -1.0  # seconds: no case starts after this (the first always runs); < 0: no limit
     warmup: int = 5  # untimed steps (the first one, which compiles, is timed alone)
     steps: int = 20  # timed steps
-    peak_tflops: float = 790.0  # MFU denominator, TFLOP/s (measured bf16 matmul, H100/H200 here)
+    infer_batch: int = 256  # batch of the inference-rate measurement
+    probe: str = ""  # probe.json from bench/probe.py: its matmul_tflops is the MFU peak
+    peak_tflops: float = 790.0  # MFU denominator without --probe, TFLOP/s (measured bf16 matmul, H100/H200 here)
     lr: float = 5.5e-5  # AdamW learning rate (the paper's); weight decay 0.01
     seed: int = 0  # token data and masks
     device: str = "auto"  # auto | cuda | cpu
     smoke: bool = False  # tiny shapes, 2 timed steps: proves the code runs, not a performance number
-    out: str = ""  # result file; default bench/results/<date>-<device>-train.md (none with --smoke)
+    out: str = ""  # markdown report; default bench/results/<date>-<device>-train.md (none with --smoke)
+    json: str = ""  # machine-readable results (see the docstring); none by default
+
+
+def parse_cases(text: str) -> list:
+    """'bert6:32,bert1:32' -> [('bert6', 32), ('bert1', 32)]; unknown presets and bad batches are errors."""
+    out = []
+    for item in text.split(","):
+        model, _, b = item.partition(":")
+        if not b.isdigit() or int(b) < 1:
+            raise UserError(f"--cases: {item!r} is not model:batch (e.g. bert6:32)")
+        BertConfig.preset(model)  # raises on an unknown preset
+        out.append((model, int(b)))
+    return out
 
 
 def parse_config(argv=None) -> BenchConfig:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_dataclass_args(ap, BenchConfig)
     bc = dataclass_from_args(BenchConfig, ap.parse_args(argv))
+    if bc.gpu_session:
+        if bc.cases or bc.stacks != BenchConfig.stacks:
+            raise UserError("--gpu_session sets its own cases and stacks; drop --cases and --stacks")
+        bc.warmup, bc.steps = 3, 10
     if bc.smoke:  # shapes a 2-core CPU runs in seconds; configs shrunk by smoke_config
         bc.batch, bc.seq_len, bc.warmup, bc.steps = (2,), 32, 1, 2
+        bc.per_row, bc.infer_batch = min(bc.per_row, 8), 4
     for s in bc.stacks.split(","):
         if s not in STACKS:
             raise UserError(f"--stacks: unknown stack {s!r}; valid: {', '.join(STACKS)}")
     for m in bc.compile_modes.split(","):
         if m not in COMPILE_MODES:
             raise UserError(f"--compile_modes: unknown mode {m!r}; valid: {', '.join(COMPILE_MODES)}")
-    if not 0 < bc.per_row <= bc.seq_len or bc.warmup < 1 or bc.steps < 1:
-        raise UserError("need 0 < per_row <= seq_len, warmup >= 1, steps >= 1")
+    if bc.cases:
+        parse_cases(bc.cases)
+    if not 0 < bc.per_row <= bc.seq_len or bc.warmup < 1 or bc.steps < 1 or bc.infer_batch < 1:
+        raise UserError("need 0 < per_row <= seq_len, warmup >= 1, steps >= 1, infer_batch >= 1")
     return bc
+
+
+# -----------------------------------------------------------------------------
+# plan: (model, batch, stack, train_mlm.py path) in priority order
+
+def stack_path(stack: str, bc: BenchConfig, mode: str = "default"):
+    """train_mlm.py's settings for a stack (None for hf): compile, compile_mode, kernels, mask_cap."""
+    if stack == "hf":
+        return None
+    graphs = stack.startswith("graphs")
+    mode = "reduce-overhead" if graphs else "default" if stack == "eager" else mode
+    return {"compile": stack != "eager", "compile_mode": mode, "kernels": "triton" if "triton" in stack else "torch",
+            "mask_cap": bc.per_row if graphs else 0}
+
+
+def flags(path) -> str:
+    """The train_mlm.py flags of a path (the report's 'flags' column)."""
+    if path is None:
+        return "(Hugging Face)"
+    mode, cap = path["compile_mode"], path["mask_cap"]
+    f = ["--compile"] * path["compile"] + [f"--compile_mode {mode}"] * (mode != "default")
+    f += ["--kernels triton"] * (path["kernels"] == "triton") + [f"--mask_cap {cap}"] * bool(cap)
+    return " ".join(f) or "(defaults)"
+
+
+def plan(bc: BenchConfig) -> list:
+    """Every case to record, in order: {"model", "B", "stack", "path", "skip": None or the skip note}."""
+    if bc.gpu_session:
+        groups = GPU_SESSION
+    elif bc.cases:
+        groups = [(m, b, bc.stacks) for m, b in parse_cases(bc.cases)]
+    else:
+        groups = [(m, b, bc.stacks) for m in bc.models.split(",") for b in bc.batch]
+    modes, out = bc.compile_modes.split(","), []
+    for model, B, stacks in groups:
+        for s in stacks.split(","):
+            for m in modes if s == "compiled" else modes[:1]:
+                tagged = s in ("compiled", "triton") and m != "default"  # e.g. compiled:max-autotune
+                skip = "skipped: kernel tests failed" if "triton" in s and not bc.kernels_ok else None
+                out.append({"model": model, "B": B, "stack": f"{s}:{m}" if tagged else s,
+                            "path": stack_path(s, bc, m), "skip": skip})
+    return out
 
 
 # -----------------------------------------------------------------------------
 # data
 
-def make_batches(cfg: BertConfig, B: int, bc: BenchConfig, device, n: int = 4) -> list:
-    """n batches of (inputs, attention_mask, targets) on the device, the same for every stack."""
+def make_batches(cfg: BertConfig, B: int, bc: BenchConfig, device, cap: int, n: int = 4) -> list:
+    """n batches of (inputs, attention_mask, targets) on the device. The ids and the random draws are the
+    same for every stack; cap > 0 keeps at most `cap` of the Bernoulli choices per row."""
     gen = torch.Generator().manual_seed(bc.seed * 1000 + B)
     out = []
     for i in range(n):
         x = token_batch(B, bc.seq_len, gen).to(device)
         inputs, targets = mask_tokens(x, mask_generator(device, bc.seed, i), vocab_size=cfg.vocab_size, mask_id=MASK,
-                                      special_ids=(PAD, CLS, SEP), per_row=bc.per_row)
+                                      special_ids=(PAD, CLS, SEP), cap=cap)
         out.append((inputs, (x != PAD).long(), targets))  # (B, T) each
     return out
 
@@ -106,7 +206,7 @@ def make_batches(cfg: BertConfig, B: int, bc: BenchConfig, device, n: int = 4) -
 # -----------------------------------------------------------------------------
 # stacks: each returns (step(i), note)
 
-def hf_stack(cfg, batches, bc, device):
+def hf_stack(cfg, batches, bc, device, path):
     import transformers
     if cfg.n_conv:
         raise NotImplementedError("n/a: a conv stem has no Hugging Face equivalent")
@@ -130,121 +230,197 @@ def hf_stack(cfg, batches, bc, device):
     return step, f"attn {model.config._attn_implementation}, {amp_note}, dense head, AdamW foreach"
 
 
-def tinytlm_stack(cfg, batches, bc, device, kernels="torch", mode=None):
+def tinytlm_stack(cfg, batches, bc, device, path):
+    """train_mlm.py's step for this path: prepare_model (kernels, torch.compile), AdamW, sparse head."""
     model = BertForMLM(cfg)
     check_matmul_params(model)  # the FLOP formula describes this model
-    model = prepare_model(model, device, kernels, compile=False).train()
-    opt = make_optimizer(model, bc.lr, 0.01, device)  # fused AdamW on CUDA
-    if mode is not None:  # dynamic=False: one graph per case, no recompile to a dynamic batch size
-        torch._dynamo.reset()  # else a dozen cases of one forward() pass the recompile limit and run eager
-        model = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
-    graphs = mode == "reduce-overhead"
+    raw = model
+    model = prepare_model(model, device, path["kernels"], path["compile"], path["compile_mode"]).train()
+    opt = make_optimizer(raw, bc.lr, 0.01, device)  # fused AdamW on CUDA
+    graphs, slots = path["compile_mode"] == "reduce-overhead", path["mask_cap"]
 
     def step(i):
         x, am, y = batches[i % len(batches)]
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
         with autocast(device):
-            _, loss = model(x, am, y, per_row=bc.per_row)  # sparse head on (B * per_row, V)
+            _, loss = model(x, am, y, per_row=slots)  # sparse head on (B * slots, V), or (n chosen, V) if 0
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     amp_note = "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32 (CPU), AdamW"
-    return step, f"{amp_note}, sparse head {bc.per_row}/row, kernels {kernels}"
-
-
-def stack_cases(bc: BenchConfig):
-    """(label, builder(cfg, batches, bc, device)) for every requested stack and compile mode."""
-    modes = bc.compile_modes.split(",")
-    for s in bc.stacks.split(","):
-        if s == "hf":
-            yield "HF BertForMaskedLM", hf_stack
-        elif s == "eager":
-            yield "tinytlm eager", tinytlm_stack
-        elif s == "compiled":
-            for m in modes:
-                yield f"tinytlm compiled ({m})", lambda *a, m=m: tinytlm_stack(*a, mode=m)
-        else:
-            yield f"tinytlm compiled ({modes[0]}) + triton", lambda *a: tinytlm_stack(*a, kernels="triton", mode=modes[0])
+    head = f"sparse head {slots} static slots/row" if slots else "sparse head on the chosen (dynamic)"
+    return step, f"{amp_note}, {head}, kernels {path['kernels']}"
 
 
 # -----------------------------------------------------------------------------
 # run
 
-def run_case(label, build, name, cfg, B, batches, bc, device) -> dict:
+def blank(e: dict, status: str, note: str) -> dict:
+    """A case record with no numbers (skipped, n/a, failed)."""
+    return {"model": e["model"], "B": e["B"], "stack": e["stack"], "path": e["path"], "status": status, "note": note,
+            **dict.fromkeys(("seq_per_s", "ms_per_step", "mfu", "peak_gib", "first_step_s", "warmup_s",
+                             "gflop_per_step"))}
+
+
+def run_case(e: dict, cfg, batches, bc, device, peak: float) -> dict:
+    B, path = e["B"], e["path"]
+    if device.type != "cuda" and path and path["kernels"] == "triton":
+        return blank(e, "n/a", "n/a: needs CUDA (Triton kernels; the tests cover them with TRITON_INTERPRET=1)")
+    if device.type != "cuda" and path and path["compile_mode"] == "reduce-overhead":
+        return blank(e, "n/a", "n/a: needs CUDA (CUDA graphs; on CPU reduce-overhead is plain compile)")
     n_masked = sum(int((y != -100).sum()) for _, _, y in batches) / len(batches)
     flops = train_flops(cfg, B, bc.seq_len, round(n_masked))
-    row = {"model": name, "B": B, "stack": label, "GFLOP/step": f"{flops / 1e9:.1f}"}
-    if "triton" in label and device.type != "cuda":
-        return {**row, "note": "skipped: Triton kernels need CUDA (tests cover them with TRITON_INTERPRET=1)"}
+    torch._dynamo.reset()  # one graph cache per case: else a dozen cases pass the recompile limit and run eager
     free_memory(device)
     try:
-        step, note = build(cfg, batches, bc, device)
-        first_s, ms = mean_step_ms(step, bc.warmup, bc.steps, device)
+        step, note = (hf_stack if path is None else tinytlm_stack)(cfg, batches, bc, device, path)
+        first_s, warmup_s, ms = mean_step_ms(step, bc.warmup, bc.steps, device)
         mem = peak_memory_gib(device)  # model + AdamW state + activations of this case alone
-    except NotImplementedError as e:
-        return {**row, "note": str(e)}
-    except Exception as e:  # one failing stack must not lose the others
+    except NotImplementedError as err:
+        return blank(e, "n/a", str(err))
+    except Exception as err:  # one failing stack must not lose the others
         traceback.print_exc()
-        msg = " ".join(str(e).split())[:160].replace("|", "/")
-        return {**row, "note": f"FAILED: {type(e).__name__}: {msg}"}
+        return blank(e, "failed", error_note(err))
     tflops = flops / (ms / 1e3) / 1e12
-    return {**row, "ms/step": f"{ms:.2f}", "seq/s": f"{B / ms * 1e3:.0f}", "TFLOP/s": f"{tflops:.1f}",
-            "MFU": f"{100 * tflops / bc.peak_tflops:.1f}%", "peak GiB": f"{mem:.2f}" if mem is not None else "n/a",
-            "1st step s": f"{first_s:.1f}", "note": note, "_seq_s": B / ms * 1e3, "_mfu": tflops / bc.peak_tflops}
+    return {**blank(e, "ok", note), "seq_per_s": B / ms * 1e3, "ms_per_step": ms, "mfu": tflops / peak,
+            "peak_gib": mem, "first_step_s": first_s, "warmup_s": warmup_s, "gflop_per_step": flops / 1e9}
 
 
-def summary(rows, bc) -> list:
-    """The two goals: tinytlm-best / HF on bert6 at the smallest batch (>= 5x); MFU at the largest (>= 45%)."""
-    def best(model, B, prefix):
-        timed = [r for r in rows if r["model"] == model and r["B"] == B and r["stack"].startswith(prefix) and "_seq_s" in r]
-        return max(timed, key=lambda r: r["_seq_s"]) if timed else None
+def infer_rate(cfg, bc, device) -> dict:
+    """Classifier inference rate: BertForClassification, eval, no_grad, autocast, eager, torch kernels."""
+    rec = {"B": bc.infer_batch, "status": "ok", "note": "BertForClassification (10 labels), eager, torch kernels",
+           "seq_per_s": None, "ms_per_step": None}
+    torch._dynamo.reset()
+    free_memory(device)
+    try:
+        model = BertForClassification(cfg, 10).to(device).eval()
+        x = token_batch(bc.infer_batch, bc.seq_len, torch.Generator().manual_seed(bc.seed)).to(device)
+        am = (x != PAD).long()  # (B, T)
 
-    lines, b_lo, b_hi = [], min(bc.batch), max(bc.batch)
-    ours, hf = best("bert6", b_lo, "tinytlm"), best("bert6", b_lo, "HF")
-    if ours and hf:
-        lines.append(f"- bert6, B={b_lo}: tinytlm best ({ours['stack']}) / HF = "
-                     f"{ours['_seq_s'] / hf['_seq_s']:.2f}x in seq/s (goal >= 5x)")
-    for model in dict.fromkeys(r["model"] for r in rows):
-        r = best(model, b_hi, "tinytlm")
+        def step(i):
+            with torch.no_grad(), autocast(device):
+                model(x, am)
+
+        _, _, ms = mean_step_ms(step, bc.warmup, bc.steps, device)
+    except Exception as err:
+        traceback.print_exc()
+        return {**rec, "status": "failed", "note": error_note(err)}
+    return {**rec, "seq_per_s": bc.infer_batch / ms * 1e3, "ms_per_step": ms}
+
+
+def best_paths(cases: list, infer: dict) -> dict:
+    """Per model: the fastest ok tinytlm stack at the smallest batch with one (the paper trains at 32)."""
+    best = {}
+    for model in dict.fromkeys(c["model"] for c in cases):
+        ok = [c for c in cases if c["model"] == model and c["status"] == "ok" and c["path"] is not None]
+        if ok:
+            b = min(c["B"] for c in ok)
+            top = max((c for c in ok if c["B"] == b), key=lambda c: c["seq_per_s"])
+            best[model] = {k: top[k] for k in ("B", "stack", "path", "seq_per_s", "ms_per_step", "mfu",
+                                               "first_step_s", "warmup_s")}
+            best[model]["infer_seq_per_s"] = infer.get(model, {}).get("seq_per_s")
+    return best
+
+
+def summary(cases: list) -> list:
+    """The two goals: tinytlm-best / HF on bert6 at its smallest batch (>= 5x); MFU at the largest (>= 45%)."""
+    def top(model, B, hf):
+        ok = [c for c in cases if c["model"] == model and c["B"] == B and c["status"] == "ok"
+              and (c["path"] is None) == hf]
+        return max(ok, key=lambda c: c["seq_per_s"]) if ok else None
+
+    lines = []
+    for model in dict.fromkeys(c["model"] for c in cases):
+        batches = sorted({c["B"] for c in cases if c["model"] == model and c["status"] == "ok"})
+        if not batches:
+            continue
+        ours, hf = top(model, batches[0], False), top(model, batches[0], True)
+        if model == "bert6" and ours and hf:
+            lines.append(f"- bert6, B={batches[0]}: tinytlm best ({ours['stack']}) / HF = "
+                         f"{ours['seq_per_s'] / hf['seq_per_s']:.2f}x in seq/s (goal >= 5x)")
+        r = top(model, batches[-1], False)
         if r:
-            lines.append(f"- {model}, B={b_hi}: best tinytlm MFU {100 * r['_mfu']:.1f}% ({r['stack']}; goal >= 45%)")
+            lines.append(f"- {model}, B={batches[-1]}: best tinytlm MFU {100 * r['mfu']:.1f}% ({r['stack']}; "
+                         "goal >= 45%)")
     return lines
 
 
+def md_row(c: dict) -> dict:
+    def num(v, fmt):
+        return "" if v is None else format(v, fmt)
+    tflops = None if c["ms_per_step"] is None else c["gflop_per_step"] / c["ms_per_step"]
+    return {"model": c["model"], "B": c["B"], "stack": c["stack"], "status": c["status"],
+            "ms/step": num(c["ms_per_step"], ".2f"), "seq/s": num(c["seq_per_s"], ".0f"), "TFLOP/s": num(tflops, ".1f"),
+            "MFU": "" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%", "peak GiB": num(c["peak_gib"], ".2f"),
+            "1st step s": num(c["first_step_s"], ".1f"), "warmup s": num(c["warmup_s"], ".1f"),
+            "GFLOP/step": num(c["gflop_per_step"], ".1f"), "flags": flags(c["path"]), "note": c["note"]}
+
+
 def main(argv=None):
+    t_start = time.perf_counter()
     bc = parse_config(argv)
     device = resolve_device(bc.device)
+    peak, peak_source = read_peak(bc.probe, bc.peak_tflops)
     torch.manual_seed(bc.seed)
     header = run_header(device, asdict(bc))
-    header.append(f"- peak for MFU: {bc.peak_tflops:g} TFLOP/s (--peak_tflops; default = measured bf16 matmul on "
-                  "this workplace's H100/H200, 769-798 TFLOP/s; the datasheet's dense bf16 is 989)")
+    header.append(f"- peak for MFU: {peak:g} TFLOP/s ({peak_source})")
     if bc.smoke:
         header.insert(0, "- **SMOKE RUN: tiny shapes on whatever device; not a performance number**")
     print("\n".join(header))
     path = result_path("train", device, bc.out, bc.smoke)
     title = "MLM training throughput" + (" (smoke run, not a performance number)" if bc.smoke else "")
-    columns = ["model", "B", "stack", "ms/step", "seq/s", "TFLOP/s", "MFU", "peak GiB", "1st step s", "GFLOP/step", "note"]
-    rows = []
-    for name in bc.models.split(","):
-        cfg = BertConfig.preset(name)
-        if bc.smoke:
-            cfg = smoke_config(cfg)
-        for B in bc.batch:
-            batches = make_batches(cfg, B, bc, device)
-            for label, build in stack_cases(bc):
-                row = run_case(label, build, name, cfg, B, batches, bc, device)
-                rows.append(row)
-                print(" | ".join(f"{c}={row[c]}" for c in columns if c in row), flush=True)
-                write_report(path, title, header, [markdown_table(columns, rows)])
-    lines = summary(rows, bc)
-    if bc.smoke:
-        lines.append("- (smoke run: these ratios say nothing about performance)")
-    print("\n".join(lines))
-    write_report(path, title, header, [markdown_table(columns, rows), "## Goals\n\n" + "\n".join(lines)])
-    if path:
-        print(f"wrote {path}")
+    result = {"device": device_label(device), "date": utc_now(), "git": revision(), "versions": versions(),
+              "smoke": bc.smoke, "complete": False, "config": asdict(bc), "peak_tflops": peak,
+              "peak_source": peak_source, "cases": [], "infer": {}, "best": {}}
+    cases, infer, configs, batches = result["cases"], result["infer"], {}, {}
+
+    def save(goals=()):
+        result["best"] = best_paths(cases, infer)
+        sections = [markdown_table(list(md_row(cases[0])), [md_row(c) for c in cases])] if cases else []
+        if infer:
+            rows = [{"model": m, **r, "seq_per_s": f"{r['seq_per_s'] or 0:.0f}"} for m, r in infer.items()]
+            sections.append("## Inference\n\n" + markdown_table(["model", "B", "status", "seq_per_s", "note"], rows))
+        if goals:
+            sections.append("## Goals\n\n" + "\n".join(goals))
+        write_report(path, title, header, sections)
+        if bc.json:
+            write_json(bc.json, result)
+
+    entries, ran = plan(bc), False
+    save()  # a file from the start: a run killed in its first case still says what and where
+    for i, e in enumerate(entries):
+        model, B = e["model"], e["B"]
+        elapsed = time.perf_counter() - t_start
+        if e["skip"]:
+            rec = blank(e, "skipped", e["skip"])
+        elif ran and 0 <= bc.time_limit <= elapsed:
+            rec = blank(e, "skipped", f"skipped: time limit ({elapsed:.0f} s >= {bc.time_limit:g} s)")
+        else:
+            if model not in configs:
+                configs[model] = smoke_config(BertConfig.preset(model)) if bc.smoke else BertConfig.preset(model)
+            cap = e["path"]["mask_cap"] if e["path"] else 0
+            if (model, B, cap) not in batches:
+                batches[(model, B, cap)] = make_batches(configs[model], B, bc, device, cap)
+            rec = run_case(e, configs[model], batches[(model, B, cap)], bc, device, peak)
+            ran = ran or rec["status"] in ("ok", "failed")  # n/a took no time
+        cases.append(rec)
+        print(" | ".join(f"{k}={v}" for k, v in md_row(rec).items() if v != ""), flush=True)
+        group_ends = i + 1 == len(entries) or (entries[i + 1]["model"], entries[i + 1]["B"]) != (model, B)
+        if group_ends and model not in infer and any(c["model"] == model and c["status"] == "ok" and c["path"]
+                                                     for c in cases):
+            infer[model] = infer_rate(configs[model], bc, device)
+            print(f"inference {model} B={bc.infer_batch}: {infer[model]['seq_per_s'] or 0:.0f} seq/s", flush=True)
+        save()
+    goals = summary(cases) + (["- (smoke run: these ratios say nothing about performance)"] if bc.smoke else [])
+    print("\n".join(goals))
+    result["complete"] = True
+    save(goals)
+    for model, b in result["best"].items():
+        print(f"best {model}: {b['stack']} ({flags(b['path'])}) at B={b['B']}: {b['seq_per_s']:.0f} seq/s")
+    print(f"done in {time.perf_counter() - t_start:.0f} s" + (f"; wrote {path}" if path else ""))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""File what a GPU session brought back: cell records, benchmark reports, rebuilt table reports.
+
+    python bench/gpu_import.py /work/.device/.../gpu_session.tgz
+
+- cell records (results/cells/<scale>/*.json in the tarball) go to results/cells/<scale>/; a record
+  already there is never overwritten (a different one is reported and kept as committed);
+- the benchmark reports go to bench/results/<date>-<device>-<what>.md (probe, train) plus one
+  <date>-<device>-gpu-session.md: stages and their times, kernel tests, the chosen path per model,
+  and every scheduled cell with its estimate and actual time; date and device are the session's;
+- the reports of the tables the session worked on are rebuilt from all records
+  (python -m tinytlm.paper TABLE --scale SCALE --report).
+Every output is a function of the tarball and the records, so importing the same tarball twice
+changes nothing the second time.
+"""
+import json
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with PYTHONPATH=.
+
+from tinytlm.common import REPO, ArgParser, UserError, cli, read_json  # noqa: E402
+
+
+def slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-") or "unknown"
+
+
+def place(src: Path, folder: Path, stem: str, suffix: str = ".md") -> str:
+    """Copy src to folder/stem.md unless an identical copy is there; a different file of that name
+    (another session the same day) pushes this one to stem-2.md, -3, ... Returns what happened."""
+    data = src.read_bytes()
+    for i in range(1, 100):
+        dest = folder / (f"{stem}{suffix}" if i == 1 else f"{stem}-{i}{suffix}")
+        if not dest.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
+            return f"wrote {dest.relative_to(folder.parents[1])}"
+        if dest.read_bytes() == data:
+            return f"unchanged {dest.relative_to(folder.parents[1])}"
+    raise UserError(f"{folder}: 99 reports named {stem}: clean up first")
+
+
+def jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def session_md(w: Path, session: dict) -> str:
+    """The session summary, from the files in the tarball alone."""
+    lines = [f"# GPU session {session['started']} on {session['device']}", "",
+             f"- command: `{session['command']}` (GPU_SECONDS {session['gpu_seconds']}, "
+             f"{'SMOKE: a CPU check, not a performance number' if session['smoke'] else 'scale ' + session['scale']})",
+             f"- git revision: `{session['git']}`", "", "## Stages", "", "| stage | status | exit | seconds |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {s['stage']} | {s['status']} | {s['rc']} | {s['seconds']} |" for s in jsonl(w / "stages.jsonl")]
+    if (w / "kernels.json").is_file():
+        k = read_json(w / "kernels.json")
+        how = "under the Triton interpreter" if session["smoke"] else "natively"
+        lines += ["", f"Kernel tests ({how}): {k['passed']} passed, {k['failed']} failed, exit {k['rc']}; Triton "
+                  f"path {'allowed' if k['kernels_ok'] else 'ruled out for the rest of the run'}."]
+    if (w / "bench" / "throughput.json").is_file():
+        best = read_json(w / "bench" / "throughput.json").get("best") or {}
+        lines += ["", "## Path chosen per model (fastest that passed its tests)", "",
+                  "| model | batch | stack | seq/s | forward seq/s | first step s |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {m} | {b.get('B')} | {b.get('stack')} | {b.get('seq_per_s', 0):.0f} | "
+                  f"{b.get('infer_seq_per_s') or 0:.0f} | {b.get('first_step_s') or 0:.1f} |" for m, b in best.items()]
+    units = jsonl(w / "results" / "schedule.jsonl")
+    if units:
+        lines += ["", "## Cells scheduled", "", "| table | row | seed | status | estimate s | actual s |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {u['table']} | {u['row']} | {u['seed']} | {u['status']} | {u['estimate_s']} | "
+                  f"{u.get('actual_s', '')} |" for u in units]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("tarball", type=Path, help="gpu_session.tgz as the device tool brought it back")
+    ap.add_argument("--repo", type=Path, default=REPO, help="the checkout to file into")
+    ap.add_argument("--no-reports", action="store_true", help="do not rebuild the table reports")
+    args = ap.parse_args(argv)
+    if not args.tarball.is_file():
+        raise UserError(f"{args.tarball}: not found")
+    repo = args.repo
+    with tempfile.TemporaryDirectory() as tmp:
+        w = Path(tmp)
+        try:
+            with tarfile.open(args.tarball) as tf:
+                tf.extractall(w, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise UserError(f"{args.tarball}: not a readable tarball ({type(e).__name__})")
+        if not (w / "session.json").is_file():
+            raise UserError(f"{args.tarball}: no session.json: not a gpu_session.sh tarball")
+        session = read_json(w / "session.json")
+        tag = f"{session['started'][:10]}-{slug(session['device'])}"
+        log, new, kept = [], {}, []
+        for rec in sorted((w / "results" / "cells").glob("*/*.json")):
+            dest = repo / "results" / "cells" / rec.parent.name / rec.name
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(rec, dest)
+                new.setdefault(rec.parent.name, []).append(rec.name)
+            elif dest.read_bytes() != rec.read_bytes():
+                kept.append(dest)
+        log.append(f"records: {sum(map(len, new.values()))} new" + "".join(f", {len(v)} at scale {k}"
+                                                                           for k, v in new.items()))
+        log += [f"kept the committed {p.relative_to(repo)} (the tarball's differs)" for p in kept]
+        bench = repo / "bench" / "results"
+        for what in ("probe", "train"):
+            if (w / "bench" / f"{what}.md").is_file():
+                log.append(place(w / "bench" / f"{what}.md", bench, f"{tag}-{what}"))
+        summary = w / "session.md"
+        summary.write_text(session_md(w, session))
+        log.append(place(summary, bench, f"{tag}-gpu-session"))
+        tables = list(dict.fromkeys(u["table"] for u in jsonl(w / "results" / "schedule.jsonl")
+                                    if u["status"] in ("done", "recorded")))
+    if tables and not args.no_reports:
+        from tinytlm.paper import main as paper
+        for t in tables:
+            paper([t, "--scale", session["scale"], "--report", "--results", str(repo / "results"),
+                   "--cache", str(repo / "runs" / "paper")])
+            log.append(f"report results/{session['scale']}/{t}.md rebuilt")
+    print("\n".join(log))
+    return {"new": new, "kept": [str(p) for p in kept], "tables": tables}
+
+
+if __name__ == "__main__":
+    cli(main)

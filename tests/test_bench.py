@@ -1,0 +1,106 @@
+"""bench/probe.py and bench/train_throughput.py on the CPU: the files a GPU session's scheduler reads.
+
+The scheduler picks the fastest training path from throughput.json's "best" and the MFU peak from
+probe.json, so these tests check the fields, the paths (train_mlm.py flags) and the skip rules.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import train_throughput
+from tinytlm.common import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+EAGER = {"compile": False, "compile_mode": "default", "kernels": "torch", "mask_cap": 0}
+
+
+def test_probe_smoke_writes_the_device_facts_and_a_labelled_cpu_rate(tmp_path):
+    r = subprocess.run([sys.executable, "bench/probe.py", "--smoke", "--device", "cpu", "--out", str(tmp_path)],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": "."}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    p = json.loads((tmp_path / "probe.json").read_text())
+    for key in ("date", "device", "driver", "cuda", "sm_count", "memory_gib", "versions", "matmul", "matmul_tflops"):
+        assert key in p, key
+    assert p["date"].endswith("Z") and p["device"].startswith("cpu") and p["device_type"] == "cpu"
+    assert p["sm_count"] is None and p["memory_gib"] is None  # CUDA facts only on CUDA
+    assert set(p["versions"]) == {"python", "torch", "triton", "transformers"}
+    mm = p["matmul"]
+    assert (mm["n"], mm["dtype"]) == (512, "float32") and "NOT a GPU rate" in mm["label"]
+    assert p["matmul_tflops"] == mm["tflops"] > 0
+    assert mm["tflops"] == pytest.approx(2 * 512 ** 3 / (mm["best_ms"] / 1e3) / 1e12, rel=1e-2)
+    assert "NOT a GPU rate" in (tmp_path / "probe.md").read_text()
+
+
+def test_json_records_paths_best_and_peak_and_a_failing_stack_stops_nothing(tmp_path, monkeypatch):
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"matmul_tflops": 0.5, "matmul": {"label": "test peak"}}))
+
+    def broken_hf(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_throughput, "hf_stack", broken_hf)
+    out = tmp_path / "t.json"
+    train_throughput.main(["--smoke", "--device", "cpu", "--cases", "tiny:2", "--stacks", "hf,eager,graphs",
+                           "--json", str(out), "--probe", str(probe)])
+    res = json.loads(out.read_text())  # valid JSON, as the scheduler reads it
+    assert res["complete"] and res["peak_tflops"] == 0.5 and "test peak" in res["peak_source"]
+    hf, eager, graphs = res["cases"]
+    assert hf["status"] == "failed" and hf["note"].startswith("FAILED: RuntimeError: boom") and hf["path"] is None
+    assert eager["status"] == "ok" and eager["path"] == EAGER and eager["seq_per_s"] > 0
+    assert eager["mfu"] == pytest.approx(eager["gflop_per_step"] / eager["ms_per_step"] / 0.5)
+    # on CPU the CUDA-graph stack is not run (reduce-overhead would silently be plain compile)
+    cap = res["config"]["per_row"]
+    assert graphs["status"] == "n/a" and "needs CUDA" in graphs["note"] and graphs["seq_per_s"] is None
+    assert graphs["path"] == {"compile": True, "compile_mode": "reduce-overhead", "kernels": "torch", "mask_cap": cap}
+    best = res["best"]["tiny"]
+    assert best["stack"] == "eager" and best["path"] == EAGER and best["B"] == 2
+    assert best["seq_per_s"] == eager["seq_per_s"] > 0 and best["first_step_s"] > 0
+    assert best["infer_seq_per_s"] == res["infer"]["tiny"]["seq_per_s"] > 0
+
+
+def test_time_limit_skips_every_case_after_the_first(tmp_path):
+    out, md = tmp_path / "t.json", tmp_path / "t.md"
+    train_throughput.main(["--smoke", "--device", "cpu", "--cases", "tiny:2,tiny:3", "--stacks", "eager",
+                           "--time_limit", "0", "--json", str(out), "--out", str(md)])
+    cases = json.loads(out.read_text())["cases"]
+    assert [(c["B"], c["status"]) for c in cases] == [(2, "ok"), (3, "skipped")]
+    assert cases[1]["note"].startswith("skipped: time limit") and cases[1]["seq_per_s"] is None
+    assert "skipped: time limit" in md.read_text()
+
+
+def test_gpu_session_preset_order_and_failed_kernel_tests():
+    bc = train_throughput.parse_config(["--gpu_session"])
+    assert (bc.warmup, bc.steps) == (3, 10)
+    order = [(e["model"], e["B"], e["stack"]) for e in train_throughput.plan(bc)]
+    # the likely winners of both depths first, so a time limit still leaves a measured rate for each
+    assert order == [("bert6", 32, s) for s in ("hf", "eager", "graphs")] + \
+        [("bert1", 32, s) for s in ("eager", "graphs")] + \
+        [("bert6", 32, s) for s in ("compiled", "graphs+triton", "triton")] + [("bert1", 32, "graphs+triton")] + \
+        [("bert6", 256, "hf"), ("bert6", 256, "compiled")]
+    plan = train_throughput.plan(train_throughput.parse_config(["--gpu_session", "--kernels_ok", "false"]))
+    skipped = {e["stack"] for e in plan if e["skip"] == "skipped: kernel tests failed"}
+    assert skipped == {"graphs+triton", "triton"} and all(e["skip"] is None for e in plan if "triton" not in e["stack"])
+    graphs = next(e for e in plan if e["stack"] == "graphs+triton")["path"]
+    assert graphs == {"compile": True, "compile_mode": "reduce-overhead", "kernels": "triton", "mask_cap": 32}
+    assert train_throughput.flags(graphs) == "--compile --compile_mode reduce-overhead --kernels triton --mask_cap 32"
+
+
+@pytest.mark.parametrize("argv", [["--cases", "bert6"], ["--cases", "nosuchmodel:32"], ["--cases", "bert6:0"],
+                                  ["--gpu_session", "--cases", "bert6:32"], ["--stacks", "eager,cudagraphs"]])
+def test_bad_plans_are_one_line_errors(argv):
+    with pytest.raises(UserError):
+        train_throughput.parse_config(argv)
+
+
+def test_an_unusable_probe_falls_back_to_the_default_peak(tmp_path, capsys):
+    from bench.common import read_peak
+    bad = tmp_path / "probe.json"
+    bad.write_text(json.dumps({"matmul_tflops": None}))
+    for probe in (str(tmp_path / "missing.json"), str(bad)):
+        peak, source = read_peak(probe, 790.0)
+        assert peak == 790.0 and "unusable" in source
+    assert "warning" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""The GPU session flow on the CPU: the scheduler's sizing, the one-command SMOKE run, the import."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tinytlm.common import REPO
+
+sys.path.insert(0, str(REPO))
+from bench import gpu_cells, gpu_import  # noqa: E402
+
+
+def throughput(path: Path, seq_per_s: float) -> Path:
+    """A throughput.json as bench/train_throughput.py writes it, with one measured model."""
+    path.write_text(json.dumps({"best": {"tiny": {"B": 32, "stack": "eager", "seq_per_s": seq_per_s,
+                                                  "infer_seq_per_s": 3 * seq_per_s, "first_step_s": 1.0,
+                                                  "warmup_s": 2.0,
+                                                  "path": {"compile": False, "compile_mode": "default",
+                                                           "kernels": "torch"}}}}))
+    return path
+
+
+def test_order_of_value():
+    names = [r["name"] for r in gpu_cells.ordered_rows("table5", "paper")]
+    assert names == ["no pre-training", "W_s 2,000", "W_s 5,000", "W_s 40,000", "W_s 90,000"]
+    t9 = gpu_cells.ordered_rows("table9", "paper")
+    assert t9[-1]["kind"] == "committee" or t9[-2]["kind"] == "committee"
+    assert [r["kind"] for r in gpu_cells.ordered_rows("table8", "paper")][-2:] == ["committee", "committee"]
+
+
+def test_estimates_scale_with_sequences_and_flops(tmp_path):
+    from tinytlm.model import BertConfig
+    rates = gpu_cells.Rates(json.loads(throughput(tmp_path / "t.json", 100.0).read_text()))
+    tiny = BertConfig.preset("tiny")
+    # 1,000 trained at 100/s + 300 scored at 300/s + one run's overhead + the compiles (train and scoring
+    # graphs: 2 x (first step 1 s + warm-up 2 s)), paid once per model, path and kind
+    assert rates.seconds(tiny, "finetune", 1000, 300) == pytest.approx(10 + 1 + gpu_cells.OVERHEAD_S + 6)
+    assert rates.seconds(tiny, "pretrain", 1000, 0) == pytest.approx(10 + gpu_cells.OVERHEAD_S + 3)
+    rates.paid(tiny, "finetune")
+    assert rates.seconds(tiny, "finetune", 1000, 300) == pytest.approx(10 + 1 + gpu_cells.OVERHEAD_S)
+    assert rates.seconds(tiny, "pretrain", 1000, 0) == pytest.approx(10 + gpu_cells.OVERHEAD_S + 3)
+    # a 4x wider model is slower in proportion to its FLOPs (no measurement of its own)
+    wide = BertConfig.preset("tiny", n_head=8)
+    assert rates.seconds(wide, "pretrain", 1000, 0) - gpu_cells.OVERHEAD_S - 3 > \
+        4 * (rates.seconds(tiny, "pretrain", 1000, 0) - gpu_cells.OVERHEAD_S - 3)
+
+
+def test_scheduler_skips_what_would_not_finish_and_what_is_recorded(shared, tmp_path):
+    base = ["--scale", "mini", "--tables", "table5", "--seeds", "1", "--device", "cpu",
+            "--results", str(tmp_path / "r"), "--cache", str(tmp_path / "c")]
+    # far too slow a device for the budget: nothing starts
+    assert gpu_cells.main(base + ["--throughput", str(throughput(tmp_path / "slow.json", 0.01)),
+                                  "--budget", "30"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "r" / "schedule.jsonl").read_text().splitlines()]
+    assert [u["status"] for u in log] == ["skipped: would not finish"] * 2 and not (tmp_path / "c").exists()
+    # a fast one: both cells run, are recorded, and the report is rebuilt; a second pass finds them recorded
+    (tmp_path / "r" / "schedule.jsonl").unlink()
+    fast = ["--throughput", str(throughput(tmp_path / "fast.json", 1e4)), "--budget", "300"]
+    assert gpu_cells.main(base + fast) == 0
+    assert len(list((tmp_path / "r" / "cells" / "mini").glob("*.json"))) == 2
+    assert "2 of 4 cells" in (tmp_path / "r" / "mini" / "table5.md").read_text()
+    assert gpu_cells.main(base + fast) == 0
+    log = [json.loads(line) for line in (tmp_path / "r" / "schedule.jsonl").read_text().splitlines()]
+    assert [u["status"] for u in log] == ["done", "done", "recorded", "recorded"]
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_smoke_session_end_to_end_and_import(shared, tmp_path):
+    """SMOKE=1 bash bench/gpu_session.sh: prep, then the one-command flow on the CPU (interpreter kernels,
+    tiny models, mini cells) packs one tarball that gpu_import files; importing it twice changes nothing."""
+    env = {**os.environ, "SMOKE": "1", "TINYTLM_DATA": str(tmp_path / "data"), "WORK": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"), "GPU_SECONDS": "170", "SEEDS": "1"}
+    (tmp_path / "out").mkdir()
+    prep = subprocess.run(["bash", "bench/gpu_session.sh", "prep"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert prep.returncode == 0, prep.stdout[-2000:] + prep.stderr[-2000:]
+    run = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    tgz = tmp_path / "out" / "gpu_session.tgz"
+    assert tgz.is_file() and tgz.stat().st_size < 16 * 2 ** 20
+    with tarfile.open(tgz) as tf:
+        names = set(tf.getnames())
+    for f in ("session.json", "stages.jsonl", "bench/probe.json", "kernels.log", "kernels.json",
+              "bench/throughput.json", "results/schedule.jsonl"):
+        assert "./" + f in names, (f, sorted(names))
+    assert not any(n.endswith(".pt") for n in names)
+    stages = [json.loads(line) for line in (tmp_path / "work" / "stages.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in stages] == ["probe", "kernels", "bench", "cells"], run.stdout[-3000:]
+    assert all(s["status"] == "ok" for s in stages), stages
+    assert json.loads((tmp_path / "work" / "kernels.json").read_text())["kernels_ok"] is True
+    records = [n for n in names if n.startswith("./results/cells/mini/")]
+    assert records, run.stdout[-3000:]
+
+    repo = tmp_path / "repo"
+    first = gpu_import.main([str(tgz), "--repo", str(repo)])
+    assert sum(map(len, first["new"].values())) == len(records) and first["tables"]
+    assert (repo / "results" / "mini" / f"{first['tables'][0]}.md").is_file()
+    session = list((repo / "bench" / "results").glob("*-gpu-session.md"))
+    assert len(session) == 1 and "| cells | ok |" in session[0].read_text()
+    before = tree_digest(repo)
+    again = gpu_import.main([str(tgz), "--repo", str(repo)])
+    assert again["new"] == {} and tree_digest(repo) == before
