@@ -1,90 +1,9 @@
-"""Evaluate classifiers and their soft committee (sum of raw logits, argmax) on their common test set.
+"""Evaluate classifiers and their soft committee (the command line of tinytlm/ensemble.py).
 
     python ensemble.py runs/cls-fewrel-bert1-pt-s0 runs/cls-fewrel-bert1-h24-pt-s0 ...
-    python ensemble.py a/ckpt.pt b/ckpt.pt --json committee.json
-
-Members must share task, label map and test set (checked by the test-set fingerprint
-stored in each classifier checkpoint). Prints one row per member: architecture,
-parameters, latency in layers (PAPER.md: 4 per transformer block, 1 per conv layer,
-+1), measured batch-1 latency and test accuracy; then the committee. The committee's
-latency in layers is the deepest member's (members can run side by side, as the paper
-counts it); its measured latency is given twice: members one after another, and members on
-parallel CUDA streams (committee_forward; on CPU the same loop).
 """
-from pathlib import Path
-
-from data_prep.tasks import TaskSpec, ensure_task, load_task
-from tinytlm.checkpoint import build_model, load_checkpoint
-from tinytlm.committee import accuracy, batch1_latency_ms, committee_logits, predict_logits
-from tinytlm.common import ArgParser, UserError, cli, default_data_root, default_raw_root, write_json
-from tinytlm.train import prepare_model, resolve_device
-
-
-def describe(cfg) -> str:
-    s = f"L{cfg.n_layer} H{cfg.n_head}"
-    if cfg.n_conv:
-        s += f" +{cfg.n_conv}CL d{cfg.conv_channels} {cfg.conv_kernel[0]}x{cfg.conv_kernel[1]}"
-    return s
-
-
-def check_members(states):
-    """All members must be classifiers of the same task, label map and test set."""
-    ref = states[0]
-    for s in states[1:]:
-        for key, what in (("task", "task"), ("label_names", "label map"), ("test_fingerprint", "test set")):
-            if s["extra"].get(key) != ref["extra"].get(key):
-                raise UserError(f"{s['path']}: trained on a different {what} than {ref['path']} "
-                                f"({s['extra'].get(key)!r} vs {ref['extra'].get(key)!r})")
-
-
-def main(argv=None):
-    ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("ckpts", nargs="+", help="classifier checkpoints or run directories")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--kernels", default="torch", help="torch | triton")
-    ap.add_argument("--latency-samples", type=int, default=50, help="test sequences timed at batch 1")
-    ap.add_argument("--json", default="", help="write the table as JSON here")
-    ap.add_argument("--data", type=Path, default=default_data_root(), help="prepared data root")
-    ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root")
-    args = ap.parse_args(argv)
-    device = resolve_device(args.device)
-
-    states = [load_checkpoint(p, kind="cls") for p in args.ckpts]
-    check_members(states)
-    task_dir = ensure_task(TaskSpec.from_dict(states[0]["extra"]["spec"]), args.raw, args.data)
-    _, _, test, yte, _ = load_task(task_dir)
-    if test.checksum.hex() != states[0]["extra"]["test_fingerprint"]:
-        raise UserError(f"{test.path}: this test set differs from the one the members were evaluated on")
-
-    models = [prepare_model(build_model(s), device, args.kernels) for s in states]
-    rows, logits = [], []
-    for s, m in zip(states, models):
-        lg = predict_logits(m, test.ids, device)
-        logits.append(lg)
-        cfg = m.config
-        rows.append({"member": s["path"], "arch": describe(cfg), "params": m.num_params(),
-                     "latency_layers": cfg.latency_layers,
-                     "latency_ms_b1": batch1_latency_ms([m], test.ids, device, args.latency_samples),
-                     "acc": accuracy(lg, yte)})
-    comm = {"member": f"committee of {len(models)}", "arch": "sum of logits",
-            "params": sum(r["params"] for r in rows), "latency_layers": max(r["latency_layers"] for r in rows),
-            "latency_ms_b1": batch1_latency_ms(models, test.ids, device, args.latency_samples),
-            "latency_ms_b1_parallel": batch1_latency_ms(models, test.ids, device, args.latency_samples, parallel=True),
-            "acc": accuracy(committee_logits(logits), yte)}
-
-    print(f"task {task_dir.name}, {len(test)} test rows, device {device}")
-    print(f"{'member':<48} {'arch':<24} {'params':>9} {'layers':>6} {'ms@b1':>7} {'acc':>7}")
-    for r in rows + [comm]:
-        name = r["member"] if len(r["member"]) <= 48 else "..." + r["member"][-45:]
-        print(f"{name:<48} {r['arch']:<24} {r['params'] / 1e6:>8.1f}M {r['latency_layers']:>6} "
-              f"{r['latency_ms_b1']:>7.2f} {r['acc']:>7.4f}")
-    print(f"committee batch-1 latency with members on parallel CUDA streams: {comm['latency_ms_b1_parallel']:.2f} ms"
-          + ("" if device.type == "cuda" else " (CPU: the same sequential loop)"))
-    result = {"task": task_dir.name, "n_test": len(test), "device": str(device), "members": rows, "committee": comm}
-    if args.json:
-        write_json(args.json, result)
-    return result
-
+from tinytlm.common import cli
+from tinytlm.ensemble import main
 
 if __name__ == "__main__":
     cli(main)

@@ -24,7 +24,6 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with PYTHONPATH=.
 
 from bench.common import train_flops  # noqa: E402
 from tinytlm.common import ArgParser, UserError, cli, read_json  # noqa: E402
@@ -118,10 +117,10 @@ def estimate(table, row, seed, args, rates) -> tuple:
 def prep(args):
     """Prepare every shard the tables' cells read (run on the CPU machine: the GPU one has no raw data):
     the longest Wikipedia prefix any row pre-trains on, and each distinct fine-tuning task."""
-    from data_prep.tasks import ensure_task
-    from data_prep.wikipedia import ensure_wiki
+    from tinytlm.tasks import ensure_task
+    from tinytlm.wikipedia import ensure_wiki
     from tinytlm.common import default_data_root, default_raw_root
-    from train_cls import ClsConfig
+    from tinytlm.finetune import ClsConfig
     raw = Path(args.raw) if args.raw else default_raw_root()
     data = Path(args.data) if args.data else default_data_root()
     rows = [r for t in args.tables.split(",") for r in grid(t, args.scale)["rows"] if r["kind"] == "train"]

@@ -15,12 +15,10 @@ changes nothing the second time.
 import json
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with PYTHONPATH=.
 
 from tinytlm.common import REPO, ArgParser, UserError, cli, read_json  # noqa: E402
 

@@ -20,12 +20,9 @@ Reported: median and p90 ms over --runs calls after --warmup calls, and committe
 Writes bench/results/<date>-<device>-latency.md; --smoke writes only with --out.
 """
 import contextlib
-import sys
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with PYTHONPATH=.
 
 import torch  # noqa: E402
 

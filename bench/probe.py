@@ -21,12 +21,10 @@ counts, 2 n^3 FLOPs per call. On CPU, or with --smoke, fp32 512^3 instead, label
 it says nothing about a GPU.
 """
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with PYTHONPATH=.
 
 import torch  # noqa: E402
 

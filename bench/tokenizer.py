@@ -19,7 +19,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinytlm.common import default_raw_root, git_revision  # noqa: E402
 from tinytlm.tokenizer import WordPieceTokenizer  # noqa: E402
 

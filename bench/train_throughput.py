@@ -50,13 +50,10 @@ best[model]: the fastest ok tinytlm stack (never hf) at the smallest batch that 
 report (--out; default bench/results/<date>-<device>-train.md, none with --smoke) is rewritten likewise.
 """
 import contextlib
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file or with PYTHONPATH=.
 
 import torch  # noqa: E402
 

@@ -141,7 +141,7 @@ def small_raw(tmp_path, vocab_path):
 
 
 def test_wikipedia_prefix_subsets_and_determinism(small_raw, tmp_path):
-    from data_prep.wikipedia import prepare
+    from tinytlm.wikipedia import prepare
     vocab = small_raw / "bert-base-uncased-vocab.txt"
     full = Shard(prepare(small_raw, tmp_path / "o1", vocab, workers=1, quiet=True), verify=True)
     again = Shard(prepare(small_raw, tmp_path / "o2", vocab, workers=2, quiet=True), verify=True)
@@ -163,7 +163,7 @@ def test_wikipedia_prefix_subsets_and_determinism(small_raw, tmp_path):
 # tasks on the shared data
 
 def _prep(shared, out, **kw):
-    from data_prep.tasks import TaskSpec, prepare_task
+    from tinytlm.tasks import TaskSpec, prepare_task
     return prepare_task(TaskSpec(**kw), shared, out, shared / "bert-base-uncased-vocab.txt", quiet=True)
 
 

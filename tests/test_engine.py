@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import ensemble
-import train_cls
-import train_mlm
+from tinytlm import ensemble, finetune, pretrain
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.committee import accuracy, committee_logits
+from tinytlm.common import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 # a very small model: 1 block, 1 head of 32 (the vocabulary stays 30,522 because the ids are real)
@@ -26,13 +25,13 @@ def mlm_args(roots, out, *extra):
 
 
 def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path):
-    train_mlm.main(mlm_args(roots, tmp_path / "a"))  # 2 epochs x 5 steps, uninterrupted
-    with pytest.raises(SystemExit) as e:  # a Ctrl-C in the middle of step 3: the run stops after it
-        train_mlm.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "3"))
-    assert e.value.code == 130
+    pretrain.main(mlm_args(roots, tmp_path / "a"))  # 2 epochs x 5 steps, uninterrupted
+    with pytest.raises(Interrupted) as e:  # a Ctrl-C in the middle of step 3: the run stops after it
+        pretrain.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "3"))
+    assert "--resume" in str(e.value)  # the command line turns it into exit code 130 (test_sigterm_...)
     mid = load_checkpoint(tmp_path / "b", kind="mlm")
     assert mid["step"] == 3 and mid["optimizer"] is not None
-    train_mlm.main(["--resume", str(tmp_path / "b")])
+    pretrain.main(["--resume", str(tmp_path / "b")])
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     assert a["step"] == b["step"] == 10
     for k in a["model"]:
@@ -42,18 +41,26 @@ def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path):
     assert recs[0]["kind"] == "header" and "git" in recs[0] and "device" in recs[0]
     epochs = [r for r in recs if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1] and all(0 <= r["mlm_acc"] <= 1 for r in epochs)
+    # a step record is its window's loss (not a running mean): the windows of an epoch add up to it
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == [2, 4, 5, 6, 8, 10]
+    for ep in epochs:
+        ws = [r for r in steps if r["epoch"] == ep["epoch"]]
+        assert sum(r["loss"] * r["masked"] for r in ws) / sum(r["masked"] for r in ws) == pytest.approx(ep["loss"])
+        assert len({round(r["loss"], 6) for r in ws}) == len(ws)
+    assert all(r["ms_per_step"] > 0 and r["tok_per_s"] > 0 and r["seq_per_s"] > 0 for r in steps)
 
 
 def test_resume_rules(roots, tmp_path):
-    train_mlm.main(mlm_args(roots, tmp_path / "a", "--epochs", "1"))
+    pretrain.main(mlm_args(roots, tmp_path / "a", "--epochs", "1"))
     assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "a")]), "finished")
     assert_one_line_error(run(["train_mlm.py", *mlm_args(roots, tmp_path / "a")]), "already holds a checkpoint")
     # a run stopped by --max_steps continues; flags that would change the run are refused
-    train_mlm.main(mlm_args(roots, tmp_path / "b", "--max_steps", "2"))
+    pretrain.main(mlm_args(roots, tmp_path / "b", "--max_steps", "2"))
     assert load_checkpoint(tmp_path / "b")["step"] == 2
     assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--lr", "1"]), "--lr")
     assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--n_layer", "3"]), "--n_layer")
-    train_mlm.main(["--resume", str(tmp_path / "b"), "--max_steps", "4"])
+    pretrain.main(["--resume", str(tmp_path / "b"), "--max_steps", "4"])
     assert load_checkpoint(tmp_path / "b")["step"] == 4
 
 
@@ -69,7 +76,7 @@ def test_gap_arms_differ_only_in_initialisation(roots, tmp_path):
     mlm.bert.load_state_dict(trunk)
     save_checkpoint(tmp_path / "init.pt", kind="mlm", model=mlm, optimizer=None, step=0, epoch=0,
                     train_config={"model": "tiny"}, data={"shard": "none", "ws": 0})
-    gap = train_cls.main(["--task", "agnews", "--train-per-label", "6", "--test-per-label", "5", "--epochs", "2",
+    gap = finetune.main(["--task", "agnews", "--train-per-label", "6", "--test-per-label", "5", "--epochs", "2",
                           "--batch_size", "8", "--raw", str(raw), "--data", str(data), "--device", "cpu",
                           "--seed", "5", "--init", str(tmp_path / "init.pt"), "--gap", "--out", str(tmp_path / "g")])
     assert gap["gap"] == 0.0
@@ -80,10 +87,10 @@ def test_gap_arms_differ_only_in_initialisation(roots, tmp_path):
 
 def test_finetune_gap_and_committee(roots, tmp_path):
     raw, data = roots
-    train_mlm.main(mlm_args(roots, tmp_path / "mlm", "--epochs", "1"))
+    pretrain.main(mlm_args(roots, tmp_path / "mlm", "--epochs", "1"))
     task = ["--task", "agnews", "--train-per-label", "8", "--test-per-label", "6", "--epochs", "2",
             "--batch_size", "8", "--raw", str(raw), "--data", str(data), "--device", "cpu"]
-    gap = train_cls.main([*task, "--init", str(tmp_path / "mlm"), "--gap", "--out", str(tmp_path / "gap")])
+    gap = finetune.main([*task, "--init", str(tmp_path / "mlm"), "--gap", "--out", str(tmp_path / "gap")])
     assert gap["gap"] == pytest.approx(gap["acc_pretrained"] - gap["acc_scratch"])
     assert gap["token_stats"]["T_W"] > 0 and gap["token_stats"]["T_M"] < gap["token_stats"]["T_C"]
     scratch = json.loads((tmp_path / "gap" / "scratch" / "result.json").read_text())
@@ -99,7 +106,7 @@ def test_finetune_gap_and_committee(roots, tmp_path):
     assert json.loads((tmp_path / "ens.json").read_text())["committee"]["acc"] == res["committee"]["acc"]
 
     # a member of another task is refused
-    other = train_cls.main(["--task", "dbpedia", "--train-per-label", "2", "--test-per-label", "2", "--epochs", "1",
+    other = finetune.main(["--task", "dbpedia", "--train-per-label", "2", "--test-per-label", "2", "--epochs", "1",
                             "--raw", str(raw), "--data", str(data), *SMALL, "--out", str(tmp_path / "dbp")])
     assert other["arm"] == "scratch"
     r = run(["ensemble.py", str(tmp_path / "gap" / "scratch"), str(tmp_path / "dbp"), "--data", str(data)])
@@ -180,7 +187,7 @@ def test_committee_forward_sums_member_logits():
 def test_config_file_and_flag_precedence(tmp_path):
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"ws": 123, "epochs": 3, "n_conv": 2, "conv_kernel": [16, 3]}))
-    cfg, over = train_mlm.parse(["--config", str(cfg_file), "--epochs", "7"])
+    cfg, over = pretrain.parse(["--config", str(cfg_file), "--epochs", "7"])
     assert (cfg.ws, cfg.epochs) == (123, 7)  # the command line wins over the file
     assert over == {"n_conv": 2, "conv_kernel": (16, 3)}
     cfg_file.write_text(json.dumps({"wss": 1}))
@@ -203,3 +210,24 @@ def test_sigterm_stops_at_a_step_boundary(roots, tmp_path):
     assert p.returncode == 130, err[-2000:]
     state = load_checkpoint(tmp_path / "t")
     assert state["step"] >= 2 and state["optimizer"] is not None and "--resume" in err
+
+
+def test_demo_runs_twice(roots, tmp_path, monkeypatch, capsys):
+    """A second run of the demo reuses the first one's finished work and exits normally; other settings
+    start afresh."""
+    from tinytlm import demo
+    raw, data = roots
+    monkeypatch.setenv("TINYTLM_RAW", str(raw))
+    monkeypatch.setenv("TINYTLM_DATA", str(data))
+    argv = ["--ws", "40", "--pretrain-epochs", "1", "--train-per-label", "4", "--test-per-label", "4",
+            "--finetune-epochs", "1", "--out", str(tmp_path / "demo")]
+    demo.main(argv)
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("ckpt.pt")}
+    assert len(first) == 4  # mlm, the two arms of the gap, the second member
+    capsys.readouterr()
+    demo.main(argv)
+    out = capsys.readouterr().out
+    assert out.count("reusing") == 2 and "committee of 2 pre-trained members" in out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("ckpt.pt")} == first
+    demo.main(argv[:-3] + ["2", "--out", str(tmp_path / "demo")])  # 2 fine-tuning epochs: a new demo
+    assert "starting afresh" in capsys.readouterr().out

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.tasks import TaskSpec, prepare_task
-from data_prep.wikipedia import prepare
+from tinytlm.tasks import TaskSpec, prepare_task
+from tinytlm.wikipedia import prepare
 from tinytlm.data import Shard
 
 ROWS = [(1, "Stocks rise", "Markets\\rallied on Monday."), (2, "Cup final", "The team won 3-1."),

@@ -3,7 +3,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 from tinytlm.common import REPO
 
-sys.path.insert(0, str(REPO))
 from bench import gpu_cells, gpu_import  # noqa: E402
 
 

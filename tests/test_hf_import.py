@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import train_cls
+from tinytlm import finetune
 from tinytlm.hf import from_hf_state_dict, hf_init_state, load_hf_dir
 
 transformers = pytest.importorskip("transformers")
@@ -47,7 +47,7 @@ def test_old_key_spellings_and_bare_bert_model(hf_dir, tmp_path):
 def test_finetune_from_hf_dir(hf_dir, roots, tmp_path):
     path, _ = hf_dir
     raw, data = roots
-    r = train_cls.main(["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "1",
+    r = finetune.main(["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "1",
                         "--raw", str(raw), "--data", str(data), "--device", "cpu", "--init", f"hf:{path}",
                         "--out", str(tmp_path / "cls")])
     assert r["arm"] == "pretrained" and r["init"] == f"hf:{path}" and r["token_stats"] is None

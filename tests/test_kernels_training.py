@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("triton")
 import torch  # noqa: E402
 
-import train_mlm  # noqa: E402
+from tinytlm import pretrain  # noqa: E402
 from tinytlm.checkpoint import rng_state, set_rng_state  # noqa: E402
 from tinytlm.model import BertConfig, ConvStem, SelfAttention, set_kernels  # noqa: E402
 
@@ -29,8 +29,8 @@ def test_triton_loss_curve_tracks_torch(roots, tmp_path, n_conv):
     raw, data = roots
     common = [*SMALL, "--raw", str(raw), "--data", str(data), "--dropout", "0", "--attn_dropout", "0",
               "--n_conv", str(n_conv), "--conv_channels", "16"]
-    train_mlm.main([*common, "--kernels", "torch", "--out", str(tmp_path / "torch")])
-    train_mlm.main([*common, "--kernels", "triton", "--out", str(tmp_path / "triton")])
+    pretrain.main([*common, "--kernels", "torch", "--out", str(tmp_path / "torch")])
+    pretrain.main([*common, "--kernels", "triton", "--out", str(tmp_path / "triton")])
     a, b = losses(tmp_path / "torch"), losses(tmp_path / "triton")
     assert len(a) == len(b) == 4
     # same data, masks and init; without dropout the two paths differ only by rounding

@@ -22,6 +22,11 @@ class ArgParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C or SIGTERM; the message says what was saved and how to go on.
+    Library code raises it (never sys.exit); cli() prints it and exits with 130."""
+
+
 def cli(main):
     """Run main(argv) as a command: UserError -> 'error: ...' on stderr and exit 2; Ctrl-C -> exit 130."""
     try:
@@ -29,6 +34,9 @@ def cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

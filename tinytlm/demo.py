@@ -11,14 +11,13 @@ pre-trained member with another seed, and evaluate the soft committee of the two
 It is a demonstration of the pipeline at CPU size, not a reproduction: at this size
 the gap is small and noisy (see results/ for the real experiments).
 """
+import shutil
 import time
 from pathlib import Path
 
-import ensemble
-import train_cls
-import train_mlm
-from tinytlm import tokstats
-from tinytlm.common import ArgParser, cli
+from tinytlm import ensemble, finetune, pretrain, tokstats
+from tinytlm.checkpoint import load_checkpoint
+from tinytlm.common import ArgParser, cli, read_json, write_json
 
 
 def main(argv=None):
@@ -31,6 +30,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     args = ap.parse_args(argv)
     t0 = time.time()
+    settings = {k: str(v) for k, v in vars(args).items()}
+    if (args.out / "demo.json").is_file() and read_json(args.out / "demo.json") != settings:
+        print(f"{args.out} holds a demo run with other settings: starting afresh")
+        shutil.rmtree(args.out)
+    write_json(args.out / "demo.json", settings)
     task = ["--task", "agnews", "--train-per-label", str(args.train_per_label),
             "--test-per-label", str(args.test_per_label)]
 
@@ -38,21 +42,36 @@ def main(argv=None):
     tokstats.main([*task, "--ws", str(args.ws)])
 
     print("\n== 2. MLM pre-training of `tiny` ==")
+    # a second run of the demo reuses what the first finished (and resumes what it left half-done)
     mlm = args.out / "mlm"
     if not (mlm / "ckpt.pt").is_file():
         # a higher lr than the paper's 5.5e-5: `tiny` sees few steps here
-        train_mlm.main(["--model", "tiny", "--ws", str(args.ws), "--epochs", str(args.pretrain_epochs),
-                        "--lr", "5e-4", "--out", str(mlm)])
+        pretrain.main(["--model", "tiny", "--ws", str(args.ws), "--epochs", str(args.pretrain_epochs),
+                       "--lr", "5e-4", "--out", str(mlm)])
+    elif load_checkpoint(mlm, kind="mlm")["optimizer"] is not None:
+        pretrain.main(["--resume", str(mlm)])
+    else:
+        print(f"reusing {mlm}")
 
     print("\n== 3. fine-tuning with and without pre-training (the gap) ==")
     # the cpu scale of the paper runner: a few epochs at a higher lr than the paper's 5e-5 x 50 epochs
     ft = [*task, "--epochs", str(args.finetune_epochs), "--decay_epochs", str(args.finetune_epochs), "--lr", "5e-4",
           "--quiet"]
-    gap = train_cls.main([*ft, "--init", str(mlm), "--gap", "--out", str(args.out / "gap")])
+    gap_dir = args.out / "gap"
+    if (gap_dir / "gap.json").is_file():
+        gap = read_json(gap_dir / "gap.json")
+        print(f"reusing {gap_dir}: gap {gap['gap']:+.4f}")
+    else:
+        for arm in ("pretrained", "scratch"):  # an earlier run stopped between the arms: start the gap afresh
+            shutil.rmtree(gap_dir / arm, ignore_errors=True)
+        gap = finetune.main([*ft, "--init", str(mlm), "--gap", "--out", str(gap_dir)])
 
     print("\n== 4. a second pre-trained member (seed 1) and the soft committee ==")
-    train_cls.main([*ft, "--init", str(mlm), "--seed", "1", "--out", str(args.out / "member2")])
-    res = ensemble.main([str(args.out / "gap" / "pretrained"), str(args.out / "member2"), "--latency-samples", "20"])
+    member2 = args.out / "member2"
+    if not (member2 / "result.json").is_file():
+        shutil.rmtree(member2, ignore_errors=True)
+        finetune.main([*ft, "--init", str(mlm), "--seed", "1", "--out", str(member2)])
+    res = ensemble.main([str(gap_dir / "pretrained"), str(member2), "--latency-samples", "20"])
 
     print(f"\n== summary ({time.time() - t0:.0f} s) ==")
     print(f"AG News ({args.train_per_label}/{args.test_per_label} per label), tiny BERT: pre-trained "

@@ -14,7 +14,7 @@ tinytlm/paper_overlap.py. Outputs: RESULTS/<scale>/<table>.md, .json and .png (m
 optional) and one record per finished cell in RESULTS/cells/<scale>/ (RESULTS = --results,
 default results/). A finished cell is never recomputed, so an interrupted table picks up where
 it stopped, and records committed from other machines (a GPU run) count as finished.
-The runner calls train_mlm.train and train_cls.run_arm in-process: one Python process keeps
+The runner calls tinytlm.pretrain.train and tinytlm.finetune.run_arm in-process: one Python process keeps
 torch.compile's caches and the CUDA context warm across cells, which matters in a 10-minute GPU
 window; a cell's own prints go to its log.txt.
 """

@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from data_prep.tasks import TASKS
-from tinytlm.common import UserError, git_revision, read_json, write_json
+from tinytlm.tasks import TASKS
+from tinytlm.common import Interrupted, UserError, git_revision, read_json, write_json
 from tinytlm.paper_tables import SCALES, grid
 
 FEWREL_RELATIONS = {"val_wiki": 16, "train_wiki": 64}  # labels when a FewRel task takes all
@@ -127,7 +127,7 @@ class Runner:
     def pretrain(self, row: dict, seed: int) -> tuple:
         """(checkpoint dir, key) of the row's pre-training at this seed; trains or resumes it when missing
         (mode "run"), lists it (mode "plan")."""
-        from train_mlm import MLMConfig, train
+        from tinytlm.pretrain import MLMConfig, train
         from tinytlm.checkpoint import load_checkpoint
         cfg = MLMConfig(model=row["model"], seed=seed, device=self.device, data=self.data, raw=self.raw,
                         **row["pretrain"], **self.speed)
@@ -155,7 +155,7 @@ class Runner:
             try:
                 with quiet_to(out):
                     train(replace(cfg, out=str(out)), dict(row["overrides"]), state)
-            except SystemExit:  # train() saved a checkpoint on Ctrl-C and exits 130
+            except Interrupted:  # train() saved a checkpoint at the step boundary
                 print(f"{what}: interrupted; the same command resumes it from {out}", file=sys.stderr)
                 raise
         write_json(out / "done.json", {"key": key, "seconds": time.time() - t0})
@@ -166,7 +166,7 @@ class Runner:
         """The result of the row's fine-tuning at this seed (run_arm's, plus our key and match); None in
         report mode when it is missing. need_ckpt: the classifier checkpoint must be in the local cache
         (a committee reads it), so a record alone does not do."""
-        from train_cls import ClsConfig, run_arm
+        from tinytlm.finetune import ClsConfig, run_arm
         from tinytlm.checkpoint import load_checkpoint
         seed = seed + row["seed_offset"]
         f = dict(row["finetune"])
@@ -209,7 +209,7 @@ class Runner:
 
     def _pretrain_key(self, row, seed) -> str:
         """A hash of the resolved train_mlm config (volatile fields left out) and the model overrides."""
-        from train_mlm import MLMConfig
+        from tinytlm.pretrain import MLMConfig
         cfg = MLMConfig(model=row["model"], seed=seed, **row["pretrain"])
         return key_of({"mlm": config_fields(cfg, {"model", "seed", *row["pretrain"]}), "overrides": row["overrides"]})
 
@@ -238,7 +238,7 @@ class Runner:
         return r
 
     def _evaluate(self, name: str, members: list) -> dict:
-        from data_prep.tasks import TaskSpec, ensure_task, load_task
+        from tinytlm.tasks import TaskSpec, ensure_task, load_task
         from tinytlm.checkpoint import build_model, load_checkpoint
         from tinytlm.committee import accuracy, committee_logits, predict_logits
         from tinytlm.common import default_data_root, default_raw_root

@@ -141,8 +141,8 @@ def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_
 
 
 def main(argv=None):
-    from data_prep.tasks import add_task_args, ensure_task, spec_from_args
-    from data_prep.wikipedia import ensure_wiki
+    from tinytlm.tasks import add_task_args, ensure_task, spec_from_args
+    from tinytlm.wikipedia import ensure_wiki
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_task_args(ap)
     ap.add_argument("--ws", type=int, default=40000, help="Wikipedia rows (W_s); 0 = no pre-training")

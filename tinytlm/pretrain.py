@@ -1,0 +1,310 @@
+"""Pre-train a BERT with masked-language modelling on the first W_s rows of shuffled Wikipedia.
+
+    python train_mlm.py --ws 40000                                  # the paper's BERT-6 setup
+    python train_mlm.py --model tiny --ws 2000 --epochs 2            # a CPU-sized run
+    python train_mlm.py --model bert1 --n_conv 2 --conv_kernel 16,3 --ws 40000
+    python train_mlm.py --pretrain_set custom --task fewrel           # Tables 1-2's custom-made set
+    python train_mlm.py --resume runs/mlm-tiny-random-ws2000-s0      # continue exactly
+
+Defaults are the paper's: bert6, 50 epochs, batch 32, AdamW lr 5.5e-5, weight decay
+1e-2, linear decay to 0 over all optimizer steps, no warm-up. Outputs in --out
+(default runs/<name>): config.json, metrics.jsonl (a header line, then step and
+epoch records), ckpt.pt (every epoch and on Ctrl-C).
+"""
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
+from tinytlm.common import Interrupted, UserError, cli, default_data_root, default_raw_root, read_json, short_hash
+from tinytlm.data import BERT_SPECIAL_IDS, epoch_order, get_batch, mask_generator, mask_tokens
+from tinytlm.model import BertConfig, BertForMLM, mlm_targets
+from tinytlm.train import (RunLog, autocast, lr_at, make_optimizer, parse_run_args, prepare_model, print_config,
+                           resolve_device)
+
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class MLMConfig:
+    model: str = "bert6"  # preset name (see BertConfig.presets()); model flags below override it
+    ws: int = 40000  # W_s: rows of the shuffled Wikipedia shard (random set) or cap of a constructed set (0 = all)
+    pretrain_set: str = "random"  # random | custom | raised-tm
+    task: str = "fewrel"  # constructed sets: the task whose tokens define them
+    labels: str = ""  # constructed sets: the task's label indices (default all)
+    train_per_label: int = 0  # constructed sets: the task's sample size (0 = paper's)
+    test_per_label: int = 0  # constructed sets: the task's sample size (0 = paper's)
+    fewrel_source: str = "val_wiki"  # constructed sets on FewRel: val_wiki | train_wiki
+    epochs: int = 50  # passes over the pre-training rows
+    batch_size: int = 32  # sequences per optimizer step
+    lr: float = 5.5e-5  # peak AdamW learning rate, decayed linearly to 0
+    weight_decay: float = 1e-2  # AdamW weight decay
+    grad_clip: float = 0.0  # max gradient norm (0 = off; the paper's code does not clip)
+    mask_per_row: int = 0  # 0: Bernoulli 15% masking; k > 0: exactly k chosen per row (static shapes)
+    mask_cap: int = 0  # k > 0: Bernoulli 15% masking, at most k chosen per row (static shapes, the paper's masks)
+    seed: int = 0  # data order, masks, init and dropout all follow from it
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    kernels: str = "torch"  # torch | triton attention/conv-stem kernels
+    log_every: int = 50  # optimizer steps between metric records
+    max_steps: int = 0  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
+    interrupt_at: int = 0  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
+    out: str = ""  # run directory (default runs/<name>)
+    resume: str = ""  # run directory or checkpoint to continue exactly
+    data: str = ""  # prepared data root (default $TINYTLM_DATA or ./data)
+    raw: str = ""  # raw data root (default $TINYTLM_RAW or ../shared/data)
+
+    def run_name(self, overrides=None) -> str:
+        extra = f"-{short_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
+        task = f"-{self.task}" if self.pretrain_set != "random" else ""
+        return f"mlm-{self.model}{extra}-{self.pretrain_set}{task}-ws{self.ws}-s{self.seed}"
+
+
+def parse(argv=None):
+    return parse_run_args(MLMConfig, __doc__, "training", argv)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+def pretrain_rows(cfg: MLMConfig):
+    """(ids array of the pre-training rows, data meta) for the chosen pre-training set."""
+    from tinytlm.tasks import TaskSpec, ensure_task, parse_labels
+    from tinytlm.wikipedia import ensure_wiki
+    from tinytlm.data import Shard
+    from tinytlm.tokstats import build_pretrain_set, pretrain_path
+    raw = Path(cfg.raw) if cfg.raw else default_raw_root()
+    data = Path(cfg.data) if cfg.data else default_data_root()
+    if cfg.ws < 0:
+        raise UserError(f"--ws {cfg.ws}: must be >= 0")
+    if cfg.pretrain_set == "random":
+        if cfg.ws == 0:
+            raise UserError("--ws 0: nothing to pre-train on (the no-pre-training arm is train_cls.py without --init)")
+        shard = ensure_wiki(cfg.ws, raw, data)
+        return rows_meta(shard, shard.ids[:cfg.ws], data, {"pretrain_set": "random", "ws": cfg.ws})
+    if cfg.pretrain_set not in ("custom", "raised-tm"):
+        raise UserError(f"--pretrain_set {cfg.pretrain_set!r}: choose random, custom or raised-tm")
+    spec = TaskSpec(task=cfg.task, labels=parse_labels(cfg.labels), train_per_label=cfg.train_per_label,
+                    test_per_label=cfg.test_per_label, fewrel_source=cfg.fewrel_source).resolved()
+    task_dir = ensure_task(spec, raw, data)
+    path = pretrain_path(data, cfg.pretrain_set, task_dir.name, cfg.ws if cfg.pretrain_set == "raised-tm" else 0)
+    if not path.is_file():
+        print(f"building the {cfg.pretrain_set} pre-training set for {task_dir.name} ...")
+        path = build_pretrain_set(cfg.pretrain_set, task_dir, ensure_wiki(-1, raw, data), cfg.ws, 0, data)
+    shard = Shard(path)
+    n = min(cfg.ws, len(shard)) if cfg.ws else len(shard)
+    return rows_meta(shard, shard.ids[:n], data, {"pretrain_set": cfg.pretrain_set, "ws": n, "task": task_dir.name})
+
+
+def rows_meta(shard, ids, data_root: Path, meta: dict):
+    """(ids, data meta): where the rows come from, a checksum of exactly these rows (a resumed run
+    checks it), and the special-token ids of the vocabulary the shard was made with."""
+    from tinytlm.data import payload_checksum
+    wiki_meta = read_json(data_root / "wikipedia" / "meta.json", "Wikipedia meta")
+    return ids, {**meta, "shard": str(shard.path), "shard_checksum": shard.checksum.hex(),
+                 "rows_checksum": payload_checksum(ids).hex(),
+                 "special_ids": wiki_meta.get("special_ids", BERT_SPECIAL_IDS)}
+
+
+# -----------------------------------------------------------------------------
+# training
+
+class StopAtBoundary(Exception):
+    """Ctrl-C was pressed: stop after the step in flight, so the checkpoint is exact."""
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """The first Ctrl-C (or SIGTERM) only sets a flag the loop checks between steps (a checkpoint written in the
+    middle of a step could hold half-updated weights or used-up RNG state); a second one stops at once."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once, without saving)", file=sys.stderr)
+
+    try:  # SIGTERM (a job scheduler's kill) is handled like Ctrl-C
+        prev = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: the signals keep their default behaviour
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        for sig, h in prev.items():
+            signal.signal(sig, h)
+
+
+def validate(cfg: MLMConfig):
+    for name in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
+    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    if cfg.mask_per_row and cfg.mask_cap:
+        raise UserError("--mask_per_row and --mask_cap exclude each other (exact k per row, or Bernoulli capped at k)")
+
+
+def train(cfg: MLMConfig, overrides: dict, resume_state=None):
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ids, data_meta = pretrain_rows(cfg)
+    if resume_state:
+        if resume_state["data"].get("rows_checksum") != data_meta["rows_checksum"]:
+            raise UserError(f"{resume_state['path']}: the pre-training rows differ from the ones this run started "
+                            f"with ({data_meta['shard']}); prepare the same data again to resume")
+        model = build_model(resume_state)
+        model_cfg = model.config
+    else:
+        model_cfg = BertConfig.preset(cfg.model, **overrides)
+        model = BertForMLM(model_cfg)
+    if int(ids.max(initial=0)) >= model_cfg.vocab_size:
+        raise UserError(f"{data_meta['shard']}: token ids reach {int(ids.max())}, model vocab is {model_cfg.vocab_size}")
+    if ids.shape[1] > model_cfg.max_pos:
+        raise UserError(f"{data_meta['shard']}: rows of {ids.shape[1]} tokens exceed max_pos {model_cfg.max_pos}")
+    sp = data_meta["special_ids"]
+    out = Path(cfg.out or f"runs/{cfg.run_name(overrides)}")
+    config = {**asdict(cfg), "model_config": model_cfg.to_dict(), "data": data_meta}
+    print_config("config", {**asdict(cfg), "data": data_meta})
+    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers")
+    raw_model = model
+    model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
+    opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
+    n = len(ids)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    step = 0
+    if resume_state:
+        opt.load_state_dict(resume_state["optimizer"])
+        set_rng_state(resume_state["rng"])
+        step = resume_state["step"]
+        print(f"resuming {resume_state['path']} at step {step} (epoch {step // steps_per_epoch})")
+    log = RunLog(out, config, device, resume=bool(resume_state))
+    last = min(total, cfg.max_steps) if cfg.max_steps else total
+    slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+
+    def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
+        save_checkpoint(out / "ckpt.pt", kind="mlm", model=raw_model, optimizer=None if step == total else opt,
+                        step=step, epoch=step // steps_per_epoch, train_config=asdict(cfg), data=data_meta)
+
+    bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    try:
+        with deferred_sigint() as sigint:
+            while step < last:
+                epoch, first = divmod(step, steps_per_epoch)
+                order = epoch_order(n, cfg.seed, epoch)
+                sums = torch.zeros(3, device=device)  # this epoch: loss sum, correct predictions, predictions
+                win = torch.zeros(4, device=device)  # since the last step record: the same, plus real tokens
+                t_win, win_steps, win_seqs = time.time(), 0, 0
+                for b in range(first, steps_per_epoch):
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
+                    lr = lr_at(step, total, cfg.lr)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    x = get_batch(ids, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device)
+                    inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
+                                                  mask_id=sp["mask"], special_ids=tuple(sp.values()),
+                                                  per_row=cfg.mask_per_row, cap=cfg.mask_cap)
+                    with autocast(device):  # the key-padding mask comes from the original ids, as in HF
+                        logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
+                                             per_row=slots)
+                    if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
+                        signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    win_steps += 1
+                    win_seqs += len(x)
+                    with torch.no_grad():  # accumulate on the device; synced only when logging
+                        y = mlm_targets(targets, slots)
+                        valid = y != -100
+                        n_valid = valid.sum()
+                        now = torch.stack([loss.detach().float() * n_valid, ((logits.argmax(-1) == y) & valid).sum(),
+                                           n_valid])
+                        sums += now
+                        win += torch.cat([now, (x != sp["pad"]).sum()[None]])
+                    # a record per window of log_every steps (an epoch's last window may be shorter): the
+                    # window's loss and accuracy, not a running mean, and its speed
+                    if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
+                        w = win.tolist()  # syncs: the window's steps are done
+                        dt = max(1e-9, time.time() - t_win)
+                        rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "loss": w[0] / max(1, w[2]),
+                               "mlm_acc": w[1] / max(1, w[2]), "masked": int(w[2]), "ms_per_step": 1e3 * dt / win_steps,
+                               "seq_per_s": win_seqs / dt, "tok_per_s": w[3] / dt}
+                        log.write(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", ms=f"{rec['ms_per_step']:.0f}",
+                                        tok_s=f"{rec['tok_per_s']:.0f}")
+                        win.zero_()
+                        t_win, win_steps, win_seqs = time.time(), 0, 0
+                    bar.update(1)
+                    if sigint["set"]:
+                        raise StopAtBoundary
+                    if step == last:
+                        break
+                s = sums.tolist()
+                log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
+                           "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2])})
+                save()  # every epoch, and where --max_steps stops
+    except StopAtBoundary:
+        bar.close()
+        save()
+        raise Interrupted(f"interrupted at step {step}: checkpoint {out / 'ckpt.pt'}; continue with --resume {out}")
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last completed "
+                          f"epoch") from None
+    bar.close()
+    print(f"done: {step} steps, checkpoint {out / 'ckpt.pt'}")
+    return out
+
+
+RESUME_FLAGS = {"resume", "out", "max_steps", "device", "log_every", "compile", "compile_mode", "kernels",
+                "interrupt_at", "data", "raw"}  # what may change when a run is continued
+
+
+def main(argv=None):
+    cfg, overrides = parse(argv)
+    if not cfg.resume:
+        out = Path(cfg.out or f"runs/{cfg.run_name(overrides)}")
+        if (out / "ckpt.pt").is_file():
+            raise UserError(f"{out} already holds a checkpoint; continue it with --resume {out}, "
+                            f"or choose another --out")
+        return train(cfg, overrides)
+    resume_state = load_checkpoint(cfg.resume, kind="mlm")
+    saved = MLMConfig(**resume_state["train_config"])
+    if resume_state["optimizer"] is None:
+        raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
+    default = MLMConfig()
+    conflicts = [f for f in asdict(cfg) if f not in RESUME_FLAGS and getattr(cfg, f) != getattr(default, f)
+                 and getattr(cfg, f) != getattr(saved, f)]
+    if conflicts or overrides:
+        bad = conflicts + list(overrides)
+        raise UserError(f"--resume continues the saved configuration; --{bad[0]} cannot change "
+                        f"(only {', '.join('--' + f for f in sorted(RESUME_FLAGS - {'resume'}))} can)")
+    for f in RESUME_FLAGS:  # the flags that may change take the new value when given
+        if getattr(cfg, f) != getattr(default, f):
+            setattr(saved, f, getattr(cfg, f))
+    saved.out = saved.out or str(Path(resume_state["path"]).parent)
+    return train(saved, {}, resume_state)
+
+
+if __name__ == "__main__":
+    cli(main)
