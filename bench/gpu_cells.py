@@ -177,7 +177,9 @@ def main(argv=None):
                     rec["status"] = "skipped: would not finish"
                 else:
                     cfg = model_cfg(row) if row["kind"] == "train" else None
-                    speed = rates.path(cfg or model_cfg(grid(table, args.scale)["rows"][0]))
+                    # no checkpoint per epoch: the cache dies with the GPU machine, and a BERT-6 checkpoint
+                    # with its AdamW state is ~0.8 GB to write
+                    speed = {**rates.path(cfg or model_cfg(grid(table, args.scale)["rows"][0])), "save_every": 0}
                     runner = Runner(args.cache, args.device, args.data, args.raw, records=args.records,
                                     scale=args.scale, speed=speed)
                     t0 = time.time()

@@ -1,8 +1,11 @@
 """Engine: exact resume, fine-tuning with the gap, the soft committee, bad input to the three scripts."""
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from tinytlm import ensemble, finetune, pretrain
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.committee import accuracy, committee_logits
-from tinytlm.common import Interrupted
+from tinytlm.common import Interrupted, cli
 
 REPO = Path(__file__).resolve().parents[1]
 # a very small model: 1 block, 1 head of 32 (the vocabulary stays 30,522 because the ids are real)
@@ -128,8 +131,25 @@ def test_committee_is_argmax_of_summed_logits():
 # -----------------------------------------------------------------------------
 # bad input: one-line error, exit code 2
 
+SCRIPTS = {"train_mlm.py": pretrain.main, "train_cls.py": finetune.main, "ensemble.py": ensemble.main}
+
+
 def run(args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    """A command run the way its script runs it (tinytlm.common.cli: exit code 2 and one line on stderr for
+    bad input), but in this process: a subprocess per case costs seconds of imports. The scripts themselves
+    run as subprocesses in the SIGTERM, SIGKILL and --kernels triton tests."""
+    err, argv = io.StringIO(), sys.argv
+    sys.argv = list(args)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                cli(SCRIPTS[args[0]])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+    finally:
+        sys.argv = argv
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def assert_one_line_error(r, *words):
@@ -231,3 +251,61 @@ def test_demo_runs_twice(roots, tmp_path, monkeypatch, capsys):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("ckpt.pt")} == first
     demo.main(argv[:-3] + ["2", "--out", str(tmp_path / "demo")])  # 2 fine-tuning epochs: a new demo
     assert "starting afresh" in capsys.readouterr().out
+
+
+def cls_args(roots, out, *extra, model=SMALL):
+    raw, data = roots
+    return ["--task", "agnews", "--train-per-label", "8", "--test-per-label", "6", "--epochs", "3", "--batch_size", "8",
+            "--raw", str(raw), "--data", str(data), *model, "--out", str(out), *extra]
+
+
+def assert_same_run(a_dir, b_dir):
+    a, b = load_checkpoint(a_dir, kind="cls"), load_checkpoint(b_dir, kind="cls")
+    assert a["step"] == b["step"] and a["optimizer"] is None and b["optimizer"] is None
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ra, rb = (json.loads((d / "result.json").read_text()) for d in (a_dir, b_dir))
+    assert ra["acc_per_epoch"] == rb["acc_per_epoch"] and ra["per_label_acc"] == rb["per_label_acc"]
+
+
+@pytest.mark.parametrize("at", [6, 4], ids=["mid-epoch", "epoch-end"])
+def test_finetuning_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path, at):
+    """Ctrl-C in the middle of a step (in the middle of epoch 2, or on the last step of epoch 1): the run
+    stops at the step boundary with an exact checkpoint, and --resume ends where the uninterrupted run ends."""
+    finetune.main(cls_args(roots, tmp_path / "a"))  # 3 epochs x 4 steps
+    with pytest.raises(Interrupted) as e:
+        finetune.main(cls_args(roots, tmp_path / "b", "--interrupt_at", str(at)))
+    assert "--resume" in str(e.value)
+    mid = load_checkpoint(tmp_path / "b", kind="cls")
+    assert mid["step"] == at and mid["optimizer"] is not None and not (tmp_path / "b" / "result.json").exists()
+    assert len(mid["extra"]["accs"]) == (at - 1) // 4 + (at % 4 == 0)  # an epoch's last step: scored first
+    assert_one_line_error(run(["train_cls.py", "--resume", str(tmp_path / "b"), "--lr", "1"]), "--lr")
+    finetune.main(["--resume", str(tmp_path / "b")])
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+    assert_one_line_error(run(["train_cls.py", "--resume", str(tmp_path / "b")]), "finished")
+
+
+def test_gap_killed_at_random_then_resumed(roots, tmp_path):
+    """SIGKILL (no chance to save) while the pre-trained arm trains: --resume on the gap folder continues
+    that arm from its last epoch checkpoint, runs the scratch arm, and gives the uninterrupted gap."""
+    import signal
+    import time
+    pretrain.main(mlm_args(roots, tmp_path / "mlm", "--epochs", "1"))
+    def gap(out):  # the architecture comes from the checkpoint
+        return cls_args(roots, out, "--epochs", "6", "--init", str(tmp_path / "mlm"), "--gap", model=["--device", "cpu"])
+    whole = finetune.main(gap(tmp_path / "a"))
+    p = subprocess.Popen([sys.executable, "train_cls.py", *gap(tmp_path / "b")], cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    metrics = tmp_path / "b" / "pretrained" / "metrics.jsonl"
+    for _ in range(3000):  # kill once the first epoch is scored and checkpointed
+        if metrics.is_file() and '"kind": "epoch"' in metrics.read_text():
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL and not (tmp_path / "b" / "gap.json").exists()
+    r = run(["train_cls.py", "--resume", str(tmp_path / "b")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "gap.json").read_text())["gap"] == whole["gap"]
+    for arm in ("pretrained", "scratch"):
+        assert_same_run(tmp_path / "a" / arm, tmp_path / "b" / arm)

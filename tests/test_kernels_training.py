@@ -16,7 +16,7 @@ from tinytlm.model import BertConfig, ConvStem, SelfAttention, set_kernels  # no
 # CPU: the Triton interpreter (conftest); on a GPU the same tests run natively on CUDA
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
 SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", DEVICE,
-         "--ws", "16", "--epochs", "1", "--batch_size", "4", "--log_every", "1", "--lr", "1e-3"]
+         "--ws", "8", "--epochs", "1", "--batch_size", "2", "--log_every", "1", "--lr", "1e-3"]  # 4 steps
 
 
 def losses(out):

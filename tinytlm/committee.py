@@ -8,7 +8,26 @@ import time
 import numpy as np
 import torch
 
+from tinytlm.common import UserError
+from tinytlm.tasks import TaskSpec, ensure_task, load_task
 from tinytlm.train import autocast
+
+
+def common_test_set(states: list, raw=None, data=None) -> tuple:
+    """(task folder, test shard, test labels) that classifier checkpoints share. They must agree on task,
+    label map and test set (the fingerprint each stored when it was scored), and the prepared test set
+    must still be that one."""
+    ref = states[0]
+    for s in states[1:]:
+        for key, what in (("task", "task"), ("label_names", "label map"), ("test_fingerprint", "test set")):
+            if s["extra"].get(key) != ref["extra"].get(key):
+                raise UserError(f"{s['path']}: trained on a different {what} than {ref['path']} "
+                                f"({s['extra'].get(key)!r} vs {ref['extra'].get(key)!r})")
+    task_dir = ensure_task(TaskSpec.from_dict(ref["extra"]["spec"]), raw, data)
+    _, _, test, yte, _ = load_task(task_dir)
+    if test.checksum.hex() != ref["extra"]["test_fingerprint"]:
+        raise UserError(f"{test.path}: this test set differs from the one the members were evaluated on")
+    return task_dir, test, yte
 
 
 @torch.no_grad()

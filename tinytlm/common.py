@@ -127,9 +127,10 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
-def short_hash(obj) -> str:
-    """8 hex digits naming a configuration (sorted JSON), for folder names."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def config_hash(obj, digits: int = 8) -> str:
+    """Hex digits naming a configuration (sha256 of its sorted JSON): 8 in run folder names, 12 in
+    the paper runner's cell keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:digits]
 
 
 def git_revision() -> str:

@@ -13,10 +13,9 @@ parallel CUDA streams (committee_forward; on CPU the same loop).
 """
 from pathlib import Path
 
-from tinytlm.tasks import TaskSpec, ensure_task, load_task
 from tinytlm.checkpoint import build_model, load_checkpoint
-from tinytlm.committee import accuracy, batch1_latency_ms, committee_logits, predict_logits
-from tinytlm.common import ArgParser, UserError, cli, default_data_root, default_raw_root, write_json
+from tinytlm.committee import accuracy, batch1_latency_ms, committee_logits, common_test_set, predict_logits
+from tinytlm.common import ArgParser, cli, default_data_root, default_raw_root, write_json
 from tinytlm.train import prepare_model, resolve_device
 
 
@@ -25,16 +24,6 @@ def describe(cfg) -> str:
     if cfg.n_conv:
         s += f" +{cfg.n_conv}CL d{cfg.conv_channels} {cfg.conv_kernel[0]}x{cfg.conv_kernel[1]}"
     return s
-
-
-def check_members(states):
-    """All members must be classifiers of the same task, label map and test set."""
-    ref = states[0]
-    for s in states[1:]:
-        for key, what in (("task", "task"), ("label_names", "label map"), ("test_fingerprint", "test set")):
-            if s["extra"].get(key) != ref["extra"].get(key):
-                raise UserError(f"{s['path']}: trained on a different {what} than {ref['path']} "
-                                f"({s['extra'].get(key)!r} vs {ref['extra'].get(key)!r})")
 
 
 def main(argv=None):
@@ -50,11 +39,7 @@ def main(argv=None):
     device = resolve_device(args.device)
 
     states = [load_checkpoint(p, kind="cls") for p in args.ckpts]
-    check_members(states)
-    task_dir = ensure_task(TaskSpec.from_dict(states[0]["extra"]["spec"]), args.raw, args.data)
-    _, _, test, yte, _ = load_task(task_dir)
-    if test.checksum.hex() != states[0]["extra"]["test_fingerprint"]:
-        raise UserError(f"{test.path}: this test set differs from the one the members were evaluated on")
+    task_dir, test, yte = common_test_set(states, args.raw, args.data)
 
     models = [prepare_model(build_model(s), device, args.kernels) for s in states]
     rows, logits = [], []

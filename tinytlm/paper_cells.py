@@ -13,7 +13,6 @@ and only then computed (mode "run"), listed (mode "plan": nothing runs) or repor
 computed, so the cache can be deleted without losing a table.
 """
 import contextlib
-import hashlib
 import json
 import sys
 import time
@@ -21,27 +20,28 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from tinytlm.tasks import TASKS
-from tinytlm.common import Interrupted, UserError, git_revision, read_json, write_json
+from tinytlm.common import Interrupted, config_hash, git_revision, read_json, write_json
 from tinytlm.paper_tables import SCALES, grid
+from tinytlm.train import switches
 
 FEWREL_RELATIONS = {"val_wiki": 16, "train_wiki": 64}  # labels when a FewRel task takes all
-# fields that do not change what is computed (paths, device, speed switches, logging)
-VOLATILE = ("out", "resume", "device", "compile", "compile_mode", "kernels", "log_every", "interrupt_at", "quiet",
-            "data", "raw", "max_steps", "init")
 MODES = ("run", "plan", "report")
 
 
 def key_of(d) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A cell's key: 12 hex digits of tinytlm.common.config_hash."""
+    return config_hash(d, 12)
 
 
 def config_fields(cfg, explicit) -> dict:
-    """The fields that define a run: those the grid sets, plus any other that differs from its default.
+    """The fields that define a run: those the grid sets, plus any other that differs from its default;
+    never the switches (tinytlm.train.switch: paths, device, speed, logging) nor --init (a cell names its
+    pre-training by that cell's key instead).
 
     Leaving out unset defaults keeps every cached key valid when a script gains a new field."""
-    default = type(cfg)()
+    default, volatile = type(cfg)(), switches(type(cfg)) | {"init"}
     return {k: v for k, v in asdict(cfg).items()
-            if k not in VOLATILE and (k in explicit or v != getattr(default, k))}
+            if k not in volatile and (k in explicit or v != getattr(default, k))}
 
 
 @contextlib.contextmanager
@@ -76,7 +76,8 @@ def path_of(cfg: dict) -> dict:
 class Runner:
     """Runs (mode "run"), lists (mode "plan") or only reads back (mode "report") the cells of a table.
 
-    speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels)."""
+    speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels,
+    save_every)."""
 
     def __init__(self, cache: Path, device: str, data: str, raw: str, mode: str = "run", records: Path = None,
                  scale: str = "", speed: dict = None):
@@ -198,8 +199,10 @@ class Runner:
         ckpt = self.pretrain(row, pretrain_seed)[0] if row["pretrain"] else None
         init_state = load_checkpoint(ckpt, kind="mlm") if ckpt else None
         cfg = replace(cfg, init=str(ckpt or ""))
+        state = load_checkpoint(out, kind="cls") if (out / "ckpt.pt").is_file() else None
+        state = state if state and state["optimizer"] is not None else None  # an interrupted cell: resumed exactly
         with quiet_to(out):
-            r = run_arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out)
+            r = run_arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out, state)
         mlm = mlm_summary(ckpt, read_json(ckpt / "done.json").get("seconds")) if ckpt else None
         r = {**r, "key": key, "match": match, "pretrain_key": pkey, "row": row["name"], "dir": out.name,
              "seconds": round(time.time() - t0, 1), "finetune": base, "mlm": mlm, "path": path_of(asdict(cfg))}
@@ -232,27 +235,18 @@ class Runner:
                 self._log(what, True, t0, f" acc {found['acc']:.4f}")
             return found
         members = [self.finetune(row, seed, pseed, need_ckpt=True) for row in rows]
-        r = {**self._evaluate(name, members), "seed": members[0]["seed"], "key": key}
+        r = {**self._evaluate(members), "seed": members[0]["seed"], "key": key}
         r = self._write(out, rec, r, "committee")
         self._log(what, False, t0, f" acc {r['acc']:.4f}")
         return r
 
-    def _evaluate(self, name: str, members: list) -> dict:
-        from tinytlm.tasks import TaskSpec, ensure_task, load_task
+    def _evaluate(self, members: list) -> dict:
         from tinytlm.checkpoint import build_model, load_checkpoint
-        from tinytlm.committee import accuracy, committee_logits, predict_logits
-        from tinytlm.common import default_data_root, default_raw_root
-        from tinytlm.train import device_name, resolve_device
+        from tinytlm.committee import accuracy, committee_logits, common_test_set, predict_logits
+        from tinytlm.train import device_name, resolve_device, roots
         device = resolve_device(self.device)
         states = [load_checkpoint(self.cache / "cls" / m["dir"], kind="cls") for m in members]
-        fingerprints = {s["extra"]["test_fingerprint"] for s in states}
-        if len(fingerprints) != 1:
-            raise UserError(f"committee {name}: members were tested on different test sets")
-        spec = TaskSpec.from_dict(states[0]["extra"]["spec"])
-        _, _, test, yte, _ = load_task(ensure_task(spec, Path(self.raw) if self.raw else default_raw_root(),
-                                                   Path(self.data) if self.data else default_data_root()))
-        if test.checksum.hex() not in fingerprints:
-            raise UserError(f"committee {name}: {test.path} is not the test set the members were scored on")
+        _, test, yte = common_test_set(states, *roots(self))
         logits = [predict_logits(build_model(s).to(device), test.ids, device) for s in states]
         return {"acc": accuracy(committee_logits(logits), yte), "members": [m["key"] for m in members],
                 "member_acc": [accuracy(lg, yte) for lg in logits], "device": device_name(device)}

@@ -11,10 +11,8 @@ Defaults are the paper's: bert6, 50 epochs, batch 32, AdamW lr 5.5e-5, weight de
 (default runs/<name>): config.json, metrics.jsonl (a header line, then step and
 epoch records), ckpt.pt (every epoch and on Ctrl-C).
 """
-import contextlib
 import math
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
-from tinytlm.common import Interrupted, UserError, cli, default_data_root, default_raw_root, read_json, short_hash
+from tinytlm.common import Interrupted, UserError, cli, config_hash, read_json
 from tinytlm.data import BERT_SPECIAL_IDS, epoch_order, get_batch, mask_generator, mask_tokens
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
-from tinytlm.train import (RunLog, autocast, lr_at, make_optimizer, parse_run_args, prepare_model, print_config,
-                           resolve_device)
+from tinytlm.train import (RunLog, StopAtBoundary, autocast, deferred_sigint, lr_at, make_optimizer, parse_run_args,
+                           prepare_model, print_config, resolve_device, resumed_config, roots, switch)
 
 
 # -----------------------------------------------------------------------------
@@ -51,20 +49,21 @@ class MLMConfig:
     mask_per_row: int = 0  # 0: Bernoulli 15% masking; k > 0: exactly k chosen per row (static shapes)
     mask_cap: int = 0  # k > 0: Bernoulli 15% masking, at most k chosen per row (static shapes, the paper's masks)
     seed: int = 0  # data order, masks, init and dropout all follow from it
-    device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile the model
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    kernels: str = "torch"  # torch | triton attention/conv-stem kernels
-    log_every: int = 50  # optimizer steps between metric records
-    max_steps: int = 0  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
-    interrupt_at: int = 0  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
-    out: str = ""  # run directory (default runs/<name>)
-    resume: str = ""  # run directory or checkpoint to continue exactly
-    data: str = ""  # prepared data root (default $TINYTLM_DATA or ./data)
-    raw: str = ""  # raw data root (default $TINYTLM_RAW or ../shared/data)
+    device: str = switch("auto")  # auto | cpu | cuda
+    compile: bool = switch(False)  # torch.compile the model
+    compile_mode: str = switch("default")  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
+    kernels: str = switch("torch")  # torch | triton attention/conv-stem kernels
+    log_every: int = switch(50)  # optimizer steps between metric records
+    save_every: int = switch(1)  # epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)
+    max_steps: int = switch(0)  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
+    interrupt_at: int = switch(0)  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
+    out: str = switch("")  # run directory (default runs/<name>)
+    resume: str = switch("")  # run directory or checkpoint to continue exactly
+    data: str = switch("")  # prepared data root (default $TINYTLM_DATA or ./data)
+    raw: str = switch("")  # raw data root (default $TINYTLM_RAW or ../shared/data)
 
     def run_name(self, overrides=None) -> str:
-        extra = f"-{short_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
+        extra = f"-{config_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
         task = f"-{self.task}" if self.pretrain_set != "random" else ""
         return f"mlm-{self.model}{extra}-{self.pretrain_set}{task}-ws{self.ws}-s{self.seed}"
 
@@ -82,8 +81,7 @@ def pretrain_rows(cfg: MLMConfig):
     from tinytlm.wikipedia import ensure_wiki
     from tinytlm.data import Shard
     from tinytlm.tokstats import build_pretrain_set, pretrain_path
-    raw = Path(cfg.raw) if cfg.raw else default_raw_root()
-    data = Path(cfg.data) if cfg.data else default_data_root()
+    raw, data = roots(cfg)
     if cfg.ws < 0:
         raise UserError(f"--ws {cfg.ws}: must be >= 0")
     if cfg.pretrain_set == "random":
@@ -118,39 +116,11 @@ def rows_meta(shard, ids, data_root: Path, meta: dict):
 # -----------------------------------------------------------------------------
 # training
 
-class StopAtBoundary(Exception):
-    """Ctrl-C was pressed: stop after the step in flight, so the checkpoint is exact."""
-
-
-@contextlib.contextmanager
-def deferred_sigint():
-    """The first Ctrl-C (or SIGTERM) only sets a flag the loop checks between steps (a checkpoint written in the
-    middle of a step could hold half-updated weights or used-up RNG state); a second one stops at once."""
-    flag = {"set": False}
-
-    def handler(signum, frame):
-        if flag["set"]:
-            raise KeyboardInterrupt
-        flag["set"] = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once, without saving)", file=sys.stderr)
-
-    try:  # SIGTERM (a job scheduler's kill) is handled like Ctrl-C
-        prev = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: the signals keep their default behaviour
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        for sig, h in prev.items():
-            signal.signal(sig, h)
-
-
 def validate(cfg: MLMConfig):
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at"):
+    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at", "save_every"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
     if cfg.mask_per_row and cfg.mask_cap:
@@ -262,7 +232,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                 s = sums.tolist()
                 log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
                            "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2])})
-                save()  # every epoch, and where --max_steps stops
+                if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or step == last:
+                    save()  # every save_every epochs, at the end, and where --max_steps stops
     except StopAtBoundary:
         bar.close()
         save()
@@ -274,10 +245,6 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
     bar.close()
     print(f"done: {step} steps, checkpoint {out / 'ckpt.pt'}")
     return out
-
-
-RESUME_FLAGS = {"resume", "out", "max_steps", "device", "log_every", "compile", "compile_mode", "kernels",
-                "interrupt_at", "data", "raw"}  # what may change when a run is continued
 
 
 def main(argv=None):
@@ -292,16 +259,7 @@ def main(argv=None):
     saved = MLMConfig(**resume_state["train_config"])
     if resume_state["optimizer"] is None:
         raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
-    default = MLMConfig()
-    conflicts = [f for f in asdict(cfg) if f not in RESUME_FLAGS and getattr(cfg, f) != getattr(default, f)
-                 and getattr(cfg, f) != getattr(saved, f)]
-    if conflicts or overrides:
-        bad = conflicts + list(overrides)
-        raise UserError(f"--resume continues the saved configuration; --{bad[0]} cannot change "
-                        f"(only {', '.join('--' + f for f in sorted(RESUME_FLAGS - {'resume'}))} can)")
-    for f in RESUME_FLAGS:  # the flags that may change take the new value when given
-        if getattr(cfg, f) != getattr(default, f):
-            setattr(saved, f, getattr(cfg, f))
+    saved = resumed_config(cfg, saved, overrides)
     saved.out = saved.out or str(Path(resume_state["path"]).parent)
     return train(saved, {}, resume_state)
 

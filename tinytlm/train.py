@@ -8,12 +8,14 @@ import dataclasses
 import json
 import os
 import platform
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from tinytlm.common import ArgParser, UserError, git_revision, read_json, write_json
+from tinytlm.common import ArgParser, UserError, default_data_root, default_raw_root, git_revision, read_json, write_json
 from tinytlm.model import BertConfig, set_kernels
 
 
@@ -54,6 +56,34 @@ def add_dataclass_args(ap, cls, group_title=None, all_optional=False):
         flag = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--compile` = true
         g.add_argument(*names, dest=f.name, type=_arg_type(f, default), **flag,
                        default=None if all_optional else default, help=f"(default {default})")
+
+
+def switch(default):
+    """A config field that changes where or how fast a run goes, or what it prints, but not what it
+    computes: it may change when a run is resumed, and it is not part of a cell's identity in the
+    paper runner. Every other field must stay what the run started with."""
+    return dataclasses.field(default=default, metadata={"switch": True})
+
+
+def switches(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("switch")}
+
+
+def resumed_config(cfg, saved, overrides: dict):
+    """The saved config of a run being resumed, with the switches this command line gives; a flag
+    that would change what is computed is a one-line error."""
+    default, allowed = type(cfg)(), switches(type(cfg))
+    given = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
+    bad = [f for f in given if f not in allowed and getattr(cfg, f) != getattr(saved, f)] + list(overrides)
+    if bad:
+        raise UserError(f"--resume continues the saved configuration; --{bad[0]} cannot change "
+                        f"(only {', '.join('--' + f for f in sorted(allowed - {'resume'}))} can)")
+    return dataclasses.replace(saved, **{f: getattr(cfg, f) for f in given if f in allowed})
+
+
+def roots(cfg) -> tuple:
+    """(raw data root, prepared data root) of a run config: --raw and --data, else the defaults."""
+    return (Path(cfg.raw) if cfg.raw else default_raw_root()), (Path(cfg.data) if cfg.data else default_data_root())
 
 
 def dataclass_from_args(cls, args):
@@ -131,6 +161,37 @@ def make_optimizer(model, lr, weight_decay, device):
 def lr_at(step: int, total: int, lr: float) -> float:
     """Linear decay from lr to 0 over `total` optimizer steps, no warm-up."""
     return lr * max(0.0, 1.0 - step / max(1, total))
+
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM at step boundaries
+
+class StopAtBoundary(Exception):
+    """Ctrl-C was pressed: stop after the step in flight, so the checkpoint is exact."""
+
+
+@contextlib.contextmanager
+def deferred_sigint():
+    """The first Ctrl-C (or SIGTERM) only sets a flag the loop checks between steps (a checkpoint written in the
+    middle of a step could hold half-updated weights or used-up RNG state); a second one stops at once."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once, without saving)", file=sys.stderr)
+
+    try:  # SIGTERM (a job scheduler's kill) is handled like Ctrl-C
+        prev = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: the signals keep their default behaviour
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        for sig, h in prev.items():
+            signal.signal(sig, h)
 
 
 # -----------------------------------------------------------------------------
