@@ -19,18 +19,18 @@ Every unit is logged to --log (JSONL: estimate, actual seconds, status); at the 
 tables' reports are rebuilt from the records (RESULTS/<scale>/<table>.md).
 """
 import json
+import signal
 import sys
 import time
 import traceback
 from pathlib import Path
 
-
-from bench.common import train_flops  # noqa: E402
-from tinytlm.common import ArgParser, UserError, cli, read_json  # noqa: E402
-from tinytlm.model import BertConfig  # noqa: E402
-from tinytlm.paper import report_table  # noqa: E402
-from tinytlm.paper_cells import Runner, run_table  # noqa: E402
-from tinytlm.paper_tables import SCALES, grid  # noqa: E402
+from bench.common import train_flops
+from tinytlm.common import ArgParser, Interrupted, UserError, cli, read_json
+from tinytlm.model import BertConfig
+from tinytlm.paper import report_table
+from tinytlm.paper_cells import Runner, run_table
+from tinytlm.paper_tables import SCALES, grid
 
 ORDER = ("table5", "table9", "table6", "table3", "table8")
 SAFETY = 1.25  # estimates are multiplied by this before they are compared with the time left
@@ -117,12 +117,11 @@ def estimate(table, row, seed, args, rates) -> tuple:
 def prep(args):
     """Prepare every shard the tables' cells read (run on the CPU machine: the GPU one has no raw data):
     the longest Wikipedia prefix any row pre-trains on, and each distinct fine-tuning task."""
-    from tinytlm.tasks import ensure_task
-    from tinytlm.wikipedia import ensure_wiki
-    from tinytlm.common import default_data_root, default_raw_root
     from tinytlm.finetune import ClsConfig
-    raw = Path(args.raw) if args.raw else default_raw_root()
-    data = Path(args.data) if args.data else default_data_root()
+    from tinytlm.tasks import ensure_task
+    from tinytlm.train import roots
+    from tinytlm.wikipedia import ensure_wiki
+    raw, data = roots(args)
     rows = [r for t in args.tables.split(",") for r in grid(t, args.scale)["rows"] if r["kind"] == "train"]
     ws = max(r["pretrain"]["ws"] for r in rows if r["pretrain"])
     print(f"Wikipedia: first {ws:,} rows -> {ensure_wiki(ws, raw, data).path}")
@@ -164,44 +163,54 @@ def main(argv=None):
     rates = Rates(read_json(args.throughput, "throughput"))
     args.log.parent.mkdir(parents=True, exist_ok=True)
     touched, failed = [], 0
-    for table in args.tables.split(","):
-        for row in ordered_rows(table, args.scale):
-            for seed in range(args.seeds):
-                left = t_end - time.time()
-                est, todo = estimate(table, row, seed, args, rates)
-                rec = {"table": table, "row": row["name"], "seed": seed, "estimate_s": round(est, 1),
-                       "left_s": round(left, 1), "todo": [c["what"] for c in todo]}
-                if not todo:
-                    rec["status"] = "recorded"
-                elif est * SAFETY > left:
-                    rec["status"] = "skipped: would not finish"
-                else:
-                    cfg = model_cfg(row) if row["kind"] == "train" else None
-                    # no checkpoint per epoch: the cache dies with the GPU machine, and a BERT-6 checkpoint
-                    # with its AdamW state is ~0.8 GB to write
-                    speed = {**rates.path(cfg or model_cfg(grid(table, args.scale)["rows"][0])), "save_every": 0}
-                    runner = Runner(args.cache, args.device, args.data, args.raw, records=args.records,
-                                    scale=args.scale, speed=speed)
-                    t0 = time.time()
-                    try:
-                        run_table(table, args.scale, seed + 1, runner, only={(row["name"], seed)})
-                        rec["status"] = "done"
-                    except Exception as e:  # one failing cell must not lose the next ones
-                        traceback.print_exc()
-                        rec["status"] = f"failed: {type(e).__name__}: {e}"[:300]
-                        failed += 1
-                    rec.update(actual_s=round(time.time() - t0, 1), path=speed)
-                    rows = {r["model"]: r for r in grid(table, args.scale)["rows"] if r["kind"] == "train"}
-                    for c in todo:
-                        if c["cell"] != "committee":
-                            rates.paid(model_cfg(rows[c["model"]]), c["cell"])
-                    if table not in touched:
-                        touched.append(table)
-                print(f"[{rec['status']}] {table} {row['name']} seed {seed}: estimate {rec['estimate_s']} s, "
-                      f"left {rec['left_s']} s" + (f", took {rec['actual_s']} s" if "actual_s" in rec else ""),
-                      flush=True)
-                with open(args.log, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+
+    def stop(signum, frame):  # the stage's time cap: end the unit in flight (at a step boundary where it
+        raise Interrupted("SIGTERM")  # trains), then write the reports of what is recorded
+
+    signal.signal(signal.SIGTERM, stop)
+    units = [(t, row, seed) for t in args.tables.split(",") for row in ordered_rows(t, args.scale)
+             for seed in range(args.seeds)]
+    for table, row, seed in units:
+        left = t_end - time.time()
+        est, todo = estimate(table, row, seed, args, rates)
+        rec = {"table": table, "row": row["name"], "seed": seed, "estimate_s": round(est, 1),
+               "left_s": round(left, 1), "todo": [c["what"] for c in todo]}
+        if not todo:
+            rec["status"] = "recorded"
+        elif est * SAFETY > left:
+            rec["status"] = "skipped: would not finish"
+        else:
+            cfg = model_cfg(row) if row["kind"] == "train" else None
+            # no checkpoint per epoch: the cache dies with the GPU machine, and a BERT-6 checkpoint
+            # with its AdamW state is ~0.8 GB to write
+            speed = {**rates.path(cfg or model_cfg(grid(table, args.scale)["rows"][0])), "save_every": 0}
+            runner = Runner(args.cache, args.device, args.data, args.raw, records=args.records,
+                            scale=args.scale, speed=speed)
+            t0 = time.time()
+            try:
+                run_table(table, args.scale, seed + 1, runner, only={(row["name"], seed)})
+                rec["status"] = "done"
+            except Interrupted:
+                rec["status"] = "stopped at the time cap (not recorded)"
+            except Exception as e:  # one failing cell must not lose the next ones
+                traceback.print_exc()
+                rec["status"] = f"failed: {type(e).__name__}: {e}"[:300]
+                failed += 1
+            rec.update(actual_s=round(time.time() - t0, 1), path=speed)
+            rows = {r["model"]: r for r in grid(table, args.scale)["rows"] if r["kind"] == "train"}
+            for c in todo:
+                if c["cell"] != "committee":
+                    rates.paid(model_cfg(rows[c["model"]]), c["cell"])
+            if table not in touched:
+                touched.append(table)
+        print(f"[{rec['status']}] {table} {row['name']} seed {seed}: estimate {rec['estimate_s']} s, "
+              f"left {rec['left_s']} s" + (f", took {rec['actual_s']} s" if "actual_s" in rec else ""),
+              flush=True)
+        with open(args.log, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if rec["status"].startswith("stopped"):
+            break
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the reports are written whatever comes now
     report = Runner(args.cache, args.device, args.data, args.raw, mode="report", records=args.records,
                     scale=args.scale)
     for table in touched:  # the reports of what this run added to, rebuilt from every record

@@ -19,8 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-
-from tinytlm.common import REPO, ArgParser, UserError, cli, read_json  # noqa: E402
+from tinytlm.common import REPO, ArgParser, UserError, cli, read_json
 
 
 def slug(device: str) -> str:

@@ -24,13 +24,13 @@ import traceback
 from dataclasses import asdict, dataclass
 
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import (free_memory, latency_ms, markdown_table, result_path, run_header, smoke_config,  # noqa: E402
+from bench.common import (free_memory, latency_ms, markdown_table, result_path, run_header, smoke_config,
                           token_batch, write_report)
-from tinytlm.common import ArgParser, UserError, cli  # noqa: E402
-from tinytlm.model import BertConfig, BertForClassification, set_kernels  # noqa: E402
-from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device  # noqa: E402
+from tinytlm.common import ArgParser, UserError, cli
+from tinytlm.model import BertConfig, BertForClassification, set_kernels
+from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device
 
 TABLE8 = "bert1-cl2-d64-3x3-h8,bert1-cl2-d64-3x3-h12,bert1-h24,bert1-cl2-d64-16x3-h12,bert1-cl3-d32-3x3-h12"
 MODES = ("seq", "streams", "graph", "graph+streams")

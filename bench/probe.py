@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-import torch  # noqa: E402
+import torch
 
 from bench.common import device_label, markdown_table, result_path, revision, run_header, sync, utc_now, \
-    versions, write_report  # noqa: E402
-from tinytlm.common import ArgParser, UserError, cli, write_json  # noqa: E402
-from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device  # noqa: E402
+    versions, write_report
+from tinytlm.common import ArgParser, UserError, cli, write_json
+from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device
 
 
 # -----------------------------------------------------------------------------

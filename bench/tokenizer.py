@@ -17,10 +17,10 @@ import time
 os.environ["RAYON_NUM_THREADS"] = "1"  # must be set before tokenizers starts its thread pool
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from tinytlm.common import default_raw_root, git_revision  # noqa: E402
-from tinytlm.tokenizer import WordPieceTokenizer  # noqa: E402
+from tinytlm.common import default_raw_root, git_revision
+from tinytlm.tokenizer import WordPieceTokenizer
 
 # -----------------------------------------------------------------------------
 # data

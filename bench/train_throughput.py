@@ -55,18 +55,18 @@ import traceback
 from dataclasses import asdict, dataclass
 
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import (MASK, PAD, CLS, SEP, check_matmul_params, device_label, error_note,  # noqa: E402
+from bench.common import (MASK, PAD, CLS, SEP, check_matmul_params, device_label, error_note,
                           free_memory, markdown_table, mean_step_ms, peak_memory_gib, read_peak, result_path,
                           revision, run_header, smoke_config, token_batch, train_flops, utc_now, versions,
                           write_report)
-from tinytlm.common import ArgParser, UserError, cli, write_json  # noqa: E402
-from tinytlm.data import mask_generator, mask_tokens  # noqa: E402
-from tinytlm.hf import hf_config  # noqa: E402
-from tinytlm.model import BertConfig, BertForClassification, BertForMLM  # noqa: E402
+from tinytlm.common import ArgParser, UserError, cli, write_json
+from tinytlm.data import mask_generator, mask_tokens
+from tinytlm.hf import hf_config
+from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 from tinytlm.train import COMPILE_MODES, add_dataclass_args, autocast, dataclass_from_args, make_optimizer, \
-    prepare_model, resolve_device  # noqa: E402
+    prepare_model, resolve_device
 
 STACKS = ("hf", "eager", "compiled", "triton", "graphs", "graphs+triton")
 # priority order: the likely winners of both depths first (a compile costs 20-60 s on a GPU), so a time
