@@ -329,3 +329,20 @@ def test_masking_cap_keeps_the_bernoulli_masks():
     # a cap of 32 almost never binds at p = 0.15 (128-token rows: 18.9 expected)
     _, t32 = mask_tokens(idx, mask_generator("cpu", 1, 2), cap=32, **kw)
     assert torch.equal(t32, free_t)
+
+
+def test_special_ids_come_from_the_prepared_folder(tmp_path):
+    """Token statistics exclude the specials of the vocabulary the shards were made with (meta.json), not
+    bert-base-uncased's ids; folders from before meta.json recorded them fall back to those."""
+    from tinytlm.data import BERT_SPECIAL_IDS, special_ids, write_shard
+    from tinytlm.tokstats import task_counts
+    ids = np.array([[7, 0, 5, 100, 9], [7, 6, 5, 2, 3]])
+    for split in ("train", "test"):
+        write_shard(tmp_path / f"{split}.bin", ids, 200)
+    assert special_ids(tmp_path) == BERT_SPECIAL_IDS
+    c = task_counts(tmp_path)
+    assert c[0] == 0 and c[100] == 0 and c[5] == 4 and c[7] == 4
+    (tmp_path / "meta.json").write_text(json.dumps({"special_ids": {"pad": 5, "unk": 6, "cls": 7, "sep": 8,
+                                                                     "mask": 9}}))
+    c = task_counts(tmp_path)
+    assert c[5] == c[6] == c[7] == c[9] == 0 and c[0] == 2 and c[100] == 2

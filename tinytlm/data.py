@@ -19,6 +19,7 @@ Every file is written to a temp name and renamed, so a crash never leaves a
 broken shard behind.
 """
 import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -34,8 +35,16 @@ assert HEADER.size == 64
 DTYPES = {1: np.uint16, 2: np.uint32}
 DTYPE_CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 IGNORE = -100  # Hugging Face's ignore index for MLM targets
-# bert-base-uncased's special ids; a prepared Wikipedia shard records its own in meta.json
+# bert-base-uncased's special ids; every prepared folder records those of its vocabulary in meta.json
 BERT_SPECIAL_IDS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+
+
+def special_ids(folder) -> dict:
+    """The special-token ids ({pad, unk, cls, sep, mask}) of the vocabulary a prepared folder (Wikipedia
+    or a task) was tokenized with, from its meta.json; folders prepared before they were recorded used
+    bert-base-uncased's."""
+    meta = Path(folder) / "meta.json"
+    return (json.loads(meta.read_text()).get("special_ids") if meta.is_file() else None) or dict(BERT_SPECIAL_IDS)
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
 from tinytlm.common import Interrupted, UserError, cli, config_hash, read_json
-from tinytlm.data import BERT_SPECIAL_IDS, epoch_order, get_batch, mask_generator, mask_tokens
+from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
 from tinytlm.train import (RunLog, StopAtBoundary, autocast, deferred_sigint, lr_at, make_optimizer, parse_run_args,
                            prepare_model, print_config, resolve_device, resumed_config, roots, switch)
@@ -107,10 +107,9 @@ def rows_meta(shard, ids, data_root: Path, meta: dict):
     """(ids, data meta): where the rows come from, a checksum of exactly these rows (a resumed run
     checks it), and the special-token ids of the vocabulary the shard was made with."""
     from tinytlm.data import payload_checksum
-    wiki_meta = read_json(data_root / "wikipedia" / "meta.json", "Wikipedia meta")
+    read_json(data_root / "wikipedia" / "meta.json", "Wikipedia meta")  # a one-line error when it is missing
     return ids, {**meta, "shard": str(shard.path), "shard_checksum": shard.checksum.hex(),
-                 "rows_checksum": payload_checksum(ids).hex(),
-                 "special_ids": wiki_meta.get("special_ids", BERT_SPECIAL_IDS)}
+                 "rows_checksum": payload_checksum(ids).hex(), "special_ids": special_ids(data_root / "wikipedia")}
 
 
 # -----------------------------------------------------------------------------

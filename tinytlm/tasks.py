@@ -239,8 +239,8 @@ def prepare_task(spec: TaskSpec, raw: Path, out: Path, vocab: Path, quiet=False)
 
 def _write_splits(spec, tok, splits, names, labels, dest, vocab, quiet):
     meta = {"kind": "task", "spec": asdict(spec), "seed": SEED, "label_names": [names[l] for l in labels],
-            "source_label_index": labels, "vocab_sha256": sha256_file(vocab), "sources": {}, "counts": {},
-            "short": {}}
+            "source_label_index": labels, "vocab_sha256": sha256_file(vocab), "special_ids": tok.special_ids(),
+            "sources": {}, "counts": {}, "short": {}}
     for split, want in (("train", spec.train_per_label), ("test", spec.test_per_label)):
         texts, y, path = splits[split]
         skip = spec.train_per_label if (spec.task == "fewrel" and split == "test") else 0

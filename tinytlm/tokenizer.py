@@ -134,6 +134,10 @@ class WordPieceTokenizer:
         self._max_cont = max(map(len, self._cont), default=0)
         self._cache = {}  # raw word -> tuple of ids
 
+    def special_ids(self) -> dict:
+        """{pad, unk, cls, sep, mask}: ids, as every prepared folder records them in meta.json."""
+        return {"pad": self.pad_id, "unk": self.unk_id, "cls": self.cls_id, "sep": self.sep_id, "mask": self.mask_id}
+
     @classmethod
     def from_file(cls, vocab_path, expected_size=None):
         """Load a BERT vocab.txt (one piece per line, line number = id), as HF's load_vocab reads it."""

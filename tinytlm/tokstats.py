@@ -26,15 +26,18 @@ import numpy as np
 
 from tinytlm.common import (ArgParser, UserError, cli, default_data_root, default_raw_root, read_json, save_npy,
                             write_json)
-from tinytlm.data import BERT_SPECIAL_IDS, Shard, write_shard
-
-SPECIALS = tuple(BERT_SPECIAL_IDS.values())  # [PAD] [UNK] [CLS] [SEP] [MASK]
+from tinytlm.data import BERT_SPECIAL_IDS, Shard, special_ids, write_shard
 
 
-def counts(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+def specials_of(shard: Shard) -> list:
+    """The special ids of the vocabulary a shard was made with (its folder's meta.json)."""
+    return list(special_ids(shard.path.parent).values())
+
+
+def counts(ids: np.ndarray, vocab_size: int, specials=tuple(BERT_SPECIAL_IDS.values())) -> np.ndarray:
     """Occurrences of every id, specials zeroed. ids: any shape."""
     c = np.bincount(np.asarray(ids).reshape(-1), minlength=vocab_size).astype(np.int64)
-    c[list(SPECIALS)] = 0
+    c[list(specials)] = 0
     return c
 
 
@@ -43,7 +46,7 @@ def wiki_counts(shard: Shard, ws: int, chunk: int = 65536) -> np.ndarray:
         raise UserError(f"--ws {ws}: the Wikipedia shard {shard.path} has only {len(shard)} rows")
     c = np.zeros(shard.vocab_size, dtype=np.int64)
     for i in range(0, ws, chunk):
-        c += counts(shard.ids[i:min(ws, i + chunk)], shard.vocab_size)
+        c += counts(shard.ids[i:min(ws, i + chunk)], shard.vocab_size, specials_of(shard))
     return c
 
 
@@ -63,20 +66,22 @@ def pair_stats(c_task: np.ndarray, c_wiki: np.ndarray) -> dict:
 
 def task_counts(task_dir: Path) -> np.ndarray:
     train, test = Shard(task_dir / "train.bin"), Shard(task_dir / "test.bin")
-    return counts(train.ids, train.vocab_size) + counts(test.ids, test.vocab_size)
+    sp = specials_of(train)
+    return counts(train.ids, train.vocab_size, sp) + counts(test.ids, test.vocab_size, sp)
 
 
-def rows_within(ids: np.ndarray, allowed: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def rows_within(ids: np.ndarray, allowed: np.ndarray, chunk: int = 65536,
+                specials=tuple(BERT_SPECIAL_IDS.values())) -> np.ndarray:
     """Indices of rows whose every token is allowed (specials always allowed)."""
     allowed = allowed.copy()
-    allowed[list(SPECIALS)] = True
+    allowed[list(specials)] = True
     keep = [np.flatnonzero(allowed[ids[i:i + chunk]].all(axis=1)) + i for i in range(0, len(ids), chunk)]
     return np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
 
 
 def build_custom(wiki: Shard, c_task: np.ndarray):
     """Rows of the whole Wikipedia shard whose tokens all lie in T_C."""
-    return rows_within(wiki.ids, c_task > 0)
+    return rows_within(wiki.ids, c_task > 0, specials=specials_of(wiki))
 
 
 def build_raised_tm(wiki: Shard, c_task: np.ndarray, ws: int, top_k: int = 0):
@@ -87,7 +92,7 @@ def build_raised_tm(wiki: Shard, c_task: np.ndarray, ws: int, top_k: int = 0):
     def rows_for(k):
         allowed = c_task == 0
         allowed[by_freq[:k]] = True
-        return rows_within(wiki.ids, allowed)
+        return rows_within(wiki.ids, allowed, specials=specials_of(wiki))
 
     if top_k:
         rows = rows_for(top_k)
@@ -133,7 +138,7 @@ def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_
         raise UserError(f"no Wikipedia row is made only of the allowed tokens for {task_dir.name}")
     ids = np.asarray(wiki.ids[rows])
     write_shard(path, ids, wiki.vocab_size)
-    stats = pair_stats(c_task, counts(ids, wiki.vocab_size))
+    stats = pair_stats(c_task, counts(ids, wiki.vocab_size, specials_of(wiki)))
     save_npy(path.with_suffix(".rows.npy"), rows)  # which Wikipedia shard rows were kept
     write_json(path.with_suffix(".meta.json"), {"kind": kind, "task": task_dir.name, "rows": int(len(rows)),
                                                 **info, **stats})

@@ -204,7 +204,7 @@ def _write(dest, ids_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds
         "vocab": str(vocab), "vocab_sha256": sha256_file(vocab),
         "seed": SEED, "shuffle": "numpy.random.default_rng(42).permutation(n_articles)",
         "articles_total": n, "rows": int(len(ids_arr)), "row_len": max_len,
-        "special_ids": {"pad": tok.pad_id, "unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id, "mask": tok.mask_id},
+        "special_ids": tok.special_ids(),
         "complete": len(ids_arr) == n,
         "seconds": round(seconds, 1),
     })
