@@ -11,14 +11,15 @@ and the rest after, also for even kernels such as 16 x 3. Epilogue: + bias, opti
 (erf) GELU, and optionally the stem's last 1x1 projection (a per-pixel dot over channels +
 bias + GELU), so the last layer writes (B, T, W) instead of (B, d, T, W).
 
-Two paths:
-- inference (`conv_stem_infer`): BatchNorm is folded into the conv weights (`fold_bn`,
-  `fold_stem`), every layer is one kernel launch (conv + bias + GELU), the last one also
+Two ops (the stem module itself, with its BatchNorm folding, is tinytlm.model.ConvStem):
+- `conv_stem_infer(x, params)`: inference with BatchNorm already folded into the conv weights
+  (`ConvStem.fold`); every layer is one kernel launch (conv + bias + GELU), the last one also
   does the projection. Activations are kept channels-last (B, T, W, C) for contiguous loads.
-- training (`conv_stem_train`): BatchNorm needs batch statistics between conv and GELU, so
-  only conv + bias is a Triton kernel (`conv2d_same`, an autograd.Function); BatchNorm and
-  GELU stay torch modules, and the conv backward is torch's (torch.nn.grad conv2d_input /
-  conv2d_weight on the explicitly padded input).
+  Reference: `conv_stem_infer_ref` (plain torch).
+- `conv2d_same(x, weight, bias)`: one conv + bias, for training, where BatchNorm needs batch
+  statistics between conv and GELU (so BatchNorm and GELU stay torch modules in ConvStem);
+  the conv backward is torch's (torch.nn.grad conv2d_input / conv2d_weight on the explicitly
+  padded input). Reference: F.conv2d(padding="same").
 
 Under autocast both paths first cast the activations to the autocast dtype (weights follow
 them), as autocast does for F.conv2d, which it cannot do for a custom op: `kernels='triton'`
@@ -32,7 +33,6 @@ upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
 import os
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import triton
 import triton.language as tl
@@ -218,63 +218,15 @@ def conv2d_same(x, weight, bias=None):
 
 # ----------------------------------------------------------------------------- public API
 
-class ConvStemRef(nn.Module):
-    """Plain-torch stem (the reference): convs[i] + bns[i] + GELU, then proj + proj_bn + GELU.
-    fold_stem / conv_stem_train accept any module with these attribute names."""
-
-    def __init__(self, n_conv=1, d=64, kernel=(3, 3)):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else d, d, kernel, padding="same") for i in range(n_conv))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(d) for _ in range(n_conv))
-        self.proj = nn.Conv2d(d, 1, 1)
-        self.proj_bn = nn.BatchNorm2d(1)
-
-    def forward(self, x):
-        h = x.unsqueeze(1)  # (B, 1, T, H)
-        for conv, bn in zip(self.convs, self.bns):
-            h = F.gelu(bn(conv(h)))  # (B, d, T, H)
-        return F.gelu(self.proj_bn(self.proj(h))).squeeze(1)  # (B, T, H)
-
-
-def conv_stem_ref(x, stem):
-    """(B, T, H) -> (B, T, H) with plain torch ops (any stem with the ConvStemRef attributes)."""
-    return ConvStemRef.forward(stem, x)
-
-
-def fold_bn(conv_w, conv_b, bn_mean, bn_var, bn_w, bn_b, eps):
-    """Fold an eval-mode BatchNorm into the preceding conv: returns (weight, bias) with
-    conv'(x) = bn(conv(x)). conv_b may be None; bn_w / bn_b may be None (affine=False)."""
-    scale = torch.rsqrt(bn_var.float() + eps)
-    if bn_w is not None:
-        scale = scale * bn_w.float()
-    bias = conv_b.float() if conv_b is not None else torch.zeros_like(scale)
-    bias = (bias - bn_mean.float()) * scale
-    if bn_b is not None:
-        bias = bias + bn_b.float()
-    return (conv_w.float() * scale[:, None, None, None]).to(conv_w.dtype), bias.to(conv_w.dtype)
-
-
-@torch.no_grad()
-def fold_stem(stem):
-    """Eval-mode parameters of a stem (attributes convs, bns, proj, proj_bn) for conv_stem_infer:
-    a list of {"weight": (C_out, C_in, kh, kw), "bias": (C_out,)} dicts, one per conv layer with
-    its BatchNorm folded in, then the same for the 1x1 projection (weight (1, d, 1, 1))."""
-    params = []
-    pairs = list(zip(stem.convs, stem.bns)) + [(stem.proj, stem.proj_bn)]
-    for conv, bn in pairs:
-        w, b = fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        params.append({"weight": w.detach().clone(), "bias": b.detach().clone()})
-    return params
-
-
 def conv_stem_infer(x, params):
-    """Inference stem: x (B, T, H) -> (B, T, H), with params from fold_stem. One fused
+    """Inference stem: x (B, T, H) -> (B, T, H), with params from ConvStem.fold (tinytlm.model). One fused
     conv + bias + GELU launch per layer; the last layer also applies the 1x1 projection.
     Computes in x.dtype (the autocast dtype inside an autocast region); params are cast to it."""
     if x.dim() != 3:
         raise ValueError(f"conv_stem_infer: x must be (B, T, H), got {tuple(x.shape)}")
     if len(params) < 2 or params[-1]["weight"].shape[0] != 1 or params[-1]["weight"].shape[2:] != (1, 1):
-        raise ValueError("conv_stem_infer: params must be fold_stem output: conv layers then a 1x1 d -> 1 projection")
+        raise ValueError("conv_stem_infer: params must be ConvStem.fold output: conv layers, then a 1x1 d -> 1 "
+                         "projection")
     return _conv_stem_infer_op(_autocast(x), [p["weight"] for p in params], [p["bias"] for p in params])
 
 
@@ -312,12 +264,11 @@ def _(x, weights, biases):
     return torch.empty_like(x)
 
 
-def conv_stem_train(x, stem):
-    """Training stem: x (B, T, H) -> (B, T, H). Convs run the Triton kernel (conv2d_same);
-    BatchNorm (batch statistics in train mode, running stats updated) and GELU are the
-    stem's torch modules / F.gelu, so forward and backward match conv_stem_ref."""
+def conv_stem_infer_ref(x, params):
+    """Plain-torch conv_stem_infer: per layer conv ('same') + bias + exact GELU, then the 1x1 projection
+    + bias + GELU; x (B, T, H) -> (B, T, H), computed in x.dtype."""
     h = x.unsqueeze(1)  # (B, 1, T, H)
-    for conv, bn in zip(stem.convs, stem.bns):
-        h = F.gelu(bn(conv2d_same(h, conv.weight, conv.bias)))  # (B, d, T, H)
-    h = F.gelu(stem.proj_bn(conv2d_same(h, stem.proj.weight, stem.proj.bias)))  # (B, 1, T, H)
-    return h.squeeze(1)
+    for p in params[:-1]:
+        h = F.gelu(F.conv2d(h, p["weight"].to(x.dtype), p["bias"].to(x.dtype), padding="same"))  # (B, d, T, H)
+    p = params[-1]
+    return F.gelu(F.conv2d(h, p["weight"].to(x.dtype), p["bias"].to(x.dtype))).squeeze(1)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from kernels.attention import attention, attention_ref, dropout_mask  # noqa: E402
-from kernels.conv_stem import (ConvStemRef, conv2d_same, conv_stem_infer, conv_stem_ref,  # noqa: E402
-                               conv_stem_train, fold_bn, fold_stem)
+from kernels.conv_stem import conv2d_same, conv_stem_infer, conv_stem_infer_ref  # noqa: E402
+from tinytlm.model import BertConfig, ConvStem, fold_bn  # noqa: E402
 
 # PyTorch warns that 'same' with an even kernel (16 x 3) pads a copy: expected, in the references
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -282,9 +282,10 @@ def test_attention_compiles_inductor():
 # ----------------------------------------------------------------------------- conv stem
 
 def _stem(n_conv, d, kernel, seed=0):
-    """ConvStemRef with non-trivial BatchNorm parameters and running statistics."""
+    """The model's ConvStem (kernels 'torch': the reference) with non-trivial BatchNorm parameters
+    and running statistics."""
     torch.manual_seed(seed)
-    stem = ConvStemRef(n_conv, d, kernel)
+    stem = ConvStem(BertConfig(n_conv=n_conv, conv_channels=d, conv_kernel=kernel))
     with torch.no_grad():
         for bn in list(stem.bns) + [stem.proj_bn]:
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -334,9 +335,14 @@ def test_conv_stem_infer_matches_eval_reference(case):
     x = torch.randn(2, T, H, device=DEVICE)
     with torch.no_grad():
         ref = stem(x)
-    y = conv_stem_infer(x, fold_stem(stem))
+        folded = conv_stem_infer_ref(x, stem.fold())  # the op's own plain-torch reference
+        stem.kernels = "triton"
+        via_model = stem(x)  # eval without autograd: the model takes the fused op
+    y = conv_stem_infer(x, stem.fold())
     assert y.shape == (2, T, H)
+    assert_close(folded, ref, torch.float32, "fold")
     assert_close(y, ref, torch.float32, "conv_stem_infer")
+    assert torch.equal(via_model, y)
 
 
 def test_conv_stem_infer_bf16():
@@ -344,7 +350,7 @@ def test_conv_stem_infer_bf16():
     x = torch.randn(2, 17, 9, device=DEVICE)
     with torch.no_grad():
         ref = stem(x.bfloat16().float())
-    y = conv_stem_infer(x.bfloat16(), fold_stem(stem))
+    y = conv_stem_infer(x.bfloat16(), stem.fold())
     assert y.dtype == torch.bfloat16
     assert_close(y, ref, torch.bfloat16, "conv_stem_infer bf16")
 
@@ -356,8 +362,9 @@ def test_conv_stem_train_matches_reference(case):
     # parameter, and the running statistics updated by the step
     n_conv, d, kernel, T, H = case
     stem, stem_ref = _stem(n_conv, d, kernel).train(), _stem(n_conv, d, kernel).train()
+    stem.kernels = "triton"  # the Triton convs inside the model's stem; stem_ref stays on torch
     x = torch.randn(3, T, H, device=DEVICE, requires_grad=True)
-    y, ref = conv_stem_train(x, stem), conv_stem_ref(x, stem_ref)
+    y, ref = stem(x), stem_ref(x)
     assert_close(y, ref, torch.float32, "forward")
     got = _grads(y, [x, *stem.parameters()])
     want = _grads(ref, [x, *stem_ref.parameters()])
@@ -370,7 +377,7 @@ def test_conv_stem_train_matches_reference(case):
 
 
 def test_conv_stem_bad_input():
-    params = fold_stem(_stem(1, 32, (3, 3)).eval())
+    params = _stem(1, 32, (3, 3)).eval().fold()
     with pytest.raises(ValueError, match=r"\(B, T, H\)"):
         conv_stem_infer(torch.randn(2, 1, 8, 8, device=DEVICE), params)
     with pytest.raises(ValueError, match="projection"):

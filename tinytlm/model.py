@@ -10,6 +10,7 @@ encoder: the (B, T, H) embedding output is treated as a one-channel (T x H) imag
     logits, loss = model(idx, attention_mask, targets)   # sparse head: logits (N_sel, V)
 """
 import dataclasses
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -189,7 +190,6 @@ class ConvStem(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         d, k = cfg.conv_channels, cfg.conv_kernel
-        # attribute names shared with kernels/conv_stem.py (ConvStemRef, conv_stem_train, fold_stem)
         self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else d, d, k, padding="same") for i in range(cfg.n_conv))
         self.bns = nn.ModuleList(nn.BatchNorm2d(d) for _ in range(cfg.n_conv))
         self.proj = nn.Conv2d(d, 1, 1)
@@ -198,18 +198,36 @@ class ConvStem(nn.Module):
 
     def forward(self, x):
         # x (B, T, H)
+        conv = functools.partial(F.conv2d, padding="same")  # what nn.Conv2d(padding="same") calls
         if self.kernels == "triton":
             from kernels import conv_stem as ks  # imported here: Triton is optional
             # pure inference folds BN into the convs (one fused op); with autograd on (training, or
             # gradients in eval mode) only the convs are kernels and BN runs as a module (batch
             # statistics in train mode, running statistics in eval mode)
             if not self.training and not torch.is_grad_enabled():
-                return ks.conv_stem_infer(x, ks.fold_stem(self))
-            return ks.conv_stem_train(x, self)
+                return ks.conv_stem_infer(x, self.fold())
+            conv = ks.conv2d_same  # Triton forward, torch backward
         h = x.unsqueeze(1)  # (B, 1, T, H)
-        for conv, bn in zip(self.convs, self.bns):
-            h = F.gelu(bn(conv(h)))  # (B, d, T, H)
-        return F.gelu(self.proj_bn(self.proj(h))).squeeze(1)  # (B, 1, T, H) -> (B, T, H)
+        for c, bn in zip(self.convs, self.bns):
+            h = F.gelu(bn(conv(h, c.weight, c.bias)))  # (B, d, T, H)
+        return F.gelu(self.proj_bn(conv(h, self.proj.weight, self.proj.bias))).squeeze(1)  # (B, T, H)
+
+    @torch.no_grad()
+    def fold(self) -> list:
+        """Eval-mode parameters for the fused inference op: one {"weight": (C_out, C_in, kh, kw), "bias":
+        (C_out,)} per conv layer with its BatchNorm (running statistics) folded in, then the 1x1 projection's."""
+        return [dict(zip(("weight", "bias"), fold_bn(c.weight, c.bias, bn.running_mean, bn.running_var, bn.weight,
+                                                     bn.bias, bn.eps)))
+                for c, bn in [*zip(self.convs, self.bns), (self.proj, self.proj_bn)]]
+
+
+def fold_bn(conv_w, conv_b, bn_mean, bn_var, bn_w, bn_b, eps):
+    """Fold an eval-mode BatchNorm into the preceding conv: returns (weight, bias) with
+    conv'(x) = bn(conv(x)). conv_b may be None; bn_w / bn_b may be None (affine=False)."""
+    scale = torch.rsqrt(bn_var.float() + eps) * (bn_w.float() if bn_w is not None else 1.0)
+    bias = ((conv_b.float() if conv_b is not None else 0.0) - bn_mean.float()) * scale
+    bias = bias + (bn_b.float() if bn_b is not None else 0.0)
+    return (conv_w.float() * scale[:, None, None, None]).to(conv_w.dtype), bias.to(conv_w.dtype)
 
 
 class Encoder(nn.Module):

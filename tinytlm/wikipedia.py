@@ -15,9 +15,9 @@ has every article. Input: JSONL objects with `title` and `text` (`.jsonl`,
 import gzip
 import json
 import lzma
+import multiprocessing
 import os
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -101,15 +101,19 @@ def encode_parallel(texts, vocab_path, max_len, workers, chunk=1000, desc="token
     """encode_batch over `workers` processes, in order, with a progress bar."""
     chunks = [(texts[i:i + chunk], max_len) for i in range(0, len(texts), chunk)]
     out = np.zeros((len(texts), max_len), dtype=np.uint16)
-    bar = tqdm(total=len(texts), desc=desc, unit="rows", disable=None)
-    pos = 0
+    workers = min(workers, len(chunks))
     if workers <= 1:
         _init_worker(vocab_path)
         results = map(_encode_chunk, chunks)
         pool = None
     else:
-        pool = Pool(workers, initializer=_init_worker, initargs=(str(vocab_path),))
+        # spawned, not forked: a fork copies whatever lock another thread (tqdm's monitor, torch's pools)
+        # holds at that moment, and a worker can hang on it forever
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                         initargs=(str(vocab_path),))
         results = pool.imap(_encode_chunk, chunks)
+    bar = tqdm(total=len(texts), desc=desc, unit="rows", disable=None)
+    pos = 0
     try:
         for arr in results:
             out[pos:pos + len(arr)] = arr
