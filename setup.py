@@ -4,8 +4,11 @@ setup(
     name="tinytlm",
     version="0.1.0",
     description="Pre-train and study tiny BERT language models (Gross et al., arXiv 2507.14871)",
-    packages=["tinytlm", "kernels", "data_prep"],
-    py_modules=["train_mlm", "train_cls", "ensemble"],
+    # one top-level package once installed: the repository's kernels/ becomes tinytlm.kernels (the
+    # checkout keeps the design's layout; tinytlm.kernel_path finds either). The commands are modules:
+    # python -m tinytlm.pretrain | finetune | ensemble | tasks | wikipedia | tokstats | paper | demo
+    packages=["tinytlm", "tinytlm.kernels"],
+    package_dir={"tinytlm.kernels": "kernels"},
     python_requires=">=3.10",
     # torch is not pinned here: on a CPU-only machine install the CPU wheel first
     # (the README's commands do), otherwise pip would pull a CUDA build.

@@ -14,12 +14,13 @@ import argparse
 import datetime
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from tinytlm.common import git_revision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,14 +37,6 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.0, help="attention dropout probability (both paths)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="results folder")
     return p.parse_args(argv)
-
-
-def git_revision():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # --------------------------------------------------------------------------- bench

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from tinytlm.common import REPO, UserError, atomic_path, default_data_root, git_revision, read_json
+from tinytlm.common import UserError, atomic_path, git_revision, read_json
 from tinytlm.model import BertConfig
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103  # bert-base-uncased special ids, as train_mlm.py
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 
@@ -192,16 +193,6 @@ def versions() -> dict:
     return out
 
 
-def revision() -> str:
-    """The git revision; on a machine without .git (the GPU machine gets the work tree only), the one
-    bench/gpu_session.sh recorded at prep in $TINYTLM_DATA/REVISION, marked as such; else "unknown"."""
-    rev = git_revision()
-    recorded = default_data_root() / "REVISION"
-    if rev == "unknown" and recorded.is_file():
-        rev = f"{recorded.read_text().strip()} (recorded at prep)"
-    return rev
-
-
 def utc_now() -> str:
     return f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
@@ -227,7 +218,7 @@ def run_header(device, config: dict) -> list:
     """Lines for the top of a report (and the console): command, git, versions, device, config."""
     v = versions()
     return [f"- command: `PYTHONPATH=. python {' '.join(shlex.quote(a) for a in sys.argv)}`",
-            f"- date: {utc_now()}; git revision: `{revision()}`",
+            f"- date: {utc_now()}; git revision: `{git_revision()}`",
             "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
             f"- device: {device_label(device)}",
             "- config: " + " ".join(f"{k}={val}" for k, val in config.items())]

@@ -19,7 +19,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from tinytlm.common import REPO, ArgParser, UserError, cli, read_json
+from tinytlm.common import ArgParser, UserError, cli, read_json
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def slug(device: str) -> str:
@@ -61,7 +63,8 @@ def session_md(w: Path, session: dict) -> str:
     if (w / "bench" / "throughput.json").is_file():
         best = read_json(w / "bench" / "throughput.json").get("best") or {}
         lines += ["", "## Path chosen per model (fastest that passed its tests)", "",
-                  "| model | batch | stack | seq/s | forward seq/s | first step s |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| model | batch | stack | seq/s | forward seq/s | first step s |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {m} | {b.get('B')} | {b.get('stack')} | {b.get('seq_per_s', 0):.0f} | "
                   f"{b.get('infer_seq_per_s') or 0:.0f} | {b.get('first_step_s') or 0:.1f} |" for m, b in best.items()]
     units = jsonl(w / "results" / "schedule.jsonl")

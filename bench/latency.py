@@ -29,7 +29,8 @@ import torch
 from bench.common import (free_memory, latency_ms, markdown_table, result_path, run_header, smoke_config,
                           token_batch, write_report)
 from tinytlm.common import ArgParser, UserError, cli
-from tinytlm.model import BertConfig, BertForClassification, set_kernels
+from tinytlm.kernel_path import set_kernels
+from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device
 
 TABLE8 = "bert1-cl2-d64-3x3-h8,bert1-cl2-d64-3x3-h12,bert1-h24,bert1-cl2-d64-16x3-h12,bert1-cl3-d32-3x3-h12"

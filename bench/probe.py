@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_label, markdown_table, result_path, revision, run_header, sync, utc_now, \
+from bench.common import device_label, markdown_table, result_path, run_header, sync, utc_now, \
     versions, write_report
-from tinytlm.common import ArgParser, UserError, cli, write_json
+from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device
 
 
@@ -115,7 +115,7 @@ def probe(pc: ProbeConfig, device) -> dict:
     mm = matmul_rate(device, n, dtype, pc.warmup, pc.iters, pc.repeats)
     mm["label"] = (f"bf16 {n}^3 torch.matmul on {device_label(device)}: the MFU peak" if gpu else
                    f"CPU-sized fp32 {n}^3 on {device.type}: a smoke number, NOT a GPU rate")
-    return {"date": utc_now(), "git": revision(), "smoke": pc.smoke, **device_facts(device),
+    return {"date": utc_now(), "git": git_revision(), "smoke": pc.smoke, **device_facts(device),
             "versions": versions(), "matmul": mm, "matmul_tflops": mm["tflops"]}
 
 

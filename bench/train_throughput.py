@@ -59,9 +59,9 @@ import torch
 
 from bench.common import (MASK, PAD, CLS, SEP, check_matmul_params, device_label, error_note,
                           free_memory, markdown_table, mean_step_ms, peak_memory_gib, read_peak, result_path,
-                          revision, run_header, smoke_config, token_batch, train_flops, utc_now, versions,
+                          run_header, smoke_config, token_batch, train_flops, utc_now, versions,
                           write_report)
-from tinytlm.common import ArgParser, UserError, cli, write_json
+from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.hf import hf_config
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
@@ -368,7 +368,7 @@ def main(argv=None):
     print("\n".join(header))
     path = result_path("train", device, bc.out, bc.smoke)
     title = "MLM training throughput" + (" (smoke run, not a performance number)" if bc.smoke else "")
-    result = {"device": device_label(device), "date": utc_now(), "git": revision(), "versions": versions(),
+    result = {"device": device_label(device), "date": utc_now(), "git": git_revision(), "versions": versions(),
               "smoke": bc.smoke, "complete": False, "config": asdict(bc), "peak_tflops": peak,
               "peak_source": peak_source, "cases": [], "infer": {}, "best": {}}
     cases, infer, configs, batches = result["cases"], result["infer"], {}, {}

@@ -43,8 +43,8 @@ from typing import Optional
 import torch
 import triton
 
-from kernels.attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
-                                       _attn_fwd_kernel, _dropout_mask_kernel)
+from .attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
+                                _attn_fwd_kernel, _dropout_mask_kernel)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

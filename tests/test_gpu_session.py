@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tinytlm.common import REPO
 
-from bench import gpu_cells, gpu_import  # noqa: E402
+from bench import gpu_cells, gpu_import
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def throughput(path: Path, seq_per_s: float) -> Path:

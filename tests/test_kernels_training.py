@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 from tinytlm import pretrain  # noqa: E402
 from tinytlm.checkpoint import rng_state, set_rng_state  # noqa: E402
-from tinytlm.model import BertConfig, ConvStem, SelfAttention, set_kernels  # noqa: E402
+from tinytlm.kernel_path import set_kernels  # noqa: E402
+from tinytlm.model import BertConfig, ConvStem, SelfAttention  # noqa: E402
 
 # CPU: the Triton interpreter (conftest); on a GPU the same tests run natively on CUDA
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"

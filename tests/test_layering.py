@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tinytlm.common import REPO
+REPO = Path(__file__).resolve().parents[1]
+
 
 ABOVE = {"train_mlm", "train_cls", "ensemble", "data_prep", "bench", "tests"}
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tinytlm.common import UserError
-from tinytlm.model import BertConfig, BertForClassification, BertForMLM, ConvStem, set_kernels
+from tinytlm.kernel_path import set_kernels
+from tinytlm.model import BertConfig, BertForClassification, BertForMLM, ConvStem
 
 
 def _batch(vocab, B=4, T=16, seed=0):

@@ -2,15 +2,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tinytlm.common import REPO
 from tinytlm.model import BertConfig
 from tinytlm.paper import EXTRA, TABLES, main
 from tinytlm.paper_report import summarize
 from tinytlm.paper_tables import SCALES, grid
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_table5_mini_end_to_end_and_cached(shared, tmp_path):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+SOURCE = Path(__file__).resolve().parents[1]  # the checkout, or site-packages once installed
 
 
 class UserError(Exception):
@@ -42,16 +42,22 @@ def cli(main):
         sys.exit(130)
 
 
+def home() -> Path:
+    """Where data, runs and results go by default: $TINYTLM_HOME, else the current directory (the
+    repository root, run as the README does); never the installed package's folder."""
+    return Path(os.environ.get("TINYTLM_HOME") or ".")
+
+
 def default_raw_root() -> Path:
-    """Raw data root: $TINYTLM_RAW, else ../shared/data beside the repository."""
+    """Raw data root: $TINYTLM_RAW, else ../shared/data beside the home folder."""
     env = os.environ.get("TINYTLM_RAW")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    return Path(env) if env else home() / ".." / "shared" / "data"
 
 
 def default_data_root() -> Path:
-    """Prepared shards: $TINYTLM_DATA, else ./data in the repository."""
+    """Prepared shards: $TINYTLM_DATA, else data/ in the home folder."""
     env = os.environ.get("TINYTLM_DATA")
-    return Path(env) if env else REPO / "data"
+    return Path(env) if env else home() / "data"
 
 
 @contextlib.contextmanager
@@ -134,11 +140,19 @@ def config_hash(obj, digits: int = 8) -> str:
 
 
 def git_revision() -> str:
+    """The checkout's short revision, "-dirty" with uncommitted changes to tracked files; installed,
+    that of the repository around the current directory. Without git (the GPU machine gets the work
+    tree only): the revision bench/gpu_session.sh recorded at prep in $TINYTLM_DATA/REVISION, marked
+    as such; else "unknown"."""
+    where = SOURCE if (SOURCE / ".git").exists() else Path.cwd()
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        rev = dirty = ""
+    if rev:
+        return rev + ("-dirty" if dirty else "")
+    recorded = default_data_root() / "REVISION"
+    return f"{recorded.read_text().strip()} (recorded at prep)" if recorded.is_file() else "unknown"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tinytlm import ensemble, finetune, pretrain, tokstats
 from tinytlm.checkpoint import load_checkpoint
-from tinytlm.common import ArgParser, cli, read_json, write_json
+from tinytlm.common import ArgParser, cli, home, read_json, write_json
 
 
 def main(argv=None):
@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--train-per-label", type=int, default=1000, help="AG News train rows per label")
     ap.add_argument("--test-per-label", type=int, default=250, help="AG News test rows per label")
     ap.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs")
-    ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    ap.add_argument("--out", type=Path, default=home() / "runs" / "demo", help="output folder")
     args = ap.parse_args(argv)
     t0 = time.time()
     settings = {k: str(v) for k, v in vars(args).items()}

@@ -26,12 +26,13 @@ from tqdm import tqdm
 from tinytlm.tasks import TaskSpec, ensure_task, load_task, parse_labels
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
 from tinytlm.committee import accuracy, per_label_accuracy, predict_logits
-from tinytlm.common import Interrupted, UserError, cli, config_hash, read_json, write_json
+from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
-from tinytlm.train import (RunLog, StopAtBoundary, autocast, deferred_sigint, device_name, lr_at, make_optimizer,
-                           parse_run_args, prepare_model, print_config, resolve_device, resumed_config, roots, switch)
+from tinytlm.train import (RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name, lr_at,
+                           make_optimizer, parse_run_args, prepare_model, print_config, refuse_existing,
+                           resolve_device, resumed_config, roots, switch)
 
 # PAPER.md: Table 1 fine-tunes FewRel at 8e-5 / 1e-2; Tables 3-7 mostly 5e-5 with weight decay 1e-3..2e-2
 TASK_DEFAULTS = {"agnews": (5e-5, 1e-2), "dbpedia": (5e-5, 1e-2), "fewrel": (8e-5, 1e-2)}
@@ -143,11 +144,7 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path, resume_state
         else:
             model_cfg = BertConfig.preset(cfg.model, **overrides)
             model = BertForClassification(model_cfg, n_labels)
-    top = max(int(train.ids.max(initial=0)), int(test.ids.max(initial=0)))
-    if top >= model_cfg.vocab_size:
-        raise UserError(f"{task_dir}: token ids reach {top}, the model's vocabulary has {model_cfg.vocab_size}")
-    if train.row_len > model_cfg.max_pos:
-        raise UserError(f"{train.path}: rows of {train.row_len} tokens exceed the model's {model_cfg.max_pos} positions")
+    check_rows(max(int(train.ids.max(initial=0)), int(test.ids.max(initial=0))), train.row_len, model_cfg, task_dir)
     config = {**asdict(cfg), "lr": lr, "wd": wd, "task_dir": task_dir.name, "model_config": model_cfg.to_dict()}
     if not cfg.quiet:
         print_config("config", {k: v for k, v in config.items() if k != "model_config"})
@@ -328,11 +325,8 @@ def main(argv=None):
     arch = init_state["train_config"]["model"] if init_state else cfg.model
     tag = config_hash({"spec": asdict(cfg.spec()), "overrides": overrides, "init": cfg.init})
     name = f"cls-{cfg.spec().dirname()}-{arch}-{'pt' if init_state else 'scratch'}-s{cfg.seed}-{tag}"
-    out = Path(cfg.out or f"runs/{name}")
-    done = [p for p in ([out / "pretrained", out / "scratch"] if cfg.gap else [out]) if (p / "ckpt.pt").is_file()]
-    if done:
-        raise UserError(f"{done[0]} already holds a classifier checkpoint; continue it with --resume "
-                        f"{out}, or choose another --out")
+    out = Path(cfg.out or home() / "runs" / name)
+    refuse_existing(out, [out / "pretrained", out / "scratch"] if cfg.gap else [out])
     if not cfg.gap:
         r = run_arm(cfg, overrides, init_state, out)
         report(r)

@@ -11,7 +11,6 @@ encoder: the (B, T, H) embedding output is treated as a one-channel (T x H) imag
 """
 import dataclasses
 import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinytlm.common import UserError
-
-KERNELS = ("torch", "triton")
-
+from tinytlm.kernel_path import kernel_module
 
 @dataclass
 class BertConfig:
@@ -141,9 +138,8 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, D)
         p = self.attn_dropout if self.training else 0.0
         if self.kernels == "triton":
-            from kernels.attention import attention  # imported here: Triton is optional
             # seed None: a fresh dropout seed drawn on x's device from its torch generator per call
-            y = attention(q, k, v, key_padding_mask, p)
+            y = kernel_module("attention").attention(q, k, v, key_padding_mask, p)
         else:
             mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -200,7 +196,7 @@ class ConvStem(nn.Module):
         # x (B, T, H)
         conv = functools.partial(F.conv2d, padding="same")  # what nn.Conv2d(padding="same") calls
         if self.kernels == "triton":
-            from kernels import conv_stem as ks  # imported here: Triton is optional
+            ks = kernel_module("conv_stem")
             # pure inference folds BN into the convs (one fused op); with autograd on (training, or
             # gradients in eval mode) only the convs are kernels and BN runs as a module (batch
             # statistics in train mode, running statistics in eval mode)
@@ -386,15 +382,3 @@ class BertForClassification(_Pretrained):
         logits = self.head(self.bert(idx, attention_mask, token_type_ids))  # (B, n_labels)
         loss = F.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
-
-
-def set_kernels(model: nn.Module, name: str) -> nn.Module:
-    """Choose the attention/stem implementation of every layer: "torch" (reference) or "triton"."""
-    if name not in KERNELS:
-        raise UserError(f"unknown kernels {name!r}; valid: {', '.join(KERNELS)}")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
-        raise UserError("kernels='triton' needs the triton package; use --kernels torch")
-    for m in model.modules():
-        if isinstance(m, (SelfAttention, ConvStem)):
-            m.kernels = name
-    return model

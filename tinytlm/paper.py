@@ -21,7 +21,7 @@ window; a cell's own prints go to its log.txt.
 import time
 from pathlib import Path
 
-from tinytlm.common import REPO, ArgParser, UserError, cli
+from tinytlm.common import ArgParser, UserError, cli, home
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
 from tinytlm.paper_report import summarize, write_report
@@ -88,9 +88,9 @@ def parse(argv=None):
     ap.add_argument("table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)")
     ap.add_argument("--scale", default="cpu", choices=list(SCALES), help="grid size: paper | cpu | mini")
     ap.add_argument("--seeds", type=int, default=0, help="seeds per cell (0 = the scale's default)")
-    ap.add_argument("--results", type=Path, default=REPO / "results",
+    ap.add_argument("--results", type=Path, default=home() / "results",
                     help="reports go to RESULTS/<scale>/, cell records to RESULTS/cells/<scale>/")
-    ap.add_argument("--cache", type=Path, default=REPO / "runs" / "paper", help="cache root of all runs")
+    ap.add_argument("--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
     ap.add_argument("--raw", default="", help="raw data root (default $TINYTLM_RAW or ../shared/data)")

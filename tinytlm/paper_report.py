@@ -127,7 +127,8 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
     dates = sorted(c["date"][:10] for c in cells if c.get("date"))
     expected = len(g["rows"]) * meta["seeds"]
     lines = [f"# {g['title']}", "",
-             f"Scale **{g['scale']}**; {len(cells)} of {expected} cells ({meta['seeds']} seeds x {len(g['rows'])} rows) "
+             f"Scale **{g['scale']}**; {len(cells)} of {expected} cells ({meta['seeds']} seeds x {len(g['rows'])} "
+             f"rows) "
              f"done, on {', '.join(devices) or 'nothing yet'}"
              + (f", {dates[0]} to {dates[-1]}" if dates else "") + ".", "",
              f"Command: `{meta['command']}` (cells come from the records in results/cells/{g['scale']}/ and the "
@@ -157,7 +158,8 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
     sizes = sorted({(c["task"], c["n_train"], c["n_test"]) for c in cells if "n_train" in c})
     lines += [f"- `{t}`: {a:,} train rows, {b:,} test rows" for t, a, b in sizes]
     if pre:
-        lines += ["", "## Pre-trained checkpoints", "", "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc |",
+        lines += ["", "## Pre-trained checkpoints", "",
+                  "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc |",
                   "| --- | --- | --- | --- | --- |"] + mlm_lines(cells)
     lines += ["", "## Test accuracy per fine-tuning epoch (mean over seeds)", ""]
     lines += [f"- {name}: " + ", ".join(f"{a:.3f}" for a in np.mean([c["acc_per_epoch"] for c in rs], axis=0))

@@ -21,11 +21,12 @@ import torch
 from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
-from tinytlm.common import Interrupted, UserError, cli, config_hash, read_json
+from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
-from tinytlm.train import (RunLog, StopAtBoundary, autocast, deferred_sigint, lr_at, make_optimizer, parse_run_args,
-                           prepare_model, print_config, resolve_device, resumed_config, roots, switch)
+from tinytlm.train import (RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, lr_at, make_optimizer,
+                           parse_run_args, prepare_model, print_config, refuse_existing, resolve_device,
+                           resumed_config, roots, switch)
 
 
 # -----------------------------------------------------------------------------
@@ -140,12 +141,9 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
     else:
         model_cfg = BertConfig.preset(cfg.model, **overrides)
         model = BertForMLM(model_cfg)
-    if int(ids.max(initial=0)) >= model_cfg.vocab_size:
-        raise UserError(f"{data_meta['shard']}: token ids reach {int(ids.max())}, model vocab is {model_cfg.vocab_size}")
-    if ids.shape[1] > model_cfg.max_pos:
-        raise UserError(f"{data_meta['shard']}: rows of {ids.shape[1]} tokens exceed max_pos {model_cfg.max_pos}")
+    check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
     sp = data_meta["special_ids"]
-    out = Path(cfg.out or f"runs/{cfg.run_name(overrides)}")
+    out = Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
     config = {**asdict(cfg), "model_config": model_cfg.to_dict(), "data": data_meta}
     print_config("config", {**asdict(cfg), "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers")
@@ -249,10 +247,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
 def main(argv=None):
     cfg, overrides = parse(argv)
     if not cfg.resume:
-        out = Path(cfg.out or f"runs/{cfg.run_name(overrides)}")
-        if (out / "ckpt.pt").is_file():
-            raise UserError(f"{out} already holds a checkpoint; continue it with --resume {out}, "
-                            f"or choose another --out")
+        out = Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
+        refuse_existing(out, [out])
         return train(cfg, overrides)
     resume_state = load_checkpoint(cfg.resume, kind="mlm")
     saved = MLMConfig(**resume_state["train_config"])

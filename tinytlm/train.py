@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from tinytlm.common import ArgParser, UserError, default_data_root, default_raw_root, git_revision, read_json, write_json
-from tinytlm.model import BertConfig, set_kernels
+from tinytlm.common import (ArgParser, UserError, default_data_root, default_raw_root, git_revision, read_json,
+                            write_json)
+from tinytlm.kernel_path import set_kernels
+from tinytlm.model import BertConfig
 
 
 # -----------------------------------------------------------------------------
@@ -84,6 +86,21 @@ def resumed_config(cfg, saved, overrides: dict):
 def roots(cfg) -> tuple:
     """(raw data root, prepared data root) of a run config: --raw and --data, else the defaults."""
     return (Path(cfg.raw) if cfg.raw else default_raw_root()), (Path(cfg.data) if cfg.data else default_data_root())
+
+
+def check_rows(max_id: int, row_len: int, model_cfg, where):
+    """Token rows the model can read: every id in its vocabulary, rows no longer than its positions."""
+    if max_id >= model_cfg.vocab_size:
+        raise UserError(f"{where}: token ids reach {max_id}, the model's vocabulary has {model_cfg.vocab_size}")
+    if row_len > model_cfg.max_pos:
+        raise UserError(f"{where}: rows of {row_len} tokens exceed the model's {model_cfg.max_pos} positions")
+
+
+def refuse_existing(out: Path, dirs: list):
+    """A fresh run never overwrites a checkpoint: a one-line error naming the first of dirs that holds one."""
+    for d in dirs:
+        if (Path(d) / "ckpt.pt").is_file():
+            raise UserError(f"{d} already holds a checkpoint; continue it with --resume {out}, or choose another --out")
 
 
 def dataclass_from_args(cls, args):
