@@ -231,8 +231,8 @@ def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path, resume_state
                           f"{out.parent if cfg.gap else out}")
     except KeyboardInterrupt:
         bar.close()
-        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last completed "
-                          f"epoch") from None
+        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last saved "
+                          f"state") from None
 
     result = {
         "task": task_dir.name, "arm": progress["arm"], "init": progress["init"], "pretrain": progress["pretrain"],

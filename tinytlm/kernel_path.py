@@ -7,13 +7,20 @@ from tinytlm.common import UserError
 KERNELS = ("torch", "triton")
 
 
+_MODULES = {}  # name -> module, filled by set_kernels before any forward runs
+
+
 def kernel_module(name: str):
     """kernels/<name>.py, imported on first use (Triton is optional): the checkout's top-level `kernels`
-    package, or `tinytlm.kernels` where tinytlm is installed (setup.py puts kernels/ there)."""
-    try:
-        return importlib.import_module(f"kernels.{name}")
-    except ModuleNotFoundError:
-        return importlib.import_module(f"tinytlm.kernels.{name}")
+    package, or `tinytlm.kernels` where tinytlm is installed (setup.py puts kernels/ there). Inside a
+    torch.compile'd forward this is a dict lookup (torch.compile will not trace importlib), which is
+    why set_kernels imports the modules first."""
+    if name not in _MODULES:
+        try:
+            _MODULES[name] = importlib.import_module(f"kernels.{name}")
+        except ModuleNotFoundError:
+            _MODULES[name] = importlib.import_module(f"tinytlm.kernels.{name}")
+    return _MODULES[name]
 
 
 def set_kernels(model, name: str):
@@ -21,8 +28,11 @@ def set_kernels(model, name: str):
     from tinytlm.model import ConvStem, SelfAttention
     if name not in KERNELS:
         raise UserError(f"unknown kernels {name!r}; valid: {', '.join(KERNELS)}")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
-        raise UserError("kernels='triton' needs the triton package; use --kernels torch")
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise UserError("kernels='triton' needs the triton package; use --kernels torch")
+        for module in ("attention", "conv_stem"):
+            kernel_module(module)
     for m in model.modules():
         if isinstance(m, (SelfAttention, ConvStem)):
             m.kernels = name

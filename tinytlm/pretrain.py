@@ -237,8 +237,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
         raise Interrupted(f"interrupted at step {step}: checkpoint {out / 'ckpt.pt'}; continue with --resume {out}")
     except KeyboardInterrupt:
         bar.close()
-        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last completed "
-                          f"epoch") from None
+        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last saved "
+                          f"state") from None
     bar.close()
     print(f"done: {step} steps, checkpoint {out / 'ckpt.pt'}")
     return out
