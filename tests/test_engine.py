@@ -309,3 +309,15 @@ def test_gap_killed_at_random_then_resumed(roots, tmp_path):
     assert json.loads((tmp_path / "b" / "gap.json").read_text())["gap"] == whole["gap"]
     for arm in ("pretrained", "scratch"):
         assert_same_run(tmp_path / "a" / arm, tmp_path / "b" / arm)
+
+
+def test_arm_killed_after_its_final_checkpoint_runs_again(roots, tmp_path):
+    """A kill between the final checkpoint (no optimizer state) and result.json: the arm cannot resume
+    from it, so it runs again, and gives the same result (the paper runner and --gap use this)."""
+    finetune.main(cls_args(roots, tmp_path / "a", "--epochs", "2"))
+    first = json.loads((tmp_path / "a" / "result.json").read_text())
+    (tmp_path / "a" / "result.json").unlink()
+    assert load_checkpoint(tmp_path / "a", kind="cls")["optimizer"] is None
+    cfg, overrides = finetune.parse(cls_args(roots, tmp_path / "a", "--epochs", "2"))
+    again = finetune.arm(cfg, overrides, None, tmp_path / "a")
+    assert again["acc_per_epoch"] == first["acc_per_epoch"] and again["per_label_acc"] == first["per_label_acc"]

@@ -267,12 +267,12 @@ def load_init(init: str):
 
 
 def arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
-    """One arm, resumable: finished -> its result.json; a checkpoint -> resumed; else started."""
+    """One arm, resumable: finished -> its result.json; an unfinished checkpoint -> resumed exactly; else
+    started (also after a kill between the final checkpoint and result.json: the run is deterministic)."""
     if (out / "result.json").is_file() and (out / "ckpt.pt").is_file():
         return read_json(out / "result.json")
-    if (out / "ckpt.pt").is_file():
-        return run_arm(cfg, {}, None, out, load_checkpoint(out, kind="cls"))
-    return run_arm(cfg, overrides, init_state, out)
+    state = load_checkpoint(out, kind="cls") if (out / "ckpt.pt").is_file() else None
+    return run_arm(cfg, overrides, init_state, out, state if state and state["optimizer"] is not None else None)
 
 
 def gap_arms(cfg: ClsConfig, out: Path, init_state=None) -> dict:

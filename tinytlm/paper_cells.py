@@ -61,8 +61,9 @@ def last_record(run_dir: Path, kind: str):
 
 def mlm_summary(run_dir: Path, seconds=None) -> dict:
     """What a record keeps of a pre-training: its last epoch's loss and accuracy, steps, speed."""
-    ep, st = last_record(run_dir, "epoch"), last_record(run_dir, "step")
-    head = next(map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()[:1]), {})
+    recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    head = recs[0] if recs else {}
+    ep, st = (next((r for r in reversed(recs) if r.get("kind") == k), None) for k in ("epoch", "step"))
     return {"dir": Path(run_dir).name, "epochs": ep and ep["epoch"] + 1, "steps": ep and ep["step"],
             "loss": ep and ep["loss"], "mlm_acc": ep and ep["mlm_acc"], "seq_per_s": st and st.get("seq_per_s"),
             "seconds": seconds, "device": head.get("device"), "path": path_of(head.get("config", {}))}
@@ -167,7 +168,7 @@ class Runner:
         """The result of the row's fine-tuning at this seed (run_arm's, plus our key and match); None in
         report mode when it is missing. need_ckpt: the classifier checkpoint must be in the local cache
         (a committee reads it), so a record alone does not do."""
-        from tinytlm.finetune import ClsConfig, run_arm
+        from tinytlm.finetune import ClsConfig, arm
         from tinytlm.checkpoint import load_checkpoint
         seed = seed + row["seed_offset"]
         f = dict(row["finetune"])
@@ -199,10 +200,8 @@ class Runner:
         ckpt = self.pretrain(row, pretrain_seed)[0] if row["pretrain"] else None
         init_state = load_checkpoint(ckpt, kind="mlm") if ckpt else None
         cfg = replace(cfg, init=str(ckpt or ""))
-        state = load_checkpoint(out, kind="cls") if (out / "ckpt.pt").is_file() else None
-        state = state if state and state["optimizer"] is not None else None  # an interrupted cell: resumed exactly
-        with quiet_to(out):
-            r = run_arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out, state)
+        with quiet_to(out):  # an interrupted cell is resumed exactly
+            r = arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out)
         mlm = mlm_summary(ckpt, read_json(ckpt / "done.json").get("seconds")) if ckpt else None
         r = {**r, "key": key, "match": match, "pretrain_key": pkey, "row": row["name"], "dir": out.name,
              "seconds": round(time.time() - t0, 1), "finetune": base, "mlm": mlm, "path": path_of(asdict(cfg))}
