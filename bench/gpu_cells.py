@@ -98,20 +98,19 @@ def model_cfg(row) -> BertConfig:
 
 
 def estimate(table, row, seed, args, rates) -> tuple:
-    """(seconds, todo cells) of one unit: the plan runner counts what is not finished yet."""
+    """(seconds, todo cells, the (model config, kind) of each training run among them) of one unit: the
+    plan runner counts what is not finished yet."""
     plan = Runner(args.cache, args.device, args.data, args.raw, mode="plan", records=args.records, scale=args.scale)
     run_table(table, args.scale, seed + 1, plan, only={(row["name"], seed)})
     todo = [c for c in plan.plan_cells.values() if c["state"] != "cached"]
-    if any(c["seqs"] is None for c in todo):
-        return float("inf"), todo  # an uncapped constructed set: size unknown until built
     rows = {r["model"]: r for r in grid(table, args.scale)["rows"] if r["kind"] == "train"}
-    secs = 0.0
-    for c in todo:
-        if c["cell"] == "committee":
-            secs += OVERHEAD_S
-            continue
-        secs += rates.seconds(model_cfg(rows[c["model"]]), c["cell"], c["seqs"], c["eval_seqs"])
-    return secs, todo
+    trains = [c for c in todo if c["cell"] != "committee"]
+    runs = [(model_cfg(rows[c["model"]]), c["cell"]) for c in trains]
+    if any(c["seqs"] is None for c in trains):
+        return float("inf"), todo, runs  # an uncapped constructed set: size unknown until built
+    secs = OVERHEAD_S * (len(todo) - len(trains))  # the committees' scoring
+    secs += sum(rates.seconds(cfg, kind, c["seqs"], c["eval_seqs"]) for (cfg, kind), c in zip(runs, trains))
+    return secs, todo, runs
 
 
 def prep(args):
@@ -125,9 +124,7 @@ def prep(args):
     rows = [r for t in args.tables.split(",") for r in grid(t, args.scale)["rows"] if r["kind"] == "train"]
     ws = max(r["pretrain"]["ws"] for r in rows if r["pretrain"])
     print(f"Wikipedia: first {ws:,} rows -> {ensure_wiki(ws, raw, data).path}")
-    specs = {ClsConfig(**{k: v for k, v in r["finetune"].items() if k in ("task", "labels", "train_per_label",
-                                                                          "test_per_label", "fewrel_source")}
-                       ).spec() for r in rows}
+    specs = {ClsConfig(**r["finetune"]).spec() for r in rows}
     for spec in sorted(specs, key=lambda s: s.dirname()):
         print(f"task: {ensure_task(spec, raw, data)}")
     return 0
@@ -172,7 +169,7 @@ def main(argv=None):
              for seed in range(args.seeds)]
     for table, row, seed in units:
         left = t_end - time.time()
-        est, todo = estimate(table, row, seed, args, rates)
+        est, todo, runs = estimate(table, row, seed, args, rates)
         rec = {"table": table, "row": row["name"], "seed": seed, "estimate_s": round(est, 1),
                "left_s": round(left, 1), "todo": [c["what"] for c in todo]}
         if not todo:
@@ -197,10 +194,8 @@ def main(argv=None):
                 rec["status"] = f"failed: {type(e).__name__}: {e}"[:300]
                 failed += 1
             rec.update(actual_s=round(time.time() - t0, 1), path=speed)
-            rows = {r["model"]: r for r in grid(table, args.scale)["rows"] if r["kind"] == "train"}
-            for c in todo:
-                if c["cell"] != "committee":
-                    rates.paid(model_cfg(rows[c["model"]]), c["cell"])
+            for cfg, kind in runs:  # their compile is paid now
+                rates.paid(cfg, kind)
             if table not in touched:
                 touched.append(table)
         print(f"[{rec['status']}] {table} {row['name']} seed {seed}: estimate {rec['estimate_s']} s, "
