@@ -204,8 +204,12 @@ def result_path(kind: str, device, out: str, smoke: bool):
     if smoke:
         return None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-")  # e.g. h100-80gb-hbm3
-    return RESULTS / f"{datetime.date.today().isoformat()}-{slug}-{kind}.md"
+    return RESULTS / f"{datetime.date.today().isoformat()}-{device_slug(name)}-{kind}.md"
+
+
+def device_slug(name: str) -> str:
+    """A device name as a file-name part: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("nvidia", "")).strip("-") or "unknown"
 
 
 def markdown_table(columns, rows) -> str:

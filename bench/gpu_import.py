@@ -1,6 +1,6 @@
 """File what a GPU session brought back: cell records, benchmark reports, rebuilt table reports.
 
-    python bench/gpu_import.py /work/.device/.../gpu_session.tgz
+    PYTHONPATH=. python bench/gpu_import.py /work/.device/.../gpu_session.tgz
 
 - cell records (results/cells/<scale>/*.json in the tarball) go to results/cells/<scale>/; a record
   already there is never overwritten (a different one is reported and kept as committed);
@@ -13,19 +13,15 @@ Every output is a function of the tarball and the records, so importing the same
 changes nothing the second time.
 """
 import json
-import re
 import shutil
 import tarfile
 import tempfile
 from pathlib import Path
 
+from bench.common import device_slug
 from tinytlm.common import ArgParser, UserError, cli, read_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def slug(device: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", device.lower().replace("nvidia", "")).strip("-") or "unknown"
 
 
 def place(src: Path, folder: Path, stem: str, suffix: str = ".md") -> str:
@@ -95,7 +91,7 @@ def main(argv=None):
         if not (w / "session.json").is_file():
             raise UserError(f"{args.tarball}: no session.json: not a gpu_session.sh tarball")
         session = read_json(w / "session.json")
-        tag = f"{session['started'][:10]}-{slug(session['device'])}"
+        tag = f"{session['started'][:10]}-{device_slug(session['device'])}"
         log, new, kept = [], {}, []
         for rec in sorted((w / "results" / "cells").glob("*/*.json")):
             dest = repo / "results" / "cells" / rec.parent.name / rec.name

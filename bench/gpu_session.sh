@@ -4,7 +4,7 @@
 #
 #   bash bench/gpu_session.sh prep       # here, on the CPU machine: gpu_data/ (the shards the cells read)
 #   run(command="bash bench/gpu_session.sh", carry=["gpu_data"], timeout_s=560)   # the GPU: everything
-#   python bench/gpu_import.py PATH/gpu_session.tgz                                # here: file what came back
+#   PYTHONPATH=. python bench/gpu_import.py PATH/gpu_session.tgz                   # here: file what came back
 #   SMOKE=1 bash bench/gpu_session.sh prep && SMOKE=1 bash bench/gpu_session.sh   # the same flow on a CPU
 #
 # Stages, in order of value, inside one time budget (GPU_SECONDS, default 500; each stage is timed and
