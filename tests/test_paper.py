@@ -75,6 +75,21 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
                                                    for e in (1, 2)}
 
 
+def test_a_rows_seeds_train_stacked_into_the_same_cells(shared, tmp_path):
+    """The runner trains a row's missing seeds as one stacked run: the same cells (keys, cache folders,
+    records), each record saying it was stacked; --no_stack trains them one by one."""
+    def run(name, *extra):
+        main(["table5", "--scale", "mini", "--results", str(tmp_path / name / "results"), "--cache",
+              str(tmp_path / name / "cache"), "--device", "cpu", *extra])
+        return {p.name: json.loads(p.read_text()) for p in (tmp_path / name / "results" / "cells" / "mini").glob("*")}
+    stacked, alone = run("stacked"), run("alone", "--no_stack")
+    assert stacked.keys() == alone.keys() and len(stacked) == 4
+    assert all(r["path"].get("stacked") == 2 and r["seed"] in (0, 1) for r in stacked.values())
+    assert not any("stacked" in r["path"] for r in alone.values())
+    assert sorted(p.name for p in (tmp_path / "stacked" / "cache" / "cls").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "alone" / "cache" / "cls").iterdir())
+
+
 def test_records_from_two_runs_merge_into_one_report(shared, tmp_path):
     """Two machines each run one seed of Table 5 (mini); their records, put together, make one report with
     both seeds, paired gaps and each number's device, built without any cache and the same on every rebuild."""

@@ -16,6 +16,7 @@ A checkpoint is a torch.save'd dict:
 
 It is written to a temp file and renamed, so a crash or Ctrl-C never leaves a broken one.
 """
+import contextlib
 import random
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from tinytlm.common import UserError, atomic_path
+from tinytlm.members import member_optimizer_state, member_state
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 
 FORMAT = 1
@@ -51,19 +53,41 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, *, kind, model, optimizer, step, epoch, train_config: dict, data: dict,
-                    extra: dict = None):
+def checkpoint_state(*, kind, model, optimizer, step, epoch, train_config: dict, data: dict, extra: dict = None,
+                     member: int = None) -> dict:
+    """The checkpoint dict of a model, or of member k of a stacked one (exactly a single model's)."""
     m = unwrap(model)
-    state = {
+    if member is None:
+        weights, opt = m.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    else:
+        weights = member_state(m, member)
+        opt = member_optimizer_state(m, optimizer.state_dict(), member) if optimizer is not None else None
+    return {
         "format": FORMAT, "kind": kind,
-        "model": m.state_dict(), "model_config": m.config.to_dict(),
+        "model": weights, "model_config": m.config.to_dict(),
         "n_labels": getattr(m, "n_labels", None),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": opt,
         "step": step, "epoch": epoch, "train_config": train_config, "data": data,
         "rng": rng_state(), "extra": extra or {},
     }
+
+
+def save_checkpoint(path, **fields):
+    """Write checkpoint_state(**fields) atomically to path."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(checkpoint_state(**fields), tmp)
+
+
+def save_members(model, members: list):
+    """Checkpoints of every member of a model: members = [(path, fields)] in member order, fields as for
+    checkpoint_state (each member has its own train_config). A one-member model is saved as it is. All
+    files are written before any is renamed into place, so the members stay at one step (a kill can only
+    fall between the renames)."""
+    if len(members) == 1 and getattr(unwrap(model), "members", 1) == 1:
+        return save_checkpoint(members[0][0], model=model, **members[0][1])
+    with contextlib.ExitStack() as stack:
+        for k, (path, fields) in enumerate(members):
+            torch.save(checkpoint_state(model=model, member=k, **fields), stack.enter_context(atomic_path(path)))
 
 
 def checkpoint_file(path) -> Path:

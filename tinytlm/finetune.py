@@ -13,29 +13,15 @@ final epoch's accuracy (the best epoch's is also reported, labelled as selected 
 test). Outputs in --out (default runs/<name>): config.json, metrics.jsonl, ckpt.pt
 (a classifier checkpoint ensemble.py reads) and result.json.
 """
-import math
-import signal
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from tinytlm.tasks import TaskSpec, ensure_task, load_task, parse_labels
-from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
-from tinytlm.committee import accuracy, per_label_accuracy, predict_logits
-from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
-from tinytlm.data import Shard, epoch_order, get_batch
-from tinytlm.model import BertConfig, BertForClassification
-from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
-from tinytlm.train import (RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name, lr_at,
-                           make_optimizer, parse_run_args, prepare_model, print_config, refuse_existing,
-                           resolve_device, resumed_config, roots, switch)
-
-# PAPER.md: Table 1 fine-tunes FewRel at 8e-5 / 1e-2; Tables 3-7 mostly 5e-5 with weight decay 1e-3..2e-2
-TASK_DEFAULTS = {"agnews": (5e-5, 1e-2), "dbpedia": (5e-5, 1e-2), "fewrel": (8e-5, 1e-2)}
+from tinytlm.checkpoint import load_checkpoint
+from tinytlm.common import UserError, cli, config_hash, home, read_json, write_json
+from tinytlm.finetune_loop import run_arm, run_members
+from tinytlm.model import BertConfig
+from tinytlm.tasks import TaskSpec, parse_labels
+from tinytlm.train import member_seeds, parse_run_args, refuse_existing, resumed_config, switch
 
 
 # -----------------------------------------------------------------------------
@@ -57,6 +43,7 @@ class ClsConfig:
     lr: float = 0.0  # AdamW lr (0 = the task's default from PAPER.md)
     wd: float = -1.0  # AdamW weight decay (-1 = the task's default)
     seed: int = 0  # data order, head init, dropout
+    seeds: str = ""  # comma-separated seeds: one classifier per seed, trained stacked (excludes --seed)
     gap: bool = False  # run both arms (pre-trained and scratch) with the same seed and print the gap
     device: str = switch("auto")  # auto | cpu | cuda
     compile: bool = switch(False)  # torch.compile the model
@@ -83,173 +70,6 @@ def parse(argv=None):
 # -----------------------------------------------------------------------------
 # one arm
 
-def token_stats(c_task, init_state):
-    """T_C / T_W / T_M of this pairing (T_W = 0 without pre-training), or None when the pre-training
-    shard is gone or no longer holds the rows the checkpoint was trained on."""
-    if init_state is None:
-        return pair_stats(c_task, np.zeros_like(c_task))
-    d = init_state["data"]
-    if "shard" not in d:  # e.g. a Hugging Face checkpoint: its pre-training data is unknown
-        return None
-    try:
-        return pair_stats(c_task, wiki_counts(Shard(d["shard"]), d["ws"]))
-    except UserError:
-        return None
-
-
-def run_arm(cfg: ClsConfig, overrides: dict, init_state, out: Path, resume_state=None) -> dict:
-    """Fine-tune one classifier into `out`: ckpt.pt at the start, after every epoch and at a Ctrl-C or
-    SIGTERM (at a step boundary), then result.json. resume_state: an unfinished checkpoint of this arm,
-    continued exactly (same data order, dropout and lr schedule; CPU: bitwise the uninterrupted run)."""
-    for name in ("epochs", "decay_epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("save_every", "interrupt_at"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
-    device = resolve_device(cfg.device)
-    raw, data_root = roots(cfg)
-    spec = cfg.spec()
-    task_dir = ensure_task(spec, raw, data_root)
-    train, ytr, test, yte, meta = load_task(task_dir)
-    n_labels = len(meta["label_names"])
-    lr = cfg.lr or TASK_DEFAULTS[spec.task][0]
-    wd = cfg.wd if cfg.wd >= 0 else TASK_DEFAULTS[spec.task][1]
-
-    if resume_state is not None:  # what the run knew when it started, kept in its checkpoint
-        progress = resume_state["extra"]
-        if progress["test_fingerprint"] != test.checksum.hex():
-            raise UserError(f"{resume_state['path']}: {test.path} is not the test set this run started with")
-        model = build_model(resume_state)
-        model_cfg = model.config
-    else:
-        progress = {"arm": "pretrained" if init_state else "scratch",
-                    "init": init_state["path"] if init_state else None,
-                    "pretrain": init_state["data"] if init_state else None,
-                    # before training: a late failure loses nothing
-                    "stats": token_stats(task_counts(task_dir), init_state),
-                    "task": spec.task, "spec": asdict(spec), "label_names": meta["label_names"],
-                    "test_fingerprint": test.checksum.hex(), "accs": [], "loss_sum": 0.0, "train_s": 0.0,
-                    "eval_s": 0.0}
-        torch.manual_seed(cfg.seed)
-        if init_state is not None:
-            model_cfg = BertConfig.from_dict(init_state["model_config"])
-            model = BertForClassification(model_cfg, n_labels)
-            trunk = {k[len("bert."):]: v for k, v in init_state["model"].items() if k.startswith("bert.")}
-            try:
-                model.bert.load_state_dict(trunk)  # strict: the trunk must match exactly
-            except RuntimeError as e:
-                raise UserError(f"{init_state['path']}: its weights do not match its config "
-                                f"({str(e).splitlines()[0]})")
-        else:
-            model_cfg = BertConfig.preset(cfg.model, **overrides)
-            model = BertForClassification(model_cfg, n_labels)
-    check_rows(max(int(train.ids.max(initial=0)), int(test.ids.max(initial=0))), train.row_len, model_cfg, task_dir)
-    config = {**asdict(cfg), "lr": lr, "wd": wd, "task_dir": task_dir.name, "model_config": model_cfg.to_dict()}
-    if not cfg.quiet:
-        print_config("config", {k: v for k, v in config.items() if k != "model_config"})
-    raw_model = model
-    model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
-    opt = make_optimizer(raw_model, lr, wd, device)
-    step = 0
-    if resume_state is not None:
-        opt.load_state_dict(resume_state["optimizer"])
-        set_rng_state(resume_state["rng"])
-        step = resume_state["step"]
-        print(f"resuming {resume_state['path']} at step {step}")
-    log = RunLog(out, config, device, resume=resume_state is not None)
-
-    n = len(train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.decay_epochs * steps_per_epoch
-    ytr_t = torch.from_numpy(ytr)
-    accs = progress["accs"]
-
-    def save(finished=False):  # the arm's progress travels in the checkpoint's extra
-        save_checkpoint(out / "ckpt.pt", kind="cls", model=raw_model, optimizer=None if finished else opt, step=step,
-                        epoch=step // steps_per_epoch, train_config=config,
-                        data={"task_dir": task_dir.name, "spec": asdict(spec)},
-                        extra={**progress, "acc": accs[-1] if accs else None})
-
-    if resume_state is None and cfg.save_every:
-        save()  # a kill before the first epoch ends can resume too
-    epoch0, first = divmod(step, steps_per_epoch)
-    bar = tqdm(range(epoch0, cfg.epochs), desc=f"finetune {progress['arm']}", unit="epoch",
-               disable=cfg.quiet or None)
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
-    try:
-        with deferred_sigint() as sigint:
-            for epoch in bar:
-                order = epoch_order(n, cfg.seed, epoch)
-                model.train()
-                if epoch > epoch0 or first == 0:
-                    progress["loss_sum"] = 0.0
-                loss_sum = torch.tensor(progress["loss_sum"], device=device)  # fp32, as saved
-                t0 = time.perf_counter()
-                for b in range(first if epoch == epoch0 else 0, steps_per_epoch):
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step, total, lr)
-                    rows = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-                    x = get_batch(train.ids, rows, device)
-                    y = ytr_t[rows].to(device)
-                    with autocast(device):
-                        _, loss = model(x, targets=y)
-                    if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
-                        signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    loss_sum += loss.detach().float()
-                    step += 1
-                    if sigint["set"] and b < steps_per_epoch - 1:  # at an epoch's end: score it first
-                        progress["loss_sum"] = loss_sum.item()
-                        progress["train_s"] += time.perf_counter() - t0
-                        raise StopAtBoundary
-                epoch_loss = loss_sum.item() / steps_per_epoch  # syncs: the training steps are done
-                t1 = time.perf_counter()
-                logits = predict_logits(model, test.ids, device)  # syncs too (.cpu() of the logits)
-                progress["train_s"] += t1 - t0
-                progress["eval_s"] += time.perf_counter() - t1
-                acc = accuracy(logits, yte)
-                accs.append(acc)
-                progress["loss_sum"] = 0.0
-                log.write({"kind": "epoch", "epoch": epoch, "step": step, "train_loss": epoch_loss, "test_acc": acc})
-                bar.set_postfix(loss=f"{epoch_loss:.3f}", test_acc=f"{acc:.4f}")
-                if not cfg.quiet:
-                    tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {epoch_loss:.4f}, test acc {acc:.4f}")
-                if epoch + 1 < cfg.epochs:
-                    if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                        save()
-                    if sigint["set"]:
-                        raise StopAtBoundary
-    except StopAtBoundary:
-        bar.close()
-        save()
-        raise Interrupted(f"interrupted at step {step}: checkpoint {out / 'ckpt.pt'}; continue with --resume "
-                          f"{out.parent if cfg.gap else out}")
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last saved "
-                          f"state") from None
-
-    result = {
-        "task": task_dir.name, "arm": progress["arm"], "init": progress["init"], "pretrain": progress["pretrain"],
-        "acc": accs[-1], "acc_best_selected_on_test": max(accs), "best_epoch": int(np.argmax(accs)) + 1,
-        "acc_per_epoch": accs, "per_label_acc": dict(zip(meta["label_names"], per_label_accuracy(logits, yte, n_labels))),
-        "token_stats": progress["stats"], "n_train": n, "n_test": len(test), "seed": cfg.seed, "lr": lr, "wd": wd,
-        "epochs": cfg.epochs, "model_config": model_cfg.to_dict(), "params": raw_model.num_params(),
-        "device": device_name(device),
-        # wall time per sequence, first epoch (compilation) included
-        "seq_per_s": round(n * cfg.epochs / max(progress["train_s"], 1e-9), 1),
-        "eval_seq_per_s": round(len(test) * cfg.epochs / max(progress["eval_s"], 1e-9), 1),
-    }
-    save(finished=True)
-    write_json(out / "result.json", result)
-    return result
-
-
 def report(r: dict):
     s = r["token_stats"]
     ts = f"T_C {s['T_C']:,}  T_W {s['T_W']:,}  T_M {s['T_M']:,}" if s else "token stats unavailable (pre-training data unknown or gone)"
@@ -269,31 +89,67 @@ def load_init(init: str):
 def arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
     """One arm, resumable: finished -> its result.json; an unfinished checkpoint -> resumed exactly; else
     started (also after a kill between the final checkpoint and result.json: the run is deterministic)."""
-    if (out / "result.json").is_file() and (out / "ckpt.pt").is_file():
-        return read_json(out / "result.json")
-    state = load_checkpoint(out, kind="cls") if (out / "ckpt.pt").is_file() else None
-    return run_arm(cfg, overrides, init_state, out, state if state and state["optimizer"] is not None else None)
+    return arms([cfg], overrides, [init_state], [out])[0]
+
+
+def arms(cfgs: list, overrides: dict, init_states: list, outs: list, resume_hint=None) -> list:
+    """arm() for K members of one shape: the finished ones are read back, the others trained stacked,
+    one stacked run per starting point (fresh, or the step their checkpoints stopped at)."""
+    results, todo = [None] * len(cfgs), {}
+    for k, out in enumerate(outs):
+        if (out / "result.json").is_file() and (out / "ckpt.pt").is_file():
+            results[k] = read_json(out / "result.json")
+            continue
+        state = load_checkpoint(out, kind="cls") if (out / "ckpt.pt").is_file() else None
+        state = state if state and state["optimizer"] is not None else None
+        todo.setdefault(state["step"] if state else None, []).append((k, state))
+    for group in todo.values():
+        ks = [k for k, _ in group]
+        states = [st for _, st in group] if group[0][1] is not None else None
+        done = run_members([cfgs[k] for k in ks], overrides, [init_states[k] for k in ks], [outs[k] for k in ks],
+                           states, resume_hint)
+        for k, r in zip(ks, done):
+            results[k] = r
+    return results
 
 
 def gap_arms(cfg: ClsConfig, out: Path, init_state=None) -> dict:
     """The gap: same seed, same data, same architecture; only the initialisation differs. Each arm
     resumes from where it stopped; gap.json at the end."""
-    init_state = init_state or load_init(cfg.init)
-    scratch_overrides = BertConfig.from_dict(init_state["model_config"]).to_dict()
-    rp = arm(cfg, {}, init_state, out / "pretrained")
-    rs = arm(replace(cfg, init=""), scratch_overrides, None, out / "scratch")
-    report(rp)
-    report(rs)
-    gap = {"task": rp["task"], "acc_pretrained": rp["acc"], "acc_scratch": rs["acc"], "gap": rp["acc"] - rs["acc"],
-           "token_stats": rp["token_stats"], "seed": cfg.seed}
-    write_json(out / "gap.json", gap)
-    print(f"gap = {rp['acc']:.4f} - {rs['acc']:.4f} = {gap['gap']:+.4f}  (final epoch, seed {cfg.seed})")
-    return gap
+    return gap_members([cfg], [out], [init_state or load_init(cfg.init)])[0]
+
+
+def gap_members(cfgs: list, outs: list, init_states: list, resume_hint=None) -> list:
+    """gap_arms for K members: the pre-trained arms stacked, then the scratch arms stacked; out/gap.json each."""
+    shapes = {str(BertConfig.from_dict(st["model_config"]).to_dict()) for st in init_states}
+    if len(shapes) > 1:
+        raise UserError(f"{init_states[1]['path']}: the members' --init checkpoints differ in shape; "
+                        f"stacked members share one architecture")
+    scratch_overrides = BertConfig.from_dict(init_states[0]["model_config"]).to_dict()
+    rps = arms(cfgs, {}, init_states, [o / "pretrained" for o in outs], resume_hint)
+    rss = arms([replace(c, init="") for c in cfgs], scratch_overrides, [None] * len(cfgs),
+               [o / "scratch" for o in outs], resume_hint)
+    gaps = []
+    for c, out, rp, rs in zip(cfgs, outs, rps, rss):
+        report(rp)
+        report(rs)
+        gap = {"task": rp["task"], "acc_pretrained": rp["acc"], "acc_scratch": rs["acc"],
+               "gap": rp["acc"] - rs["acc"], "token_stats": rp["token_stats"], "seed": c.seed}
+        write_json(out / "gap.json", gap)
+        print(f"gap = {rp['acc']:.4f} - {rs['acc']:.4f} = {gap['gap']:+.4f}  (final epoch, seed {c.seed})")
+        gaps.append(gap)
+    return gaps
 
 
 def resume(cfg: ClsConfig, overrides: dict) -> dict:
     """--resume DIR: a single arm's run directory, or a --gap folder (both arms, then the gap)."""
     where = Path(cfg.resume)
+    if (where / "stack.json").is_file():
+        m = read_json(where / "stack.json", "stack manifest")
+        saved = resumed_config(cfg, ClsConfig(**m["config"]), overrides)
+        if all((Path(o) / ("gap.json" if saved.gap else "result.json")).is_file() for o in m["members"]):
+            raise UserError(f"{where}: this stacked run has finished; nothing to resume")
+        return run_stack(saved, m["overrides"], [Path(o) for o in m["members"]], where)
     gap_file = where / "gap_config.json"
     if gap_file.is_file():
         saved = ClsConfig(**read_json(gap_file, "gap config"))
@@ -312,20 +168,69 @@ def resume(cfg: ClsConfig, overrides: dict) -> dict:
     return r
 
 
+def member_inits(init: str, seeds: list) -> list:
+    """Each member's --init: the one checkpoint for every member, or, when `init` is a stacked
+    train_mlm run (its stack.json), member s's own checkpoint DIR/s<s>; "" without pre-training."""
+    manifest = Path(init) / "stack.json" if init and not init.startswith("hf:") else None
+    if not manifest or not manifest.is_file():
+        return [init] * len(seeds)
+    m = read_json(manifest, "stack manifest")
+    by_seed = {int(s): o for s, o in zip(m["config"]["seeds"].split(","), m["members"])}
+    missing = [s for s in seeds if s not in by_seed]
+    if m.get("kind") != "mlm" or missing:
+        raise UserError(f"{manifest}: " + (f"has no member for seed {missing[0]} (it has {m['config']['seeds']})"
+                                           if missing else "not a stacked pre-training"))
+    return [by_seed[s] for s in seeds]
+
+
+def run_name(cfg: ClsConfig, overrides: dict, init_state) -> str:
+    arch = init_state["train_config"]["model"] if init_state else cfg.model
+    tag = config_hash({"spec": asdict(cfg.spec()), "overrides": overrides, "init": cfg.init})
+    return f"cls-{cfg.spec().dirname()}-{arch}-{'pt' if init_state else 'scratch'}-s{cfg.seed}-{tag}"
+
+
+def run_stack(cfg: ClsConfig, overrides: dict, outs: list, where: Path):
+    """A --seeds run (fresh or resumed): member s trains as `--seed s --init <its init> --out outs[k]`."""
+    seeds = member_seeds(cfg)
+    inits = member_inits(cfg.init, seeds)
+    states = {i: load_init(i) for i in set(inits)}
+    cfgs = [replace(cfg, seed=s, seeds="", init=i, out=str(o)) for s, i, o in zip(seeds, inits, outs)]
+    if cfg.gap:
+        for c, o in zip(cfgs, outs):  # each member's folder is a --gap folder of its own
+            if not (o / "gap_config.json").is_file():
+                write_json(o / "gap_config.json", asdict(c))
+        return gap_members(cfgs, outs, [states[i] for i in inits], where)
+    results = arms(cfgs, overrides, [states[i] for i in inits], outs, where)
+    for r in results:
+        report(r)
+    return results
+
+
 def main(argv=None):
     cfg, overrides = parse(argv)
     if cfg.resume:
         return resume(cfg, overrides)
-    init_state = load_init(cfg.init)
+    seeds = member_seeds(cfg)
+    init_state = load_init(member_inits(cfg.init, seeds)[0])
     if cfg.gap and init_state is None:
         raise UserError("--gap needs --init CKPT (the pre-trained arm)")
     if init_state is not None and overrides:
         raise UserError(f"model flags ({', '.join('--' + k for k in overrides)}) conflict with --init: "
                         f"the architecture comes from the checkpoint")
-    arch = init_state["train_config"]["model"] if init_state else cfg.model
-    tag = config_hash({"spec": asdict(cfg.spec()), "overrides": overrides, "init": cfg.init})
-    name = f"cls-{cfg.spec().dirname()}-{arch}-{'pt' if init_state else 'scratch'}-s{cfg.seed}-{tag}"
-    out = Path(cfg.out or home() / "runs" / name)
+    if cfg.seeds:
+        where = Path(cfg.out or home() / "runs" / run_name(replace(cfg, seed=cfg.seeds.replace(",", "+")),
+                                                           overrides, init_state))
+        inits = member_inits(cfg.init, seeds)
+        outs = [Path(cfg.out) / f"s{s}" if cfg.out else
+                home() / "runs" / run_name(replace(cfg, seed=s, seeds="", init=i), overrides, init_state)
+                for s, i in zip(seeds, inits)]
+        refuse_existing(where, [d for o in outs for d in ([o / "pretrained", o / "scratch"] if cfg.gap else [o])])
+        # what --resume continues (a testing Ctrl-C is delivered once, not again on resume)
+        write_json(where / "stack.json", {"kind": "cls", "config": asdict(replace(cfg, interrupt_at=0)),
+                                          "overrides": overrides,
+                                          "members": [str(o) for o in outs]})
+        return run_stack(cfg, overrides, outs, where)
+    out = Path(cfg.out or home() / "runs" / run_name(cfg, overrides, init_state))
     refuse_existing(out, [out / "pretrained", out / "scratch"] if cfg.gap else [out])
     if not cfg.gap:
         r = run_arm(cfg, overrides, init_state, out)

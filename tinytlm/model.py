@@ -8,9 +8,12 @@ encoder: the (B, T, H) embedding output is treated as a one-channel (T x H) imag
     cfg = BertConfig.preset("tiny")
     model = BertForMLM(cfg)
     logits, loss = model(idx, attention_mask, targets)   # sparse head: logits (N_sel, V)
+
+Every module takes `members` (default 1): K > 1 builds K independent models of this shape as one
+stacked model (weights with a leading member dimension, the members folded into the batch, see
+tinytlm/members.py). Read the code with K = 1 and it is plain BERT.
 """
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,8 @@ import torch.nn.functional as F
 
 from tinytlm.common import UserError
 from tinytlm.kernel_path import kernel_module
+from tinytlm.members import Embedding, LayerNorm, Linear, linear, member_loss
+from tinytlm.stem import ConvStem, fold_bn  # noqa: F401 (fold_bn: part of the model API)
 
 @dataclass
 class BertConfig:
@@ -105,17 +110,20 @@ _PRESETS = {
 class Embeddings(nn.Module):
     """word + position + token type, then LayerNorm and dropout (as HF BertEmbeddings)."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
         # padding_idx = [PAD] = 0; the reference code passed pad_token_id=101 and froze [CLS] instead.
-        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden, padding_idx=cfg.pad_id)
-        self.pos = nn.Embedding(cfg.max_pos, cfg.hidden)
-        self.token_type = nn.Embedding(cfg.type_vocab, cfg.hidden)
-        self.ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.word = Embedding(cfg.vocab_size, cfg.hidden, padding_idx=cfg.pad_id, members=members)
+        self.pos = Embedding(cfg.max_pos, cfg.hidden, members=members)
+        self.token_type = Embedding(cfg.type_vocab, cfg.hidden, members=members)
+        self.ln = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.drop = nn.Dropout(cfg.dropout)
+        self.members = members
 
     def forward(self, idx, token_type_ids):
         pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+        if self.members > 1:
+            pos = pos.expand_as(idx)  # (K*B, T): each member reads its own position table
         x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H)
         return self.drop(self.ln(x))
 
@@ -123,11 +131,11 @@ class Embeddings(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a key-padding mask; q, k, v from one fused Linear(H, 3H)."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)  # rows: [query; key; value]
-        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.qkv = Linear(cfg.hidden, 3 * cfg.hidden, members)  # rows: [query; key; value]
+        self.proj = Linear(cfg.hidden, cfg.hidden, members)
         self.attn_dropout = cfg.attn_dropout
         self.kernels = "torch"  # "torch" (reference, any device) or "triton"; see set_kernels
 
@@ -148,10 +156,10 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
-        self.fc = nn.Linear(cfg.hidden, cfg.ffn_mult * cfg.hidden)
-        self.proj = nn.Linear(cfg.ffn_mult * cfg.hidden, cfg.hidden)
+        self.fc = Linear(cfg.hidden, cfg.ffn_mult * cfg.hidden, members)
+        self.proj = Linear(cfg.ffn_mult * cfg.hidden, cfg.hidden, members)
 
     def forward(self, x):
         return self.proj(F.gelu(self.fc(x)))  # exact erf GELU, HF hidden_act="gelu"
@@ -160,12 +168,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Post-LN transformer block, as BERT: LayerNorm after each residual sum."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
-        self.attn = SelfAttention(cfg)
-        self.ln1 = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
-        self.mlp = MLP(cfg)
-        self.ln2 = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
+        self.attn = SelfAttention(cfg, members)
+        self.ln1 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
+        self.mlp = MLP(cfg, members)
+        self.ln2 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, key_padding_mask):
@@ -174,62 +182,10 @@ class Block(nn.Module):
         return x
 
 
-class ConvStem(nn.Module):
-    """Conv layers of the paper's BERT-1 variants, on the embedding output seen as a 1-channel image.
-
-    n_conv x [Conv2d(c_in -> d, kernel, 'same') + BatchNorm2d + GELU], c_in = 1 for the first,
-    then Conv2d(d -> 1, 1x1) + BatchNorm2d + GELU back to one channel. Shape (B, T, H) is kept.
-    As in the reference code, padded positions are not masked: the kernel sees their embeddings,
-    so outputs near the end of a text depend on how much padding follows (texts are always 128).
-    """
-
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        d, k = cfg.conv_channels, cfg.conv_kernel
-        self.convs = nn.ModuleList(nn.Conv2d(1 if i == 0 else d, d, k, padding="same") for i in range(cfg.n_conv))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(d) for _ in range(cfg.n_conv))
-        self.proj = nn.Conv2d(d, 1, 1)
-        self.proj_bn = nn.BatchNorm2d(1)
-        self.kernels = "torch"  # "torch" (reference) or "triton"; see set_kernels
-
-    def forward(self, x):
-        # x (B, T, H)
-        conv = functools.partial(F.conv2d, padding="same")  # what nn.Conv2d(padding="same") calls
-        if self.kernels == "triton":
-            ks = kernel_module("conv_stem")
-            # pure inference folds BN into the convs (one fused op); with autograd on (training, or
-            # gradients in eval mode) only the convs are kernels and BN runs as a module (batch
-            # statistics in train mode, running statistics in eval mode)
-            if not self.training and not torch.is_grad_enabled():
-                return ks.conv_stem_infer(x, self.fold())
-            conv = ks.conv2d_same  # Triton forward, torch backward
-        h = x.unsqueeze(1)  # (B, 1, T, H)
-        for c, bn in zip(self.convs, self.bns):
-            h = F.gelu(bn(conv(h, c.weight, c.bias)))  # (B, d, T, H)
-        return F.gelu(self.proj_bn(conv(h, self.proj.weight, self.proj.bias))).squeeze(1)  # (B, T, H)
-
-    @torch.no_grad()
-    def fold(self) -> list:
-        """Eval-mode parameters for the fused inference op: one {"weight": (C_out, C_in, kh, kw), "bias":
-        (C_out,)} per conv layer with its BatchNorm (running statistics) folded in, then the 1x1 projection's."""
-        return [dict(zip(("weight", "bias"), fold_bn(c.weight, c.bias, bn.running_mean, bn.running_var, bn.weight,
-                                                     bn.bias, bn.eps)))
-                for c, bn in [*zip(self.convs, self.bns), (self.proj, self.proj_bn)]]
-
-
-def fold_bn(conv_w, conv_b, bn_mean, bn_var, bn_w, bn_b, eps):
-    """Fold an eval-mode BatchNorm into the preceding conv: returns (weight, bias) with
-    conv'(x) = bn(conv(x)). conv_b may be None; bn_w / bn_b may be None (affine=False)."""
-    scale = torch.rsqrt(bn_var.float() + eps) * (bn_w.float() if bn_w is not None else 1.0)
-    bias = ((conv_b.float() if conv_b is not None else 0.0) - bn_mean.float()) * scale
-    bias = bias + (bn_b.float() if bn_b is not None else 0.0)
-    return (conv_w.float() * scale[:, None, None, None]).to(conv_w.dtype), bias.to(conv_w.dtype)
-
-
 class Encoder(nn.Module):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, members) for _ in range(cfg.n_layer))
 
     def forward(self, x, key_padding_mask):
         for block in self.blocks:
@@ -240,25 +196,25 @@ class Encoder(nn.Module):
 class MLMHead(nn.Module):
     """dense + GELU + LayerNorm, then a decoder tied to the word embeddings plus its own bias."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
-        self.ln = nn.LayerNorm(cfg.hidden, eps=cfg.ln_eps)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.dense = Linear(cfg.hidden, cfg.hidden, members)
+        self.ln = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
+        self.bias = nn.Parameter(torch.zeros(members, cfg.vocab_size) if members > 1 else torch.zeros(cfg.vocab_size))
 
     def forward(self, h, word_weight):
         # h (..., H); word_weight (V, H) is passed in, so the tie is one parameter and one state_dict key
-        return F.linear(self.ln(F.gelu(self.dense(h))), word_weight, self.bias)  # (..., V)
+        return linear(self.ln(F.gelu(self.dense(h))), word_weight, self.bias)  # (..., V)
 
 
 class ClassifierHead(nn.Module):
     """Pooler (dense + tanh on the [CLS] position 0), dropout, linear to the labels."""
 
-    def __init__(self, cfg: BertConfig, n_labels: int):
+    def __init__(self, cfg: BertConfig, n_labels: int, members=1):
         super().__init__()
-        self.pooler = nn.Linear(cfg.hidden, cfg.hidden)
+        self.pooler = Linear(cfg.hidden, cfg.hidden, members)
         self.drop = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(cfg.hidden, n_labels)
+        self.out = Linear(cfg.hidden, n_labels, members)
 
     def forward(self, h):
         pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, H)
@@ -280,7 +236,7 @@ def _init_weights(module, std):
         nn.init.normal_(module.weight, 0.0, std)
         if module.padding_idx is not None:
             with torch.no_grad():
-                module.weight[module.padding_idx].zero_()
+                module.weight[..., module.padding_idx, :].zero_()
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
@@ -289,12 +245,12 @@ def _init_weights(module, std):
 class BertModel(nn.Module):
     """The shared trunk: embeddings, optional conv stem, encoder. Returns hidden states (B, T, H)."""
 
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
         self.config = cfg
-        self.embeddings = Embeddings(cfg)
-        self.stem = ConvStem(cfg) if cfg.n_conv > 0 else None
-        self.encoder = Encoder(cfg)
+        self.embeddings = Embeddings(cfg, members)
+        self.stem = ConvStem(cfg, members) if cfg.n_conv > 0 else None
+        self.encoder = Encoder(cfg, members)
 
     def forward(self, idx, attention_mask=None, token_type_ids=None):
         # idx (B, T) token ids; attention_mask (B, T) 1/True = real token; default: idx != pad_id
@@ -313,17 +269,28 @@ class _Pretrained(nn.Module):
         self.apply(lambda m: _init_weights(m, self.config.init_std))
 
     def num_params(self) -> int:
-        """Parameter count; a tied weight is one parameter and counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameter count (of one member); a tied weight is one parameter and counted once."""
+        return sum(p.numel() for p in self.parameters()) // self.members
+
+    def loss(self, logits, targets):
+        """Mean cross-entropy over targets != -100; K members: each member's mean, shape (K,)."""
+        if self.members == 1:
+            return F.cross_entropy(logits, targets, ignore_index=-100)
+        return member_loss(F.cross_entropy(logits, targets, ignore_index=-100, reduction="none"), targets,
+                           self.members)
 
 
 class BertForMLM(_Pretrained):
-    def __init__(self, cfg: BertConfig):
+    def __init__(self, cfg: BertConfig, members=1):
         super().__init__()
-        self.config = cfg
-        self.bert = BertModel(cfg)
-        self.head = MLMHead(cfg)
+        self.config, self.members = cfg, members
+        self.bert = BertModel(cfg, members)
+        self.head = MLMHead(cfg, members)
         self._init()
+
+    def with_members(self, k: int):
+        """A new model of this shape with k members (the stacking helpers build it on the meta device)."""
+        return BertForMLM(self.config, members=k)
 
     def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, sparse=True, per_row=0):
         """targets (B, T): original id at the chosen positions, -100 elsewhere (HF convention).
@@ -333,52 +300,67 @@ class BertForMLM(_Pretrained):
         per_row), loss = the mean cross-entropy over the chosen positions. per_row=0: N = number
         chosen (a dynamic shape); per_row=k: N = B*k (a static shape, see mlm_positions).
         sparse=False: the dense head over all positions, logits (B, T, V), the same loss.
+        K members: B = K*B' rows, member-major; the loss is the members' mean losses, shape (K,).
         """
         h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
         word_weight = self.bert.embeddings.word.weight
         if targets is None:
             return self.head(h, word_weight), None
         if sparse:
-            pos = mlm_positions(targets, per_row)
+            pos = mlm_positions(targets, per_row, self.members)
             if per_row:
                 h = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (B, k, H)
                 logits = self.head(h.reshape(-1, h.size(-1)), word_weight)  # (B*k, V)
+            elif self.members > 1:  # pos (K, N): N slots in every member
+                h = h.view(self.members, -1, h.size(-1)).gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
+                logits = self.head(h.view(-1, h.size(-1)), word_weight)  # (K*N, V)
             else:
                 logits = self.head(h[pos], word_weight)  # (N_sel, V); boolean indexing syncs once
-            return logits, F.cross_entropy(logits, mlm_targets(targets, per_row, pos), ignore_index=-100)
+            return logits, self.loss(logits, mlm_targets(targets, per_row, pos, self.members))
         logits = self.head(h, word_weight)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)  # (B*T, V)
-        return logits, loss
+        return logits, self.loss(logits.view(-1, logits.size(-1)), targets.view(-1))  # (B*T, V)
 
 
-def mlm_positions(targets, per_row=0):
+def mlm_positions(targets, per_row=0, members=1):
     """Where the sparse MLM head runs. per_row=0: the (B, T) bool mask of chosen positions.
     per_row=k: (B, k) indices, chosen positions first; a row with fewer than k chosen is filled
     with unchosen positions whose target is -100 (ignored by the loss), so the shape is static:
-    no host sync, and CUDA graphs can replay the step."""
+    no host sync, and CUDA graphs can replay the step.
+    per_row=0 with K members: (K, N) indices into each member's B'*T positions, its chosen ones first
+    in row order, N = the most any member chose (the others are filled as above; one host sync)."""
     chosen = targets != -100  # (B, T)
-    if not per_row:
+    if per_row:
+        return chosen.float().topk(per_row, dim=1, sorted=False).indices  # (B, k)
+    if members == 1:
         return chosen
-    return chosen.float().topk(per_row, dim=1, sorted=False).indices  # (B, k)
+    chosen = chosen.view(members, -1)  # (K, B'*T)
+    n = int(chosen.sum(1).max())
+    return chosen.float().sort(dim=1, descending=True, stable=True).indices[:, :n]  # (K, N)
 
 
-def mlm_targets(targets, per_row=0, pos=None):
-    """Targets aligned with the sparse head's logits (-100 where a static slot is unused)."""
-    pos = mlm_positions(targets, per_row) if pos is None else pos
-    return targets.gather(1, pos).reshape(-1) if per_row else targets[pos]  # (N,)
+def mlm_targets(targets, per_row=0, pos=None, members=1):
+    """Targets aligned with the sparse head's logits (-100 where a static slot is unused), member-major."""
+    pos = mlm_positions(targets, per_row, members) if pos is None else pos
+    if per_row:
+        return targets.gather(1, pos).reshape(-1)  # (B*k,)
+    return targets.view(members, -1).gather(1, pos).reshape(-1) if members > 1 else targets[pos]  # (N,)
 
 
 class BertForClassification(_Pretrained):
-    def __init__(self, cfg: BertConfig, n_labels: int):
+    def __init__(self, cfg: BertConfig, n_labels: int, members=1):
         super().__init__()
-        self.config = cfg
+        self.config, self.members = cfg, members
         self.n_labels = n_labels
-        self.bert = BertModel(cfg)
-        self.head = ClassifierHead(cfg, n_labels)
+        self.bert = BertModel(cfg, members)
+        self.head = ClassifierHead(cfg, n_labels, members)
         self._init()
 
+    def with_members(self, k: int):
+        """A new model of this shape with k members (the stacking helpers build it on the meta device)."""
+        return BertForClassification(self.config, self.n_labels, members=k)
+
     def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None):
-        """targets (B,) label indices. Returns logits (B, n_labels) and the mean cross-entropy or None."""
+        """targets (B,) label indices. Returns logits (B, n_labels) and the mean cross-entropy or None
+        (K members: B = K*B' rows, member-major, and the members' mean losses (K,))."""
         logits = self.head(self.bert(idx, attention_mask, token_type_ids))  # (B, n_labels)
-        loss = F.cross_entropy(logits, targets) if targets is not None else None
-        return logits, loss
+        return logits, self.loss(logits, targets) if targets is not None else None

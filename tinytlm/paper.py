@@ -14,9 +14,13 @@ tinytlm/paper_overlap.py. Outputs: RESULTS/<scale>/<table>.md, .json and .png (m
 optional) and one record per finished cell in RESULTS/cells/<scale>/ (RESULTS = --results,
 default results/). A finished cell is never recomputed, so an interrupted table picks up where
 it stopped, and records committed from other machines (a GPU run) count as finished.
-The runner calls tinytlm.pretrain.train and tinytlm.finetune.run_arm in-process: one Python process keeps
+The runner calls tinytlm.pretrain.train and tinytlm.finetune.arms in-process: one Python process keeps
 torch.compile's caches and the CUDA context warm across cells, which matters in a 10-minute GPU
-window; a cell's own prints go to its log.txt.
+window; a cell's own prints go to its log.txt. The missing seeds of a row train as one stacked model
+(tinytlm/members.py; --no_stack: one after another): with dropout off the members equal the single runs
+(within 1e-5, tests/test_members.py); with dropout on (the paper's setup) they are other, equally valid
+draws of the dropout masks, so a cell's numbers depend on whether it was trained stacked (its record
+says so: path.stacked) as they depend on the device.
 """
 import time
 from pathlib import Path
@@ -97,6 +101,8 @@ def parse(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (speed only)")
     ap.add_argument("--compile_mode", default="default", help="default | reduce-overhead (CUDA graphs) | ...")
     ap.add_argument("--kernels", default="torch", help="torch | triton (speed only)")
+    ap.add_argument("--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
+                    "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="list the unfinished cells and the sequences they "
                       "would process, count the finished ones; runs nothing")
@@ -121,7 +127,7 @@ def main(argv=None):
     speed = {"compile": args.compile, "compile_mode": args.compile_mode, "kernels": args.kernels}
     mode = "plan" if args.plan else "report" if args.report else "run"
     runner = Runner(args.cache, args.device, args.data, args.raw, mode=mode, records=records, scale=args.scale,
-                    speed=speed)
+                    speed=speed, stack=not args.no_stack)
     if args.plan:
         return plan(tables, args.scale, seeds, runner)
     summary = {}

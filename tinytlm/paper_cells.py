@@ -78,11 +78,12 @@ class Runner:
     """Runs (mode "run"), lists (mode "plan") or only reads back (mode "report") the cells of a table.
 
     speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels,
-    save_every)."""
+    save_every). stack: train the seeds of a row together as stacked members (same results, less time)."""
 
     def __init__(self, cache: Path, device: str, data: str, raw: str, mode: str = "run", records: Path = None,
-                 scale: str = "", speed: dict = None):
+                 scale: str = "", speed: dict = None, stack: bool = True):
         assert mode in MODES, mode
+        self.stack = stack  # mode "run": train a row's missing seeds as one stacked run (see stacked())
         self.cache, self.device, self.data, self.raw, self.mode = Path(cache), device, data, raw, mode
         self.records, self.scale, self.speed = (Path(records) if records else None), scale, dict(speed or {})
         self.computed, self.cached = 0, 0
@@ -129,12 +130,9 @@ class Runner:
     def pretrain(self, row: dict, seed: int) -> tuple:
         """(checkpoint dir, key) of the row's pre-training at this seed; trains or resumes it when missing
         (mode "run"), lists it (mode "plan")."""
-        from tinytlm.pretrain import MLMConfig, train
+        from tinytlm.pretrain import train
         from tinytlm.checkpoint import load_checkpoint
-        cfg = MLMConfig(model=row["model"], seed=seed, device=self.device, data=self.data, raw=self.raw,
-                        **row["pretrain"], **self.speed)
-        key = self._pretrain_key(row, seed)
-        out = self.cache / "mlm" / f"{cfg.run_name()}-{key}"
+        cfg, key, out = self._mlm_cell(row, seed)
         ws = f"{cfg.ws:,}" if cfg.ws else "all rows"  # a constructed set with no cap
         what = f"pretrain {cfg.model} {cfg.pretrain_set} W_s {ws} x{cfg.epochs} seed {seed}"
         t0 = time.time()
@@ -164,12 +162,18 @@ class Runner:
         self._log(what + (" (resumed)" if state is not None and not finished else ""), False, t0)
         return out, key
 
-    def finetune(self, row: dict, seed: int, pretrain_seed: int, need_ckpt: bool = False) -> dict:
-        """The result of the row's fine-tuning at this seed (run_arm's, plus our key and match); None in
-        report mode when it is missing. need_ckpt: the classifier checkpoint must be in the local cache
-        (a committee reads it), so a record alone does not do."""
-        from tinytlm.finetune import ClsConfig, arm
-        from tinytlm.checkpoint import load_checkpoint
+    def _mlm_cell(self, row: dict, seed: int) -> tuple:
+        """(train_mlm config, key, cache dir) of the row's pre-training at this seed."""
+        from tinytlm.pretrain import MLMConfig
+        cfg = MLMConfig(model=row["model"], seed=seed, device=self.device, data=self.data, raw=self.raw,
+                        **row["pretrain"], **self.speed)
+        key = self._pretrain_key(row, seed)
+        return cfg, key, self.cache / "mlm" / f"{cfg.run_name()}-{key}"
+
+    def _cls_cell(self, row: dict, seed: int, pretrain_seed: int) -> tuple:
+        """(train_cls config, its defining fields, match key, pre-training key, key, cache dir) of a cell;
+        seed is the table's (the row's seed offset is added here)."""
+        from tinytlm.finetune import ClsConfig
         seed = seed + row["seed_offset"]
         f = dict(row["finetune"])
         cfg = ClsConfig(model=row["model"], seed=seed, device=self.device, data=self.data, raw=self.raw,
@@ -179,6 +183,16 @@ class Runner:
         pkey = self._pretrain_key(row, pretrain_seed) if row["pretrain"] else None
         key = key_of({"match": match, "init": pkey})
         out = self.cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if pkey else 'scratch'}-s{seed}-{key}"
+        return cfg, base, match, pkey, key, out
+
+    def finetune(self, row: dict, seed: int, pretrain_seed: int, need_ckpt: bool = False) -> dict:
+        """The result of the row's fine-tuning at this seed (run_arm's, plus our key and match); None in
+        report mode when it is missing. need_ckpt: the classifier checkpoint must be in the local cache
+        (a committee reads it), so a record alone does not do."""
+        from tinytlm.finetune import arm
+        from tinytlm.checkpoint import load_checkpoint
+        cfg, base, match, pkey, key, out = self._cls_cell(row, seed, pretrain_seed)
+        seed = cfg.seed
         what, t0 = f"finetune {row['name']} seed {seed}", time.time()
         found = self._found(out, out.name)
         if need_ckpt and not (out / "ckpt.pt").is_file():
@@ -202,12 +216,66 @@ class Runner:
         cfg = replace(cfg, init=str(ckpt or ""))
         with quiet_to(out):  # an interrupted cell is resumed exactly
             r = arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out)
+        return self._finished(row, (cfg, base, match, pkey, key, out), r, ckpt, what, t0)
+
+    def _finished(self, row, cell, r: dict, ckpt, what: str, t0: float, stacked: int = 1) -> dict:
+        """Record a computed fine-tuning cell (run_arm's result plus keys, its pre-training's summary, speed)."""
+        cfg, base, match, pkey, key, out = cell
         mlm = mlm_summary(ckpt, read_json(ckpt / "done.json").get("seconds")) if ckpt else None
         r = {**r, "key": key, "match": match, "pretrain_key": pkey, "row": row["name"], "dir": out.name,
              "seconds": round(time.time() - t0, 1), "finetune": base, "mlm": mlm, "path": path_of(asdict(cfg))}
+        if stacked > 1:  # its seconds are the whole stack's
+            r["path"]["stacked"] = stacked
         r = self._write(out, out.name, r, "finetune")
         self._log(what, False, t0, f" acc {r['acc']:.4f}")
         return r
+
+    def stacked(self, row: dict, seeds: list, pseeds: list):
+        """Mode "run": the row's missing cells at these table seeds, trained stacked (tinytlm/members.py): first
+        its missing pre-trainings (one stacked run), then its fine-tunings (one stacked run). Every member is
+        written exactly where, and as, its cell alone would be; the usual loop then finds them cached."""
+        from tinytlm.checkpoint import load_checkpoint
+        from tinytlm.finetune import arms
+        cells = {s: self._cls_cell(row, s, p) for s, p in zip(seeds, pseeds)}
+        todo = [(s, p) for s, p in zip(seeds, pseeds) if not self._found(cells[s][5], cells[s][5].name)]
+        if self.mode != "run" or len(todo) < 2:
+            return
+        if row["pretrain"]:
+            self.stacked_pretrain(row, sorted({p for _, p in todo}))
+        ckpts = {p: self._mlm_cell(row, p)[2] for _, p in todo} if row["pretrain"] else {}
+        inits = {p: load_checkpoint(c, kind="mlm") for p, c in ckpts.items()}
+        cfgs = [replace(cells[s][0], init=str(ckpts.get(p, ""))) for s, p in todo]
+        t0 = time.time()
+        with quiet_to(cells[todo[0][0]][5]):
+            rs = arms(cfgs, {} if row["pretrain"] else dict(row["overrides"]), [inits.get(p) for _, p in todo],
+                      [cells[s][5] for s, _ in todo])
+        for (s, p), r in zip(todo, rs):
+            self._finished(row, cells[s], r, ckpts.get(p), f"finetune {row['name']} seed {cells[s][0].seed} "
+                           f"(stack of {len(todo)})", t0, len(todo))
+
+    def stacked_pretrain(self, row: dict, seeds: list):
+        """The row's missing pre-trainings at these seeds as stacked runs (one per starting step)."""
+        from tinytlm.checkpoint import load_checkpoint
+        from tinytlm.pretrain import train
+        groups = {}
+        for s in seeds:
+            cfg, key, out = self._mlm_cell(row, s)
+            if (out / "done.json").is_file():
+                continue
+            st = load_checkpoint(out, kind="mlm") if (out / "ckpt.pt").is_file() else None
+            groups.setdefault(st and st["step"], []).append((s, key, out, st))
+        for step, group in groups.items():
+            t0 = time.time()
+            cfg = self._mlm_cell(row, group[0][0])[0]
+            what = f"pretrain {cfg.model} W_s {cfg.ws:,} x{cfg.epochs} seeds {','.join(str(g[0]) for g in group)}"
+            unfinished = [g for g in group if not (g[3] and g[3]["optimizer"] is None)]
+            if unfinished:
+                with quiet_to(unfinished[0][2]):
+                    train(replace(cfg, seed=0, seeds=",".join(str(g[0]) for g in unfinished)), dict(row["overrides"]),
+                          [g[3] for g in unfinished] if step is not None else None, outs=[g[2] for g in unfinished])
+            for s, key, out, _ in group:
+                write_json(out / "done.json", {"key": key, "seconds": time.time() - t0, "stacked": len(unfinished)})
+            self._log(what + f" (stack of {len(unfinished)})", False, t0)
 
     def _pretrain_key(self, row, seed) -> str:
         """A hash of the resolved train_mlm config (volatile fields left out) and the model overrides."""
@@ -259,6 +327,12 @@ def run_table(table: str, scale: str, seeds: int, runner: Runner, only=None) -> 
     s = SCALES[scale]
     rows = {r["name"]: r for r in g["rows"]}
     cells = {r["name"]: [] for r in g["rows"]}
+    pseeds = [min(seed, s["pretrain_seeds"] - 1) for seed in range(seeds)]
+    if runner.stack and runner.mode == "run":  # the seeds of a row as one stacked run, then the loop reads them
+        for row in g["rows"]:
+            if row["kind"] == "train":
+                todo = [seed for seed in range(seeds) if only is None or (row["name"], seed) in only]
+                runner.stacked(row, todo, [pseeds[seed] for seed in todo])
     for seed in range(seeds):
         # fewer pre-training seeds than fine-tuning seeds: later seeds reuse the last checkpoint
         pseed = min(seed, s["pretrain_seeds"] - 1)

@@ -5,28 +5,33 @@
     python train_mlm.py --model bert1 --n_conv 2 --conv_kernel 16,3 --ws 40000
     python train_mlm.py --pretrain_set custom --task fewrel           # Tables 1-2's custom-made set
     python train_mlm.py --resume runs/mlm-tiny-random-ws2000-s0      # continue exactly
+    python train_mlm.py --model bert1 --seeds 0,1,2,3,4 --out runs/b1  # 5 models as one stacked run
 
 Defaults are the paper's: bert6, 50 epochs, batch 32, AdamW lr 5.5e-5, weight decay
 1e-2, linear decay to 0 over all optimizer steps, no warm-up. Outputs in --out
 (default runs/<name>): config.json, metrics.jsonl (a header line, then step and
-epoch records), ckpt.pt (every epoch and on Ctrl-C).
+epoch records), ckpt.pt (every epoch and on Ctrl-C). With --seeds, one model per seed is
+trained in one stacked model (tinytlm/members.py); member s is written to OUT/s<s>/ exactly as
+`--seed s --out OUT/s<s>` writes it (without --out: the run name of its single run), and
+OUT/stack.json lets `--resume OUT` continue all members.
 """
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tinytlm.checkpoint import build_model, load_checkpoint, save_checkpoint, set_rng_state
-from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json
+from tinytlm.checkpoint import build_model, load_checkpoint, save_members, set_rng_state
+from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
+from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
 from tinytlm.train import (RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, lr_at, make_optimizer,
-                           parse_run_args, prepare_model, print_config, refuse_existing, resolve_device,
-                           resumed_config, roots, switch)
+                           member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
+                           resolve_device, resumed_config, roots, switch)
 
 
 # -----------------------------------------------------------------------------
@@ -50,6 +55,7 @@ class MLMConfig:
     mask_per_row: int = 0  # 0: Bernoulli 15% masking; k > 0: exactly k chosen per row (static shapes)
     mask_cap: int = 0  # k > 0: Bernoulli 15% masking, at most k chosen per row (static shapes, the paper's masks)
     seed: int = 0  # data order, masks, init and dropout all follow from it
+    seeds: str = ""  # comma-separated seeds: one model per seed, trained stacked (excludes --seed)
     device: str = switch("auto")  # auto | cpu | cuda
     compile: bool = switch(False)  # torch.compile the model
     compile_mode: str = switch("default")  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
@@ -66,7 +72,8 @@ class MLMConfig:
     def run_name(self, overrides=None) -> str:
         extra = f"-{config_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
         task = f"-{self.task}" if self.pretrain_set != "random" else ""
-        return f"mlm-{self.model}{extra}-{self.pretrain_set}{task}-ws{self.ws}-s{self.seed}"
+        seed = self.seeds.replace(",", "+") if self.seeds else self.seed
+        return f"mlm-{self.model}{extra}-{self.pretrain_set}{task}-ws{self.ws}-s{seed}"
 
 
 def parse(argv=None):
@@ -127,26 +134,55 @@ def validate(cfg: MLMConfig):
         raise UserError("--mask_per_row and --mask_cap exclude each other (exact k per row, or Bernoulli capped at k)")
 
 
-def train(cfg: MLMConfig, overrides: dict, resume_state=None):
+def member_dirs(cfg: MLMConfig, overrides: dict) -> list:
+    """Each member's run directory: OUT/s<seed> with --seeds and --out, else its single run's."""
+    if not cfg.seeds:
+        return [Path(cfg.out or home() / "runs" / cfg.run_name(overrides))]
+    return [Path(cfg.out) / f"s{s}" if cfg.out else home() / "runs" / replace(cfg, seeds="", seed=s).run_name(overrides)
+            for s in member_seeds(cfg)]
+
+
+def stack_dir(cfg: MLMConfig, overrides: dict) -> Path:
+    """Where a stacked run keeps stack.json (what --resume continues): --out, else runs/<name with s0+1+...>."""
+    return Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
+
+
+def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None):
+    """Pre-train one model (--seed) or one stacked model of one member per seed (--seeds). resume_state:
+    a checkpoint (one model) or a list of them (the members', in seed order). outs: the members' run
+    directories (default member_dirs)."""
     validate(cfg)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    seeds = member_seeds(cfg)
+    K = len(seeds)
+    outs = [Path(o) for o in outs] if outs else member_dirs(cfg, overrides)
+    states = resume_state if isinstance(resume_state, list) else [resume_state] if resume_state else None
+    torch.manual_seed(seeds[0])
     ids, data_meta = pretrain_rows(cfg)
-    if resume_state:
-        if resume_state["data"].get("rows_checksum") != data_meta["rows_checksum"]:
-            raise UserError(f"{resume_state['path']}: the pre-training rows differ from the ones this run started "
-                            f"with ({data_meta['shard']}); prepare the same data again to resume")
-        model = build_model(resume_state)
-        model_cfg = model.config
+    if states:
+        for st in states:
+            if st["data"].get("rows_checksum") != data_meta["rows_checksum"]:
+                raise UserError(f"{st['path']}: the pre-training rows differ from the ones this run started "
+                                f"with ({data_meta['shard']}); prepare the same data again to resume")
+        if len({st["step"] for st in states}) > 1:
+            raise UserError(f"{states[0]['path']}: the members' checkpoints are at different steps "
+                            f"({', '.join(str(st['step']) for st in states)}); resume each alone")
+        singles = [build_model(st) for st in states]
     else:
-        model_cfg = BertConfig.preset(cfg.model, **overrides)
-        model = BertForMLM(model_cfg)
+        singles = []
+        for s in seeds:  # each member's init is its single run's: seeded alike, built alike
+            torch.manual_seed(s)
+            singles.append(BertForMLM(BertConfig.preset(cfg.model, **overrides)))
+    model_cfg = singles[0].config
+    model = stack_models(singles)
+    del singles
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
     sp = data_meta["special_ids"]
-    out = Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
-    config = {**asdict(cfg), "model_config": model_cfg.to_dict(), "data": data_meta}
+    member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
+    configs = [{**asdict(c), "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
     print_config("config", {**asdict(cfg), "data": data_meta})
-    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers")
+    print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
+          + (f"; {K} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
     raw_model = model
     model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
     opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
@@ -154,28 +190,32 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     step = 0
-    if resume_state:
-        opt.load_state_dict(resume_state["optimizer"])
-        set_rng_state(resume_state["rng"])
-        step = resume_state["step"]
-        print(f"resuming {resume_state['path']} at step {step} (epoch {step // steps_per_epoch})")
-    log = RunLog(out, config, device, resume=bool(resume_state))
+    if states:
+        opt.load_state_dict(stack_optimizer_states(raw_model, [st["optimizer"] for st in states]) if K > 1
+                            else states[0]["optimizer"])
+        set_rng_state(states[0]["rng"])
+        step = states[0]["step"]
+        print(f"resuming {', '.join(st['path'] for st in states)} at step {step} (epoch {step // steps_per_epoch})")
+    stack = {"seeds": seeds, "members": [str(o) for o in outs]} if cfg.seeds else None
+    logs = [RunLog(o, c, device, resume=bool(states), stack=stack) for o, c in zip(outs, configs)]
     last = min(total, cfg.max_steps) if cfg.max_steps else total
     slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
     def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
-        save_checkpoint(out / "ckpt.pt", kind="mlm", model=raw_model, optimizer=None if step == total else opt,
-                        step=step, epoch=step // steps_per_epoch, train_config=asdict(cfg), data=data_meta)
+        save_members(model, [(o / "ckpt.pt", dict(kind="mlm", optimizer=None if step == total else opt, step=step,
+                                                  epoch=step // steps_per_epoch, train_config=asdict(c),
+                                                  data=data_meta))
+                             for o, c in zip(outs, member_cfgs)])
 
     bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     try:
         with deferred_sigint() as sigint:
             while step < last:
                 epoch, first = divmod(step, steps_per_epoch)
-                order = epoch_order(n, cfg.seed, epoch)
-                sums = torch.zeros(3, device=device)  # this epoch: loss sum, correct predictions, predictions
-                win = torch.zeros(4, device=device)  # since the last step record: the same, plus real tokens
+                orders = [epoch_order(n, s, epoch) for s in seeds]  # each member's own data order
+                sums = torch.zeros(K, 3, device=device)  # this epoch: loss sum, correct predictions, predictions
+                win = torch.zeros(K, 4, device=device)  # since the last step record: the same, plus real tokens
                 t_win, win_steps, win_seqs = time.time(), 0, 0
                 for b in range(first, steps_per_epoch):
                     if graphs:
@@ -183,42 +223,46 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                     lr = lr_at(step, total, cfg.lr)
                     for g in opt.param_groups:
                         g["lr"] = lr
-                    x = get_batch(ids, order[b * cfg.batch_size:(b + 1) * cfg.batch_size], device)
-                    inputs, targets = mask_tokens(x, mask_generator(device, cfg.seed, step), vocab_size=model_cfg.vocab_size,
-                                                  mask_id=sp["mask"], special_ids=tuple(sp.values()),
-                                                  per_row=cfg.mask_per_row, cap=cfg.mask_cap)
+                    xs = [get_batch(ids, o[b * cfg.batch_size:(b + 1) * cfg.batch_size], device) for o in orders]
+                    masked = [mask_tokens(x, mask_generator(device, s, step), vocab_size=model_cfg.vocab_size,
+                                          mask_id=sp["mask"], special_ids=tuple(sp.values()),
+                                          per_row=cfg.mask_per_row, cap=cfg.mask_cap) for x, s in zip(xs, seeds)]
+                    x = torch.cat(xs)  # (K*B, T), member-major
+                    inputs, targets = (torch.cat(t) for t in zip(*masked))
                     with autocast(device):  # the key-padding mask comes from the original ids, as in HF
                         logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
                                              per_row=slots)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
-                    loss.backward()
+                    loss.sum().backward()  # K members: the sum of their mean losses, no coupling
                     if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                        clip_grad_norm_members(list(raw_model.parameters()), cfg.grad_clip, K)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     step += 1
                     win_steps += 1
-                    win_seqs += len(x)
+                    win_seqs += len(xs[0])
                     with torch.no_grad():  # accumulate on the device; synced only when logging
-                        y = mlm_targets(targets, slots)
+                        y = mlm_targets(targets, slots, members=K).view(K, -1)
                         valid = y != -100
-                        n_valid = valid.sum()
-                        now = torch.stack([loss.detach().float() * n_valid, ((logits.argmax(-1) == y) & valid).sum(),
-                                           n_valid])
+                        n_valid = valid.sum(1)
+                        now = torch.stack([loss.detach().float().view(K) * n_valid,
+                                           ((logits.argmax(-1).view(K, -1) == y) & valid).sum(1), n_valid], 1)
                         sums += now
-                        win += torch.cat([now, (x != sp["pad"]).sum()[None]])
+                        win += torch.cat([now, (x != sp["pad"]).view(K, -1).sum(1, keepdim=True)], 1)
                     # a record per window of log_every steps (an epoch's last window may be shorter): the
-                    # window's loss and accuracy, not a running mean, and its speed
+                    # window's loss and accuracy, not a running mean, and its speed (per member)
                     if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
-                        w = win.tolist()  # syncs: the window's steps are done
+                        ws = win.tolist()  # syncs: the window's steps are done
                         dt = max(1e-9, time.time() - t_win)
-                        rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr, "loss": w[0] / max(1, w[2]),
-                               "mlm_acc": w[1] / max(1, w[2]), "masked": int(w[2]), "ms_per_step": 1e3 * dt / win_steps,
-                               "seq_per_s": win_seqs / dt, "tok_per_s": w[3] / dt}
-                        log.write(rec)
+                        for log, w in zip(logs, ws):
+                            rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr,
+                                   "loss": w[0] / max(1, w[2]), "mlm_acc": w[1] / max(1, w[2]), "masked": int(w[2]),
+                                   "ms_per_step": 1e3 * dt / win_steps, "seq_per_s": win_seqs / dt,
+                                   "tok_per_s": w[3] / dt}
+                            log.write(rec)
                         bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", ms=f"{rec['ms_per_step']:.0f}",
-                                        tok_s=f"{rec['tok_per_s']:.0f}")
+                                        tok_s=f"{rec['tok_per_s'] * K:.0f}")
                         win.zero_()
                         t_win, win_steps, win_seqs = time.time(), 0, 0
                     bar.update(1)
@@ -226,30 +270,45 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None):
                         raise StopAtBoundary
                     if step == last:
                         break
-                s = sums.tolist()
-                log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
-                           "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2])})
+                for log, s in zip(logs, sums.tolist()):
+                    log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
+                               "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2])})
                 if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or step == last:
                     save()  # every save_every epochs, at the end, and where --max_steps stops
     except StopAtBoundary:
         bar.close()
         save()
-        raise Interrupted(f"interrupted at step {step}: checkpoint {out / 'ckpt.pt'}; continue with --resume {out}")
+        where = stack_dir(cfg, overrides) if cfg.seeds else outs[0]
+        raise Interrupted(f"interrupted at step {step}: checkpoint {outs[0] / 'ckpt.pt'}"
+                          f"{f' and {K - 1} more' if K > 1 else ''}; continue with --resume {where}")
     except KeyboardInterrupt:
         bar.close()
-        raise Interrupted(f"stopped in the middle of step {step + 1}; {out / 'ckpt.pt'} holds the last saved "
+        raise Interrupted(f"stopped in the middle of step {step + 1}; {outs[0] / 'ckpt.pt'} holds the last saved "
                           f"state") from None
     bar.close()
-    print(f"done: {step} steps, checkpoint {out / 'ckpt.pt'}")
-    return out
+    print(f"done: {step} steps, checkpoint{'s' if K > 1 else ''} {', '.join(str(o / 'ckpt.pt') for o in outs)}")
+    return outs[0] if not cfg.seeds else outs
 
 
 def main(argv=None):
     cfg, overrides = parse(argv)
     if not cfg.resume:
-        out = Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
-        refuse_existing(out, [out])
-        return train(cfg, overrides)
+        outs = member_dirs(cfg, overrides)
+        refuse_existing(outs[0] if not cfg.seeds else stack_dir(cfg, overrides), outs)
+        if cfg.seeds:  # what --resume continues: the stack's config and its members' folders
+            write_json(stack_dir(cfg, overrides) / "stack.json", {"kind": "mlm",
+                                                                 "config": asdict(replace(cfg, interrupt_at=0)),
+                                                                 "overrides": overrides,
+                                                                 "members": [str(o) for o in outs]})
+        return train(cfg, overrides, outs=outs)
+    manifest = Path(cfg.resume) / "stack.json"
+    if manifest.is_file():  # a stacked run: every member, from its own checkpoint
+        m = read_json(manifest, "stack manifest")
+        states = [load_checkpoint(o, kind="mlm") for o in m["members"]]
+        if all(st["optimizer"] is None for st in states):
+            raise UserError(f"{manifest.parent}: this stacked run has finished; nothing to resume")
+        saved = resumed_config(cfg, MLMConfig(**m["config"]), overrides)
+        return train(saved, m["overrides"], states, outs=m["members"])
     resume_state = load_checkpoint(cfg.resume, kind="mlm")
     saved = MLMConfig(**resume_state["train_config"])
     if resume_state["optimizer"] is None:

@@ -128,7 +128,28 @@ def parse_run_args(cls, doc: str, title: str, argv=None):
             raise UserError(f"{pre.config}: unknown key {unknown[0]!r}")
         ap.set_defaults(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     args = ap.parse_args(argv)
+    given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
+    if "--seeds" in given and "--seed" in given:
+        raise UserError("--seed and --seeds exclude each other (one run, or one stacked run per seed list)")
+    if "--seeds" in given and not str(args.seeds).strip():
+        raise UserError("--seeds: empty; give comma-separated seeds, e.g. --seeds 0,1,2")
     return dataclass_from_args(cls, args), model_overrides(args)
+
+
+def member_seeds(cfg) -> list:
+    """The seeds a run trains: [--seed] for one model, or the --seeds list (one stacked member per seed)."""
+    if not cfg.seeds:
+        return [cfg.seed]
+    try:
+        seeds = [int(x) for x in cfg.seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {cfg.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    bad = [x for x in seeds if x < 0] + [x for i, x in enumerate(seeds) if x in seeds[:i]]
+    if bad:
+        raise UserError(f"--seeds {cfg.seeds}: seed {bad[0]} is {'negative' if bad[0] < 0 else 'repeated'}")
+    if cfg.seed != 0:
+        raise UserError("--seed and --seeds exclude each other (one run, or one stacked run per seed list)")
+    return seeds
 
 
 # -----------------------------------------------------------------------------
@@ -215,7 +236,7 @@ def deferred_sigint():
 # run directory: config.json, metrics.jsonl (header first)
 
 class RunLog:
-    def __init__(self, out: Path, config: dict, device, resume=False):
+    def __init__(self, out: Path, config: dict, device, resume=False, stack: dict = None):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.out / "metrics.jsonl"
@@ -228,6 +249,8 @@ class RunLog:
         header = {"kind": "header", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config,
                   "git": git_revision(), "torch": torch.__version__, "triton": triton_version,
                   "python": platform.python_version(), "device": device_name(device), "resumed": resume}
+        if stack:  # a member of a stacked run: which stack (its speed figures are the member's share)
+            header["stack"] = stack
         self.write(header)
 
     def write(self, record: dict):
