@@ -4,7 +4,7 @@
 
 - cell records (results/cells/<scale>/*.json in the tarball) go to results/cells/<scale>/; a record
   already there is never overwritten (a different one is reported and kept as committed);
-- the benchmark reports go to bench/results/<date>-<device>-<what>.md (probe, train) plus one
+- the benchmark reports go to bench/results/<date>-<device>-<what>.md (probe, train, members) plus one
   <date>-<device>-gpu-session.md: stages and their times, kernel tests, the chosen path per model,
   and every scheduled cell with its estimate and actual time; date and device are the session's;
 - the reports of the tables the session worked on are rebuilt from all records
@@ -63,6 +63,9 @@ def session_md(w: Path, session: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {m} | {b.get('B')} | {b.get('stack')} | {b.get('seq_per_s', 0):.0f} | "
                   f"{b.get('infer_seq_per_s') or 0:.0f} | {b.get('first_step_s') or 0:.1f} |" for m, b in best.items()]
+    if (w / "bench" / "members.json").is_file():
+        goals = read_json(w / "bench" / "members.json").get("goals") or ["- (no goal measured: the run stopped early)"]
+        lines += ["", "## Stacked members (bench/members.py)", "", *goals]
     units = jsonl(w / "results" / "schedule.jsonl")
     if units:
         lines += ["", "## Cells scheduled", "", "| table | row | seed | status | estimate s | actual s |",
@@ -105,7 +108,7 @@ def main(argv=None):
                                                                            for k, v in new.items()))
         log += [f"kept the committed {p.relative_to(repo)} (the tarball's differs)" for p in kept]
         bench = repo / "bench" / "results"
-        for what in ("probe", "train"):
+        for what in ("probe", "train", "members"):
             if (w / "bench" / f"{what}.md").is_file():
                 log.append(place(w / "bench" / f"{what}.md", bench, f"{tag}-{what}"))
         summary = w / "session.md"

@@ -14,6 +14,9 @@
 #            a failure sends --kernels_ok false to the benchmark: no Triton path is chosen after it
 #   bench    training throughput, HF BertForMaskedLM (the paper's stack) vs our paths, same process:
 #            bert6 batch 32, bert1 batch 32, bert6 batch 256 -> throughput.json (best path per model)
+#   members  stacked members (bench/members.py): K = 1, 2, 5 models trained as one stacked model vs one
+#            after another (bert1, bert6, tiny), bert6's largest K in 80 GB, the 5-member bert1 committee's
+#            batch-1 latency stacked vs one bert6 -> members.json, members.md                 <= 45 s
 #   cells    paper-scale cells in order of value until the budget ends (bench/gpu_cells.py): each one
 #            sized from throughput.json and started only if it will finish; cells already recorded in
 #            results/cells/ (they travel with the work tree) are skipped, new records and the rebuilt
@@ -103,8 +106,8 @@ probe=(python bench/probe.py --out "$WORK/bench"); [ "$SMOKE" = 1 ] && probe+=(-
 stage probe 30 "${probe[@]}"
 
 # 2. kernels, natively (the interpreter under SMOKE); a test that fails rules the Triton path out
-interp=0; kt=(tests/test_kernels.py tests/test_kernels_training.py)
-[ "$SMOKE" = 1 ] && { interp=1; kt=(tests/test_kernels.py -k "2x2x7x32 or dropout_seeds or fold_bn"); }
+interp=0; kt=(tests/test_kernels.py tests/test_kernels_conv.py tests/test_kernels_training.py)
+[ "$SMOKE" = 1 ] && { interp=1; kt=(tests/test_kernels.py tests/test_kernels_conv.py -k "2x2x7x32 or dropout_seeds or fold_bn"); }
 stage kernels 90 env TRITON_INTERPRET=$interp python -m pytest -o addopts= -m "not slow" -v -p no:cacheprovider "${kt[@]}"
 krc=$?
 passed=$(grep -c ' PASSED' "$WORK/kernels.log"); failed=$(grep -cE ' (FAILED|ERROR)' "$WORK/kernels.log")
@@ -120,7 +123,13 @@ tp=(python bench/train_throughput.py --gpu_session --kernels_ok "$kernels_ok" --
 [ "$SMOKE" = 1 ] && tp+=(--smoke --time_limit 25)  # a CPU compile takes a minute: HF and eager only
 stage bench 150 "${tp[@]}"
 
-# 4. paper-scale cells until the budget ends (records already committed travel along and are skipped)
+# 4. stacked members vs one after another, and the committee's batch-1 latency stacked (no case starts after 30 s)
+mb=(python bench/members.py --json "$WORK/bench/members.json" --out "$WORK/bench/members.md")
+if [ "$SMOKE" = 1 ]; then mb+=(--smoke --models tiny --members 1,2 --time_limit 5)  # shrunk models: proves it runs
+else mb+=(--models bert1,bert6,tiny --time_limit 30); fi  # the goals' models first
+stage members 45 "${mb[@]}"
+
+# 5. paper-scale cells until the budget ends (records already committed travel along and are skipped)
 if [ -d "results/cells/$scale" ]; then mkdir -p "$WORK/results/cells" && cp -r "results/cells/$scale" "$WORK/results/cells/"; fi
 cells_budget=$(( $(left) - 25 ))
 stage cells $((cells_budget + 10)) python bench/gpu_cells.py --throughput "$WORK/bench/throughput.json" \

@@ -90,11 +90,11 @@ def test_smoke_session_end_to_end_and_import(shared, tmp_path):
     with tarfile.open(tgz) as tf:
         names = set(tf.getnames())
     for f in ("session.json", "stages.jsonl", "bench/probe.json", "kernels.log", "kernels.json",
-              "bench/throughput.json", "results/schedule.jsonl"):
+              "bench/throughput.json", "bench/members.json", "bench/members.md", "results/schedule.jsonl"):
         assert "./" + f in names, (f, sorted(names))
     assert not any(n.endswith(".pt") for n in names)
     stages = [json.loads(line) for line in (tmp_path / "work" / "stages.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in stages] == ["probe", "kernels", "bench", "cells"], run.stdout[-3000:]
+    assert [s["stage"] for s in stages] == ["probe", "kernels", "bench", "members", "cells"], run.stdout[-3000:]
     assert all(s["status"] == "ok" for s in stages), stages
     assert json.loads((tmp_path / "work" / "kernels.json").read_text())["kernels_ok"] is True
     records = [n for n in names if n.startswith("./results/cells/mini/")]
@@ -106,6 +106,9 @@ def test_smoke_session_end_to_end_and_import(shared, tmp_path):
     assert (repo / "results" / "mini" / f"{first['tables'][0]}.md").is_file()
     session = list((repo / "bench" / "results").glob("*-gpu-session.md"))
     assert len(session) == 1 and "| cells | ok |" in session[0].read_text()
+    assert "| members | ok |" in session[0].read_text() and "## Stacked members" in session[0].read_text()
+    members = list((repo / "bench" / "results").glob("*-members.md"))
+    assert len(members) == 1 and "| tiny | 2 |" in members[0].read_text()
     before = tree_digest(repo)
     again = gpu_import.main([str(tgz), "--repo", str(repo)])
     assert again["new"] == {} and tree_digest(repo) == before

@@ -8,13 +8,20 @@ stored in each classifier checkpoint). Prints one row per member: architecture,
 parameters, latency in layers (PAPER.md: 4 per transformer block, 1 per conv layer,
 +1), measured batch-1 latency and test accuracy; then the committee. The committee's
 latency in layers is the deepest member's (members can run side by side, as the paper
-counts it); its measured latency is given twice: members one after another, and members on
-parallel CUDA streams (committee_forward; on CPU the same loop).
+counts it); its measured latency is given three times: members one after another, members on
+parallel CUDA streams (committee_forward; on CPU the same loop), and stacked.
+
+Stacked: the members of one shape (model config and number of labels) run as one stacked model
+(tinytlm/members.py), K members in one forward; mixed shapes make one stack per shape, run one
+after another. The accuracies come from the stacked forwards (each member's logits are its own,
+equal to a forward of that member alone up to float rounding); the per-member latency is each
+member alone.
 """
 from pathlib import Path
 
 from tinytlm.checkpoint import build_model, load_checkpoint
-from tinytlm.committee import accuracy, batch1_latency_ms, committee_logits, common_test_set, predict_logits
+from tinytlm.committee import (accuracy, batch1_latency_ms, committee_logits, common_test_set,
+                               predict_member_logits, shape_groups, stack_checkpoints)
 from tinytlm.common import ArgParser, cli, default_data_root, default_raw_root, write_json
 from tinytlm.train import prepare_model, resolve_device
 
@@ -41,21 +48,31 @@ def main(argv=None):
     states = [load_checkpoint(p, kind="cls") for p in args.ckpts]
     task_dir, test, yte = common_test_set(states, args.raw, args.data)
 
-    models = [prepare_model(build_model(s), device, args.kernels) for s in states]
-    rows, logits = [], []
-    for s, m in zip(states, models):
-        lg = predict_logits(m, test.ids, device)
-        logits.append(lg)
+    # one stacked model per shape: its forward gives every member's logits (K, N, C)
+    groups = shape_groups(states)
+    stacks = [prepare_model(stack_checkpoints([states[i] for i in g]), device, args.kernels) for g in groups]
+    logits = [None] * len(states)
+    for g, stack in zip(groups, stacks):
+        for i, lg in zip(g, predict_member_logits(stack, test.ids, device)):
+            logits[i] = lg  # (N, C), in the order the checkpoints were given
+    group_of = {i: n for n, g in enumerate(groups) for i in g}
+
+    models = [prepare_model(build_model(s), device, args.kernels) for s in states]  # alone, for the latency
+    rows = []
+    for i, (s, m) in enumerate(zip(states, models)):
         cfg = m.config
         rows.append({"member": s["path"], "arch": describe(cfg), "params": m.num_params(),
                      "latency_layers": cfg.latency_layers,
                      "latency_ms_b1": batch1_latency_ms([m], test.ids, device, args.latency_samples),
-                     "acc": accuracy(lg, yte)})
+                     "acc": accuracy(logits[i], yte), "group": group_of[i]})
     comm = {"member": f"committee of {len(models)}", "arch": "sum of logits",
             "params": sum(r["params"] for r in rows), "latency_layers": max(r["latency_layers"] for r in rows),
             "latency_ms_b1": batch1_latency_ms(models, test.ids, device, args.latency_samples),
             "latency_ms_b1_parallel": batch1_latency_ms(models, test.ids, device, args.latency_samples, parallel=True),
+            "latency_ms_b1_stacked": batch1_latency_ms(stacks, test.ids, device, args.latency_samples),
             "acc": accuracy(committee_logits(logits), yte)}
+    group_rows = [{"arch": rows[g[0]]["arch"], "n_labels": states[g[0]]["n_labels"], "members": len(g),
+                   "checkpoints": [states[i]["path"] for i in g]} for g in groups]
 
     print(f"task {task_dir.name}, {len(test)} test rows, device {device}")
     print(f"{'member':<48} {'arch':<24} {'params':>9} {'layers':>6} {'ms@b1':>7} {'acc':>7}")
@@ -65,7 +82,11 @@ def main(argv=None):
               f"{r['latency_ms_b1']:>7.2f} {r['acc']:>7.4f}")
     print(f"committee batch-1 latency with members on parallel CUDA streams: {comm['latency_ms_b1_parallel']:.2f} ms"
           + ("" if device.type == "cuda" else " (CPU: the same sequential loop)"))
-    result = {"task": task_dir.name, "n_test": len(test), "device": str(device), "members": rows, "committee": comm}
+    shapes = ", ".join(f"{g['members']} x {g['arch']}" for g in group_rows)
+    print(f"committee batch-1 latency with the members of one shape stacked ({len(stacks)} forward"
+          f"{'s' * (len(stacks) > 1)}: {shapes}): {comm['latency_ms_b1_stacked']:.2f} ms")
+    result = {"task": task_dir.name, "n_test": len(test), "device": str(device), "members": rows, "committee": comm,
+              "groups": group_rows}
     if args.json:
         write_json(args.json, result)
     return result

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from tinytlm.checkpoint import build_model, save_members, set_rng_state
-from tinytlm.committee import accuracy, per_label_accuracy, predict_logits
+from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logits
 from tinytlm.common import Interrupted, UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.members import stack_models, stack_optimizer_states
@@ -61,6 +61,10 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
     for name in ("save_every", "interrupt_at"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    if not 0.0 <= cfg.lr < float("inf"):  # also refuses nan; 0 = the task's default
+        raise UserError(f"--lr {cfg.lr}: must be positive and finite (0 = the task's default)")
+    if not (cfg.wd == -1.0 or 0.0 <= cfg.wd < float("inf")):
+        raise UserError(f"--wd {cfg.wd}: must be >= 0 and finite (-1 = the task's default)")
     device = resolve_device(cfg.device)
     raw, data_root = roots(cfg)
     spec = cfg.spec()
@@ -162,7 +166,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                         raise StopAtBoundary
                 epoch_loss = (loss_sum / steps_per_epoch).tolist()  # syncs: the training steps are done
                 t1 = time.perf_counter()
-                logits = member_logits(model, test.ids, device, K)  # syncs too (.cpu() of the logits)
+                logits = predict_member_logits(model, test.ids, device)  # (K, N, C); syncs too (.cpu())
                 t2 = time.perf_counter()
                 for k, (p, log) in enumerate(zip(progress, logs)):
                     p["train_s"] += t1 - t0
@@ -227,20 +231,3 @@ def new_classifier(seed: int, init_state, model: str, overrides: dict, n_labels:
     except RuntimeError as e:
         raise UserError(f"{init_state['path']}: its weights do not match its config ({str(e).splitlines()[0]})")
     return m
-
-
-@torch.no_grad()
-def member_logits(model, ids, device, members: int, batch_size: int = 256) -> list:
-    """Each member's logits (N, C) on ids, fp32 on the CPU, eval mode: one stacked forward per batch."""
-    if members == 1:
-        return [predict_logits(model, ids, device, batch_size)]
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(ids), batch_size):
-        x = torch.from_numpy(np.asarray(ids[i:i + batch_size]).astype(np.int64)).to(device)
-        with autocast(device):
-            logits, _ = model(x.repeat(members, 1))  # every member sees the batch: (K*B, C)
-        out.append(logits.float().view(members, len(x), -1).cpu())
-    model.train(was_training)
-    return list(torch.cat(out, 1))  # K x (N, C)

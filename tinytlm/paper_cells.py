@@ -308,13 +308,18 @@ class Runner:
         return r
 
     def _evaluate(self, members: list) -> dict:
-        from tinytlm.checkpoint import build_model, load_checkpoint
-        from tinytlm.committee import accuracy, committee_logits, common_test_set, predict_logits
+        from tinytlm.checkpoint import load_checkpoint
+        from tinytlm.committee import (accuracy, committee_logits, common_test_set, predict_member_logits,
+                                       shape_groups, stack_checkpoints)
         from tinytlm.train import device_name, resolve_device, roots
         device = resolve_device(self.device)
         states = [load_checkpoint(self.cache / "cls" / m["dir"], kind="cls") for m in members]
         _, test, yte = common_test_set(states, *roots(self))
-        logits = [predict_logits(build_model(s).to(device), test.ids, device) for s in states]
+        logits = [None] * len(states)
+        for group in shape_groups(states):  # members of one shape: one stacked forward
+            stacked = stack_checkpoints([states[i] for i in group]).to(device)
+            for i, lg in zip(group, predict_member_logits(stacked, test.ids, device)):
+                logits[i] = lg
         return {"acc": accuracy(committee_logits(logits), yte), "members": [m["key"] for m in members],
                 "member_acc": [accuracy(lg, yte) for lg in logits], "device": device_name(device)}
 
