@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinytlm import ensemble, finetune, pretrain
+from tinytlm import ensemble, finetune, paper, pretrain
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.committee import accuracy, committee_logits
 from tinytlm.common import Interrupted, cli
@@ -131,7 +131,8 @@ def test_committee_is_argmax_of_summed_logits():
 # -----------------------------------------------------------------------------
 # bad input: one-line error, exit code 2
 
-SCRIPTS = {"train_mlm.py": pretrain.main, "train_cls.py": finetune.main, "ensemble.py": ensemble.main}
+SCRIPTS = {"train_mlm.py": pretrain.main, "train_cls.py": finetune.main, "ensemble.py": ensemble.main,
+           "paper": paper.main}
 
 
 def run(args):

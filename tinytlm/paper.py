@@ -91,7 +91,7 @@ def parse(argv=None):
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)")
     ap.add_argument("--scale", default="cpu", choices=list(SCALES), help="grid size: paper | cpu | mini")
-    ap.add_argument("--seeds", type=int, default=0, help="seeds per cell (0 = the scale's default)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
     ap.add_argument("--results", type=Path, default=home() / "results",
                     help="reports go to RESULTS/<scale>/, cell records to RESULTS/cells/<scale>/")
     ap.add_argument("--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs")
@@ -120,7 +120,7 @@ def main(argv=None):
         return overlap(args.cache, records, args.results / args.scale, args.scale)
     if args.table not in TABLES + EXTRA + ["all"]:
         raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")
-    seeds = args.seeds or SCALES[args.scale]["seeds"]
+    seeds = SCALES[args.scale]["seeds"] if args.seeds is None else args.seeds
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
     tables = TABLES if args.table == "all" else [args.table]

@@ -130,6 +130,10 @@ def validate(cfg: MLMConfig):
     for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at", "save_every"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
+    for name, low in (("lr", 0.0), ("weight_decay", 0.0), ("grad_clip", 0.0)):
+        v = getattr(cfg, name)
+        if not (low <= v < float("inf")) or (name == "lr" and v == 0):  # also refuses nan
+            raise UserError(f"--{name} {v}: must be {'positive' if name == 'lr' else '>= 0'} and finite")
     if cfg.mask_per_row and cfg.mask_cap:
         raise UserError("--mask_per_row and --mask_cap exclude each other (exact k per row, or Bernoulli capped at k)")
 
@@ -202,7 +206,20 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
     slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
+    # per member, the first step whose loss was not finite (0: none yet); kept on the device, read where the
+    # loop syncs anyway (a log record, a checkpoint), so a diverged run never overwrites its last good checkpoint
+    nonfinite = torch.zeros(K, dtype=torch.long, device=device)
+
+    def check_finite():
+        bad = nonfinite.tolist()
+        if any(bad):
+            k = next(i for i, b in enumerate(bad) if b)
+            raise UserError(f"the loss of {outs[k]} became non-finite at step {bad[k]}"
+                            f"{f' (member seed {seeds[k]})' if K > 1 else ''}; its last good checkpoint is "
+                            f"{outs[k] / 'ckpt.pt'} (try a lower --lr, or --grad_clip)")
+
     def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
+        check_finite()
         save_members(model, [(o / "ckpt.pt", dict(kind="mlm", optimizer=None if step == total else opt, step=step,
                                                   epoch=step // steps_per_epoch, train_config=asdict(c),
                                                   data=data_meta))
@@ -235,6 +252,9 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     loss.sum().backward()  # K members: the sum of their mean losses, no coupling
+                    with torch.no_grad():
+                        nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach().float().view(K)),
+                                                step + 1, nonfinite)
                     if cfg.grad_clip > 0:
                         clip_grad_norm_members(list(raw_model.parameters()), cfg.grad_clip, K)
                     opt.step()
@@ -254,6 +274,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     # window's loss and accuracy, not a running mean, and its speed (per member)
                     if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
                         ws = win.tolist()  # syncs: the window's steps are done
+                        check_finite()
                         dt = max(1e-9, time.time() - t_win)
                         for log, w in zip(logs, ws):
                             rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr,
@@ -277,7 +298,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     save()  # every save_every epochs, at the end, and where --max_steps stops
     except StopAtBoundary:
         bar.close()
-        save()
+        save()  # (not if the loss went non-finite: check_finite raises)
         where = stack_dir(cfg, overrides) if cfg.seeds else outs[0]
         raise Interrupted(f"interrupted at step {step}: checkpoint {outs[0] / 'ckpt.pt'}"
                           f"{f' and {K - 1} more' if K > 1 else ''}; continue with --resume {where}")
