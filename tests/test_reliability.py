@@ -1,10 +1,21 @@
-"""Reliability: a diverging run stops with its last good checkpoint kept; out-of-range numbers are refused."""
+"""Reliability: damaged checkpoints refused, resumes fall back to the previous one; a diverging run stops with its
+last good checkpoint kept; out-of-range numbers are refused."""
+import contextlib
+import errno
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+import torch
 
 from tinytlm import pretrain
 from tinytlm.checkpoint import load_checkpoint
-from tinytlm.common import UserError
-from tests.test_engine import assert_one_line_error, mlm_args, run
+from tinytlm.common import Interrupted, UserError
+from tests.test_engine import REPO, assert_one_line_error, mlm_args, run
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(roots, tmp_path, monkeypatch):
@@ -46,3 +57,98 @@ def test_out_of_range_numbers_are_one_line_errors(roots, tmp_path, argv, words):
         ["--results", str(tmp_path / "r"), "--scale", "mini"]
     assert_one_line_error(run([*argv, *paths, *extra]), *words)
     assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
+
+
+def test_damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous(roots, tmp_path):
+    pretrain.main(mlm_args(roots, tmp_path / "a"))  # uninterrupted: 10 steps
+    with pytest.raises(Interrupted):  # checkpoints at step 5 (epoch end) and 8 (the Ctrl-C)
+        pretrain.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "8"))
+    ckpt, prev = tmp_path / "b" / "ckpt.pt", tmp_path / "b" / "ckpt.prev.pt"
+    assert load_checkpoint(ckpt)["step"] == 8 and load_checkpoint(prev)["step"] == 5
+    # altered contents: loads as a torch file, refused by the checksum
+    state = torch.load(ckpt, weights_only=False)
+    state["model"]["bert.embeddings.word.weight"][7, 3] += 1e-3
+    torch.save(state, tmp_path / "altered.pt")
+    assert_one_line_error(run(["train_cls.py", "--init", str(tmp_path / "altered.pt")]), "altered.pt", "checksum")
+    # truncated: refused when named directly, and --resume falls back to ckpt.prev.pt, with a message
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:len(data) // 2])
+    assert_one_line_error(run(["train_cls.py", "--init", str(ckpt)]), "ckpt.pt", "not a readable checkpoint")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        pretrain.main(["--resume", str(tmp_path / "b")])
+    assert "resuming from the previous checkpoint" in err.getvalue() and "(step 5)" in err.getvalue()
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
+    assert b["step"] == 10 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_stack_resumes_at_its_members_common_step(roots, tmp_path):
+    """A kill between the members' renames leaves one member a save ahead: it resumes from its previous one."""
+    pretrain.main(mlm_args(roots, tmp_path / "a", "--seeds", "0,1"))
+    with pytest.raises(Interrupted):
+        pretrain.main(mlm_args(roots, tmp_path / "b", "--seeds", "0,1", "--interrupt_at", "8"))
+    s1 = tmp_path / "b" / "s1"
+    os.replace(s1 / "ckpt.prev.pt", s1 / "ckpt.pt")  # member 1 as if the kill came before its rename: step 5
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        pretrain.main(["--resume", str(tmp_path / "b")])
+    assert "one save ahead" in err.getvalue()
+    for s in ("s0", "s1"):
+        a, b = load_checkpoint(tmp_path / "a" / s), load_checkpoint(tmp_path / "b" / s)
+        assert b["step"] == 10 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_non_finite_loss_stops_fine_tuning(roots, tmp_path, monkeypatch):
+    from tinytlm import finetune, finetune_loop
+    raw, data = roots
+    lr_at = finetune_loop.lr_at
+    monkeypatch.setattr(finetune_loop, "lr_at", lambda step, total, lr: 1e30 if step >= 1 else lr_at(step, total, lr))
+    argv = ["--task", "agnews", "--model", "tiny", "--train-per-label", "4", "--test-per-label", "2", "--epochs", "2",
+            "--batch_size", "8", "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data)]
+    with pytest.raises(UserError, match="non-finite at step") as e:
+        finetune.main([*argv, "--out", str(tmp_path / "c")])
+    step = int(str(e.value).split("at step ")[1].split(";")[0])
+    assert load_checkpoint(tmp_path / "c")["step"] < step  # nothing saved from the non-finite step on
+    assert not (tmp_path / "c" / "result.json").exists()
+
+
+def _disk_full(real):
+    """A writer that writes half of what it was given, then fails as a full disk does."""
+    def write(obj, path, *a, **k):
+        real(obj, path, *a, **k)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return write
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_files_intact(roots, tmp_path, monkeypatch):
+    from tinytlm import checkpoint
+    pretrain.main(mlm_args(roots, tmp_path / "b", "--max_steps", "2"))
+    before = (tmp_path / "b" / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(checkpoint.torch, "save", _disk_full(torch.save))
+    r = run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--max_steps", "4"])
+    last = r.stderr.strip().splitlines()[-1]  # (above it: the progress bar of the steps that ran)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and last.startswith("error: ")
+    assert str(tmp_path / "b" / "ckpt.pt") in last and "No space left on device" in last
+    assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before  # the previous checkpoint, untouched
+    assert load_checkpoint(tmp_path / "b")["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt.pt", "config.json", "metrics.jsonl"]
+
+
+def test_two_paper_runs_on_one_cache_compute_each_cell_once(shared, tmp_path):
+    cmd = [sys.executable, "-m", "tinytlm.paper", "table5", "--scale", "mini", "--device", "cpu", "--cache",
+           str(tmp_path / "cache"), "--results", str(tmp_path / "results"), "--raw", str(shared), "--data",
+           str(tmp_path / "data")]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    lock = tmp_path / "cache" / ".lock"
+    for _ in range(600):  # the second starts once the first holds the cache (it then computes for ~10 s)
+        if lock.is_file() and "pid" in lock.read_text():
+            break
+        time.sleep(0.1)
+    procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    computed = [int(o.split("== table5: ")[1].split(" cells computed")[0]) for o, _ in outs]
+    assert computed == [5, 0] and "another run is using this cache" in outs[1][1]  # it waited, then found all done
+    assert len(list((tmp_path / "results" / "cells" / "mini").glob("*.json"))) == 4

@@ -1,6 +1,7 @@
 """Helpers every script shares: one-line user errors, atomic writes, paths, hashes, run headers."""
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +29,8 @@ class Interrupted(Exception):
 
 
 def cli(main):
-    """Run main(argv) as a command: UserError -> 'error: ...' on stderr and exit 2; Ctrl-C -> exit 130."""
+    """Run main(argv) as a command: UserError, a full disk or an unwritable folder -> 'error: ...' (one line) on
+    stderr and exit 2; Ctrl-C -> exit 130."""
     try:
         return main()
     except UserError as e:
@@ -40,6 +42,12 @@ def cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a full disk, an unwritable folder: every write is atomic, so nothing partial is left
+        if e.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM):
+            raise
+        print(f"error: {e.filename or 'writing'}: {e.strerror or e}; the files written before are intact",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def home() -> Path:
@@ -73,6 +81,8 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # name the file being written, not its temp file
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -100,7 +100,7 @@ def arms(cfgs: list, overrides: dict, init_states: list, outs: list, resume_hint
         if (out / "result.json").is_file() and (out / "ckpt.pt").is_file():
             results[k] = read_json(out / "result.json")
             continue
-        state = load_checkpoint(out, kind="cls") if (out / "ckpt.pt").is_file() else None
+        state = load_checkpoint(out, kind="cls", fallback=True) if (out / "ckpt.pt").is_file() else None
         state = state if state and state["optimizer"] is not None else None
         todo.setdefault(state["step"] if state else None, []).append((k, state))
     for group in todo.values():
@@ -154,7 +154,7 @@ def resume(cfg: ClsConfig, overrides: dict) -> dict:
     if gap_file.is_file():
         saved = ClsConfig(**read_json(gap_file, "gap config"))
     else:
-        state = load_checkpoint(where, kind="cls")
+        state = load_checkpoint(where, kind="cls", fallback=True)
         if state["optimizer"] is None:
             raise UserError(f"{state['path']}: this run has finished; nothing to resume")
         saved = ClsConfig(**{k: v for k, v in state["train_config"].items() if k in ClsConfig.__dataclass_fields__})

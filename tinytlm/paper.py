@@ -22,6 +22,9 @@ window; a cell's own prints go to its log.txt. The missing seeds of a row train 
 draws of the dropout masks, so a cell's numbers depend on whether it was trained stacked (its record
 says so: path.stacked) as they depend on the device.
 """
+import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -131,14 +134,37 @@ def main(argv=None):
     if args.plan:
         return plan(tables, args.scale, seeds, runner)
     summary = {}
-    for t in tables:
-        t0, c0 = time.time(), runner.computed
-        print(f"== {TITLES[t]} (scale {args.scale}, {seeds} seeds)", flush=True)
-        recs = report_table(t, args.scale, seeds, runner, args.results)
-        summary[t] = {"computed": runner.computed - c0, "seconds": round(time.time() - t0), "rows": recs}
-        print(f"== {t}: {summary[t]['computed']} cells computed in {summary[t]['seconds']} s -> "
-              f"{args.results / args.scale / (t + '.md')}", flush=True)
+    with cache_lock(args.cache) if mode == "run" else contextlib.nullcontext():  # one computing run per cache
+        for t in tables:
+            t0, c0 = time.time(), runner.computed
+            print(f"== {TITLES[t]} (scale {args.scale}, {seeds} seeds)", flush=True)
+            recs = report_table(t, args.scale, seeds, runner, args.results)
+            summary[t] = {"computed": runner.computed - c0, "seconds": round(time.time() - t0), "rows": recs}
+            print(f"== {t}: {summary[t]['computed']} cells computed in {summary[t]['seconds']} s -> "
+                  f"{args.results / args.scale / (t + '.md')}", flush=True)
     return summary
+
+
+@contextlib.contextmanager
+def cache_lock(cache: Path):
+    """Hold the cache for this run: a second run on the same cache waits (with a message) until the first ends,
+    then finds the cells it finished in the cache, so no cell is computed twice or written by two runs. The
+    lock is the kernel's (flock): it is released when the process ends, however it ends."""
+    import fcntl
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            print(f"{cache}: another run is using this cache ({f.read().strip() or 'pid unknown'}); waiting for it "
+                  f"to finish", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
 
 
 if __name__ == "__main__":

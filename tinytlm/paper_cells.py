@@ -149,7 +149,7 @@ class Runner:
         if (out / "done.json").is_file():
             self._log(what, True, t0)
             return out, key
-        state = load_checkpoint(out, kind="mlm") if (out / "ckpt.pt").is_file() else None
+        state = load_checkpoint(out, kind="mlm", fallback=True) if (out / "ckpt.pt").is_file() else None
         finished = state is not None and state["optimizer"] is None  # killed between the last save and done.json
         if not finished:
             try:
@@ -262,7 +262,7 @@ class Runner:
             cfg, key, out = self._mlm_cell(row, s)
             if (out / "done.json").is_file():
                 continue
-            st = load_checkpoint(out, kind="mlm") if (out / "ckpt.pt").is_file() else None
+            st = load_checkpoint(out, kind="mlm", fallback=True) if (out / "ckpt.pt").is_file() else None
             groups.setdefault(st and st["step"], []).append((s, key, out, st))
         for step, group in groups.items():
             t0 = time.time()

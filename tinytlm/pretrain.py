@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tinytlm.checkpoint import build_model, load_checkpoint, save_members, set_rng_state
+from tinytlm.checkpoint import build_model, load_checkpoint, load_group, save_members, set_rng_state
 from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
@@ -306,6 +306,9 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
         bar.close()
         raise Interrupted(f"stopped in the middle of step {step + 1}; {outs[0] / 'ckpt.pt'} holds the last saved "
                           f"state") from None
+    except (OSError, UserError):  # a full disk, a non-finite loss: the bar ends before the one-line error
+        bar.close()
+        raise
     bar.close()
     print(f"done: {step} steps, checkpoint{'s' if K > 1 else ''} {', '.join(str(o / 'ckpt.pt') for o in outs)}")
     return outs[0] if not cfg.seeds else outs
@@ -325,12 +328,12 @@ def main(argv=None):
     manifest = Path(cfg.resume) / "stack.json"
     if manifest.is_file():  # a stacked run: every member, from its own checkpoint
         m = read_json(manifest, "stack manifest")
-        states = [load_checkpoint(o, kind="mlm") for o in m["members"]]
+        states = load_group(m["members"], kind="mlm")
         if all(st["optimizer"] is None for st in states):
             raise UserError(f"{manifest.parent}: this stacked run has finished; nothing to resume")
         saved = resumed_config(cfg, MLMConfig(**m["config"]), overrides)
         return train(saved, m["overrides"], states, outs=m["members"])
-    resume_state = load_checkpoint(cfg.resume, kind="mlm")
+    resume_state = load_checkpoint(cfg.resume, kind="mlm", fallback=True)
     saved = MLMConfig(**resume_state["train_config"])
     if resume_state["optimizer"] is None:
         raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
