@@ -1,0 +1,151 @@
+"""Kill at any moment: each long-running command is SIGKILLed at random moments (drawn from a fixed seed),
+continued the way a user would (`--resume`, or the same command again), and its final outputs must equal
+an uninterrupted run's: bitwise weights and identical metrics for train_mlm.py and train_cls.py, identical
+shards for data_prep, identical records for the paper runner (timing fields left out).
+
+CI runs one kill per command; `python -m pytest -m slow tests/test_kills.py` runs 20 per command.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinytlm.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu"]
+TIMING = ("seconds", "seq_per_s", "eval_seq_per_s", "tok_per_s", "ms_per_step", "date", "time", "git", "train_s",
+          "eval_s")
+
+
+def start(argv):
+    return subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def timed(argv) -> float:
+    """Seconds an uninterrupted run takes (it is the reference the killed run is compared with)."""
+    import time
+    t0 = time.time()
+    subprocess.run([sys.executable, *argv], cwd=REPO, check=True, capture_output=True)
+    return time.time() - t0
+
+
+def killed_then_finished(first, again, moments, done) -> dict:
+    """Run `first`; at each moment (seconds after a start) SIGKILL the run, then start `again()` (the command
+    that continues it); finally run `again()` to the end. Returns {"kills", "survived"}."""
+    kills, argv = 0, first
+    for t in moments:
+        p = start(argv)
+        try:
+            p.wait(timeout=t)  # finished before the kill: nothing left to interrupt
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            kills += 1
+        argv = again()
+        if done():
+            break
+    if not done():
+        p = subprocess.run([sys.executable, *again()], cwd=REPO, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-3000:]
+    return {"kills": kills}
+
+
+def epochs(run_dir: Path) -> list:
+    """The last record of every epoch (a resumed run repeats the epochs after its checkpoint), timing left out."""
+    last = {}
+    for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if r["kind"] == "epoch":
+            last[r["epoch"]] = {k: v for k, v in r.items() if k not in TIMING}
+    return [last[e] for e in sorted(last)]
+
+
+def same_weights(a: Path, b: Path):
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    assert sa["step"] == sb["step"] and sa["model"].keys() == sb["model"].keys()
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), (a, k)
+
+
+def strip(obj):
+    if isinstance(obj, dict):
+        return {k: strip(v) for k, v in obj.items() if k not in TIMING and k != "path"}
+    return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+
+def moments(n: int, longest: float, seed: int) -> list:
+    """n kill moments in (1 s, longest): within the run (imports take the first second or two)."""
+    rng = random.Random(seed)
+    return [rng.uniform(1.0, max(1.5, longest)) for _ in range(n)]
+
+
+N_KILLS = [pytest.param(1, id="1-kill"), pytest.param(20, id="20-kills", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("n", N_KILLS)
+def test_pretraining_survives_kills(roots, tmp_path, n):
+    raw, data = roots
+    args = ["train_mlm.py", *SMALL, "--ws", "40", "--epochs", "4", "--batch_size", "8", "--log_every", "2",
+            "--raw", str(raw), "--data", str(data)]
+    t = timed([*args, "--out", str(tmp_path / "ref")])
+    out = tmp_path / "k"
+    first = [*args, "--out", str(out)]
+    r = killed_then_finished(first, lambda: ["train_mlm.py", "--resume", str(out)] if (out / "ckpt.pt").is_file()
+                             else first, moments(n, t, 1),
+                             lambda: (out / "ckpt.pt").is_file() and load_checkpoint(out)["optimizer"] is None)
+    same_weights(out, tmp_path / "ref")
+    assert epochs(out) == epochs(tmp_path / "ref")
+    print(f"train_mlm: {r['kills']} kills survived")
+
+
+@pytest.mark.parametrize("n", N_KILLS)
+def test_stacked_finetuning_survives_kills(roots, tmp_path, n):
+    raw, data = roots
+    args = ["train_cls.py", "--task", "agnews", *SMALL, "--train-per-label", "8", "--test-per-label", "4",
+            "--epochs", "3", "--batch_size", "8", "--quiet", "--seeds", "0,1", "--raw", str(raw), "--data", str(data)]
+    t = timed([*args, "--out", str(tmp_path / "ref")])
+    out = tmp_path / "k"
+    first = [*args, "--out", str(out)]
+    r = killed_then_finished(first, lambda: ["train_cls.py", "--resume", str(out)] if (out / "stack.json").is_file()
+                             else first, moments(n, t, 2),
+                             lambda: all((out / s / "result.json").is_file() for s in ("s0", "s1")))
+    for s in ("s0", "s1"):
+        same_weights(out / s, tmp_path / "ref" / s)
+        assert epochs(out / s) == epochs(tmp_path / "ref" / s)
+        assert strip(json.loads((out / s / "result.json").read_text())) == \
+            strip(json.loads((tmp_path / "ref" / s / "result.json").read_text()))
+    print(f"train_cls --seeds: {r['kills']} kills survived")
+
+
+@pytest.mark.parametrize("n", N_KILLS)
+def test_data_prep_survives_kills(shared, tmp_path, n):
+    args = ["data_prep/wikipedia.py", "--raw", str(shared), "--rows", "3000", "--workers", "2"]
+    t = timed([*args, "--out", str(tmp_path / "ref")])
+    first = [*args, "--out", str(tmp_path / "k")]
+    r = killed_then_finished(first, lambda: first, moments(n, t, 3), lambda: False)
+    ref, got = (d / "wikipedia" / "wiki.bin" for d in (tmp_path / "ref", tmp_path / "k"))
+    assert got.read_bytes() == ref.read_bytes()
+    print(f"data_prep: {r['kills']} kills survived")
+
+
+@pytest.mark.parametrize("n", N_KILLS)
+def test_paper_runner_survives_kills(shared, tmp_path, n):
+    """--no_stack: cells one at a time (a stack killed between its members' results is retrained as a smaller
+    stack, whose dropout masks are another draw: see the README)."""
+    def cmd(name):
+        return ["-m", "tinytlm.paper", "table5", "--scale", "mini", "--device", "cpu", "--no_stack", "--raw",
+                str(shared), "--data", str(tmp_path / "data"), "--cache", str(tmp_path / name / "cache"),
+                "--results", str(tmp_path / name / "results")]
+    t = timed(cmd("ref"))
+    r = killed_then_finished(cmd("k"), lambda: cmd("k"), moments(n, t, 4), lambda: False)
+    recs = [{p.name: strip(json.loads(p.read_text().replace(str(tmp_path / d), "")))
+             for p in (tmp_path / d / "results" / "cells" / "mini").glob("*")} for d in ("ref", "k")]
+    assert recs[0] == recs[1] and len(recs[0]) == 4
+    print(f"paper: {r['kills']} kills survived")
