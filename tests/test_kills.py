@@ -8,6 +8,7 @@ CI runs one kill per command; `python -m pytest -m slow tests/test_kills.py` run
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,25 +38,30 @@ def timed(argv) -> float:
     return time.time() - t0
 
 
-def killed_then_finished(first, again, moments, done) -> dict:
-    """Run `first`; at each moment (seconds after a start) SIGKILL the run, then start `again()` (the command
-    that continues it); finally run `again()` to the end. Returns {"kills", "survived"}."""
+def killed_then_finished(first, again, moments, done, check, reset) -> int:
+    """Kill a run at each of `moments` (seconds after each start): start `first`, SIGKILL it at the moment, start
+    `again()` (the command that continues it), and so on; a run that finishes before its moment is checked
+    (`check()`) and started afresh (`reset()`), so every moment is a kill. At the end the last run is taken to
+    its end and checked. Returns the number of kills made (each one survived, or check() fails)."""
     kills, argv = 0, first
     for t in moments:
         p = start(argv)
         try:
-            p.wait(timeout=t)  # finished before the kill: nothing left to interrupt
+            p.wait(timeout=t)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             kills += 1
-        argv = again()
-        if done():
-            break
-    if not done():
-        p = subprocess.run([sys.executable, *again()], cwd=REPO, capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr[-3000:]
-    return {"kills": kills}
+        if done():  # finished before the moment: check it, start again to kill it elsewhere
+            check()
+            reset()
+            argv = first
+        else:
+            argv = again()
+    p = subprocess.run([sys.executable, *again()], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    check()
+    return kills
 
 
 def epochs(run_dir: Path) -> list:
@@ -97,12 +103,14 @@ def test_pretraining_survives_kills(roots, tmp_path, n):
     t = timed([*args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "k"
     first = [*args, "--out", str(out)]
-    r = killed_then_finished(first, lambda: ["train_mlm.py", "--resume", str(out)] if (out / "ckpt.pt").is_file()
-                             else first, moments(n, t, 1),
-                             lambda: (out / "ckpt.pt").is_file() and load_checkpoint(out)["optimizer"] is None)
-    same_weights(out, tmp_path / "ref")
-    assert epochs(out) == epochs(tmp_path / "ref")
-    print(f"train_mlm: {r['kills']} kills survived")
+    def check():
+        same_weights(out, tmp_path / "ref")
+        assert epochs(out) == epochs(tmp_path / "ref")
+    kills = killed_then_finished(first, lambda: ["train_mlm.py", "--resume", str(out)] if (out / "ckpt.pt").is_file()
+                                 else first, moments(n, t, 1),
+                                 lambda: (out / "ckpt.pt").is_file() and load_checkpoint(out)["optimizer"] is None,
+                                 check, lambda: shutil.rmtree(out))
+    print(f"\ntrain_mlm: {kills} kills made, {kills} survived")
 
 
 @pytest.mark.parametrize("n", N_KILLS)
@@ -113,15 +121,17 @@ def test_stacked_finetuning_survives_kills(roots, tmp_path, n):
     t = timed([*args, "--out", str(tmp_path / "ref")])
     out = tmp_path / "k"
     first = [*args, "--out", str(out)]
-    r = killed_then_finished(first, lambda: ["train_cls.py", "--resume", str(out)] if (out / "stack.json").is_file()
-                             else first, moments(n, t, 2),
-                             lambda: all((out / s / "result.json").is_file() for s in ("s0", "s1")))
-    for s in ("s0", "s1"):
-        same_weights(out / s, tmp_path / "ref" / s)
-        assert epochs(out / s) == epochs(tmp_path / "ref" / s)
-        assert strip(json.loads((out / s / "result.json").read_text())) == \
-            strip(json.loads((tmp_path / "ref" / s / "result.json").read_text()))
-    print(f"train_cls --seeds: {r['kills']} kills survived")
+    def check():
+        for s in ("s0", "s1"):
+            same_weights(out / s, tmp_path / "ref" / s)
+            assert epochs(out / s) == epochs(tmp_path / "ref" / s)
+            assert strip(json.loads((out / s / "result.json").read_text())) == \
+                strip(json.loads((tmp_path / "ref" / s / "result.json").read_text()))
+    kills = killed_then_finished(first, lambda: ["train_cls.py", "--resume", str(out)] if (out / "stack.json").is_file()
+                                 else first, moments(n, t, 2),
+                                 lambda: all((out / s / "result.json").is_file() for s in ("s0", "s1")),
+                                 check, lambda: shutil.rmtree(out))
+    print(f"\ntrain_cls --seeds: {kills} kills made, {kills} survived")
 
 
 @pytest.mark.parametrize("n", N_KILLS)
@@ -129,10 +139,13 @@ def test_data_prep_survives_kills(shared, tmp_path, n):
     args = ["data_prep/wikipedia.py", "--raw", str(shared), "--rows", "3000", "--workers", "2"]
     t = timed([*args, "--out", str(tmp_path / "ref")])
     first = [*args, "--out", str(tmp_path / "k")]
-    r = killed_then_finished(first, lambda: first, moments(n, t, 3), lambda: False)
     ref, got = (d / "wikipedia" / "wiki.bin" for d in (tmp_path / "ref", tmp_path / "k"))
-    assert got.read_bytes() == ref.read_bytes()
-    print(f"data_prep: {r['kills']} kills survived")
+
+    def check():
+        assert got.read_bytes() == ref.read_bytes()
+    kills = killed_then_finished(first, lambda: first, moments(n, t, 3), got.is_file, check,
+                                 lambda: shutil.rmtree(tmp_path / "k"))
+    print(f"\ndata_prep: {kills} kills made, {kills} survived")
 
 
 @pytest.mark.parametrize("n", N_KILLS)
@@ -144,8 +157,14 @@ def test_paper_runner_survives_kills(shared, tmp_path, n):
                 str(shared), "--data", str(tmp_path / "data"), "--cache", str(tmp_path / name / "cache"),
                 "--results", str(tmp_path / name / "results")]
     t = timed(cmd("ref"))
-    r = killed_then_finished(cmd("k"), lambda: cmd("k"), moments(n, t, 4), lambda: False)
-    recs = [{p.name: strip(json.loads(p.read_text().replace(str(tmp_path / d), "")))
-             for p in (tmp_path / d / "results" / "cells" / "mini").glob("*")} for d in ("ref", "k")]
-    assert recs[0] == recs[1] and len(recs[0]) == 4
-    print(f"paper: {r['kills']} kills survived")
+
+    def recs(d):
+        return {p.name: strip(json.loads(p.read_text().replace(str(tmp_path / d), "")))
+                for p in (tmp_path / d / "results" / "cells" / "mini").glob("*")}
+
+    def check():
+        assert recs("k") == recs("ref") and len(recs("ref")) == 4
+    kills = killed_then_finished(cmd("k"), lambda: cmd("k"), moments(n, t, 4),
+                                 lambda: (tmp_path / "k" / "results" / "mini" / "table5.md").is_file(), check,
+                                 lambda: shutil.rmtree(tmp_path / "k"))
+    print(f"\npaper: {kills} kills made, {kills} survived")

@@ -6,12 +6,15 @@
     python train_cls.py --task fewrel --labels 0,2,5,10,11,12,13,14,15,3 --init runs/mlm-...
     python train_cls.py --task agnews --model tiny --train-per-label 200 --test-per-label 200 --epochs 5
     python train_cls.py --task agnews --init hf:path/to/bert-base-uncased --gap   # a Hugging Face BERT folder
+    python train_cls.py --task agnews --seeds 0,1,2,3,4 --init runs/b1x5 --out runs/c  # 5 stacked, one run
 
 The architecture comes from the checkpoint when --init is given, else from --model
 and the model flags. Test accuracy is printed each epoch; the reported result is the
 final epoch's accuracy (the best epoch's is also reported, labelled as selected on
 test). Outputs in --out (default runs/<name>): config.json, metrics.jsonl, ckpt.pt
-(a classifier checkpoint ensemble.py reads) and result.json.
+(a classifier checkpoint ensemble.py reads) and result.json. With --seeds, one classifier per seed
+is trained as one stacked model; member s is written to OUT/s<s>/ as `--seed s --out OUT/s<s>` writes
+it, and `--resume OUT` continues them all (see tinytlm/members.py).
 """
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
