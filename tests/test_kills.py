@@ -1,7 +1,8 @@
 """Kill at any moment: each long-running command is SIGKILLed at random moments (drawn from a fixed seed),
 continued the way a user would (`--resume`, or the same command again), and its final outputs must equal
-an uninterrupted run's: bitwise weights and identical metrics for train_mlm.py and train_cls.py, identical
-shards for data_prep, identical records for the paper runner (timing fields left out).
+an uninterrupted run's: bitwise weights and identical metrics for train_mlm.py (one model, and a stack)
+and train_cls.py (a stack), identical shards for data_prep, identical records for the paper runner
+(timing fields left out).
 
 CI runs one kill per command; `python -m pytest -m slow tests/test_kills.py` runs 20 per command.
 """
@@ -111,6 +112,29 @@ def test_pretraining_survives_kills(roots, tmp_path, n):
                                  lambda: (out / "ckpt.pt").is_file() and load_checkpoint(out)["optimizer"] is None,
                                  check, lambda: shutil.rmtree(out))
     print(f"\ntrain_mlm: {kills} kills made, {kills} survived")
+
+
+@pytest.mark.parametrize("n", N_KILLS)
+def test_stacked_pretraining_survives_kills(roots, tmp_path, n):
+    raw, data = roots
+    args = ["train_mlm.py", *SMALL, "--ws", "40", "--epochs", "3", "--batch_size", "8", "--seeds", "0,1",
+            "--raw", str(raw), "--data", str(data)]
+    t = timed([*args, "--out", str(tmp_path / "ref")])
+    out = tmp_path / "k"
+    first = [*args, "--out", str(out)]
+
+    def check():
+        for s in ("s0", "s1"):
+            same_weights(out / s, tmp_path / "ref" / s)
+            assert epochs(out / s) == epochs(tmp_path / "ref" / s)
+
+    def done():
+        return all((out / s / "ckpt.pt").is_file() and load_checkpoint(out / s)["optimizer"] is None
+                   for s in ("s0", "s1"))
+    kills = killed_then_finished(first, lambda: ["train_mlm.py", "--resume", str(out)]
+                                 if (out / "stack.json").is_file() else first, moments(n, t, 5), done, check,
+                                 lambda: shutil.rmtree(out))
+    print(f"\ntrain_mlm --seeds: {kills} kills made, {kills} survived")
 
 
 @pytest.mark.parametrize("n", N_KILLS)

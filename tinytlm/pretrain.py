@@ -17,6 +17,7 @@ OUT/stack.json lets `--resume OUT` continue all members.
 """
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -328,10 +329,14 @@ def main(argv=None):
     manifest = Path(cfg.resume) / "stack.json"
     if manifest.is_file():  # a stacked run: every member, from its own checkpoint
         m = read_json(manifest, "stack manifest")
+        saved = resumed_config(cfg, MLMConfig(**m["config"]), overrides)
+        missing = [o for o in m["members"] if not (Path(o) / "ckpt.pt").is_file()]
+        if missing:  # killed before (or during) the members' first save: the stack starts again, exactly
+            print(f"{missing[0]}: no checkpoint yet; the stack starts again from step 0", file=sys.stderr)
+            return train(saved, m["overrides"], None, outs=m["members"])
         states = load_group(m["members"], kind="mlm")
         if all(st["optimizer"] is None for st in states):
             raise UserError(f"{manifest.parent}: this stacked run has finished; nothing to resume")
-        saved = resumed_config(cfg, MLMConfig(**m["config"]), overrides)
         return train(saved, m["overrides"], states, outs=m["members"])
     resume_state = load_checkpoint(cfg.resume, kind="mlm", fallback=True)
     saved = MLMConfig(**resume_state["train_config"])
