@@ -119,10 +119,17 @@ def encode_parallel(texts, vocab_path, max_len, workers, chunk=1000, desc="token
             out[pos:pos + len(arr)] = arr
             pos += len(arr)
             bar.update(len(arr))
-    finally:
-        bar.close()
+    except BaseException:
         if pool is not None:
             pool.terminate()
+        raise
+    finally:
+        bar.close()
+    if pool is not None:
+        # the workers end on their own: Pool.terminate() after a finished imap could hang here, on a
+        # queue lock it takes and keeps while workers wait on it (seen under load, 2026-11-30)
+        pool.close()
+        pool.join()
     return out
 
 
