@@ -20,7 +20,7 @@ from tinytlm.members import stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import ensure_task, load_task
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
-from tinytlm.train import (RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name, lr_at,
+from tinytlm.train import (NonFinite, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name, lr_at,
                            make_optimizer, prepare_model, print_config, resolve_device, roots)
 
 # PAPER.md: Table 1 fine-tunes FewRel at 8e-5 / 1e-2; Tables 3-7 mostly 5e-5 with weight decay 1e-3..2e-2
@@ -120,18 +120,10 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
     total = cfg.decay_epochs * steps_per_epoch
     ytr_t = torch.from_numpy(ytr)
 
-    # per member, the first step whose loss was not finite (0: none yet), read where the loop syncs anyway
-    nonfinite = torch.zeros(K, dtype=torch.long, device=device)
-
-    def check_finite():
-        bad = nonfinite.tolist()
-        if any(bad):
-            k = next(i for i, b in enumerate(bad) if b)
-            raise UserError(f"the loss of {outs[k]} became non-finite at step {bad[k]}; its last good checkpoint is "
-                            f"{outs[k] / 'ckpt.pt'} (try a lower --lr)")
+    nonfinite = NonFinite(outs, seeds, device, "try a lower --lr")
 
     def save(finished=False):  # each member's progress travels in its checkpoint's extra
-        check_finite()
+        nonfinite.check()
         save_members(model, [(o / "ckpt.pt", dict(
             kind="cls", optimizer=None if finished else opt, step=step, epoch=step // steps_per_epoch,
             train_config=c, data={"task_dir": task_dir.name, "spec": asdict(spec)},
@@ -166,9 +158,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     loss.sum().backward()  # K members: the sum of their mean losses, no coupling
-                    with torch.no_grad():
-                        nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach().float().view(K)),
-                                                step + 1, nonfinite)
+                    nonfinite.update(loss, step + 1)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.detach().float().view(K)
@@ -179,7 +169,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                             p["loss_sum"], p["train_s"] = v, p["train_s"] + dt
                         raise StopAtBoundary
                 epoch_loss = (loss_sum / steps_per_epoch).tolist()  # syncs: the training steps are done
-                check_finite()
+                nonfinite.check()
                 t1 = time.perf_counter()
                 logits = predict_member_logits(model, test.ids, device)  # (K, N, C); syncs too (.cpu())
                 t2 = time.perf_counter()

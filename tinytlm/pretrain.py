@@ -30,7 +30,7 @@ from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
-from tinytlm.train import (RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, lr_at, make_optimizer,
+from tinytlm.train import (NonFinite, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, lr_at, make_optimizer,
                            member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
                            resolve_device, resumed_config, roots, switch)
 
@@ -207,20 +207,10 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
     slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
-    # per member, the first step whose loss was not finite (0: none yet); kept on the device, read where the
-    # loop syncs anyway (a log record, a checkpoint), so a diverged run never overwrites its last good checkpoint
-    nonfinite = torch.zeros(K, dtype=torch.long, device=device)
-
-    def check_finite():
-        bad = nonfinite.tolist()
-        if any(bad):
-            k = next(i for i, b in enumerate(bad) if b)
-            raise UserError(f"the loss of {outs[k]} became non-finite at step {bad[k]}"
-                            f"{f' (member seed {seeds[k]})' if K > 1 else ''}; its last good checkpoint is "
-                            f"{outs[k] / 'ckpt.pt'} (try a lower --lr, or --grad_clip)")
+    nonfinite = NonFinite(outs, seeds, device, "try a lower --lr, or --grad_clip")
 
     def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
-        check_finite()
+        nonfinite.check()
         save_members(model, [(o / "ckpt.pt", dict(kind="mlm", optimizer=None if step == total else opt, step=step,
                                                   epoch=step // steps_per_epoch, train_config=asdict(c),
                                                   data=data_meta))
@@ -253,9 +243,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     loss.sum().backward()  # K members: the sum of their mean losses, no coupling
-                    with torch.no_grad():
-                        nonfinite = torch.where((nonfinite == 0) & ~torch.isfinite(loss.detach().float().view(K)),
-                                                step + 1, nonfinite)
+                    nonfinite.update(loss, step + 1)
                     if cfg.grad_clip > 0:
                         clip_grad_norm_members(list(raw_model.parameters()), cfg.grad_clip, K)
                     opt.step()
@@ -275,7 +263,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     # window's loss and accuracy, not a running mean, and its speed (per member)
                     if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
                         ws = win.tolist()  # syncs: the window's steps are done
-                        check_finite()
+                        nonfinite.check()
                         dt = max(1e-9, time.time() - t_win)
                         for log, w in zip(logs, ws):
                             rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr,
@@ -299,7 +287,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     save()  # every save_every epochs, at the end, and where --max_steps stops
     except StopAtBoundary:
         bar.close()
-        save()  # (not if the loss went non-finite: check_finite raises)
+        save()  # (not if the loss went non-finite: nonfinite.check() raises)
         where = stack_dir(cfg, overrides) if cfg.seeds else outs[0]
         raise Interrupted(f"interrupted at step {step}: checkpoint {outs[0] / 'ckpt.pt'}"
                           f"{f' and {K - 1} more' if K > 1 else ''}; continue with --resume {where}")

@@ -203,6 +203,33 @@ def lr_at(step: int, total: int, lr: float) -> float:
 
 
 # -----------------------------------------------------------------------------
+# a loss that is not finite
+
+class NonFinite:
+    """Per member, the first step whose loss was not finite, kept on the device (no sync per step) and read
+    by check() where a loop syncs anyway (a log record, a checkpoint): a diverged run stops there with one
+    line, and never overwrites its last good checkpoint."""
+
+    def __init__(self, outs: list, seeds: list, device, hint: str):
+        self.outs, self.seeds, self.hint = outs, seeds, hint
+        self.first = torch.zeros(len(outs), dtype=torch.long, device=device)  # 0: none yet
+
+    def update(self, loss, step: int):
+        """loss: the members' losses of 1-based step `step`, (K,) or a scalar."""
+        with torch.no_grad():
+            bad = ~torch.isfinite(loss.detach().float().view(len(self.outs)))
+            self.first = torch.where((self.first == 0) & bad, step, self.first)
+
+    def check(self):
+        first = self.first.tolist()
+        if any(first):
+            k = next(i for i, b in enumerate(first) if b)
+            member = f" (member seed {self.seeds[k]})" if len(self.outs) > 1 else ""
+            raise UserError(f"the loss of {self.outs[k]} became non-finite at step {first[k]}{member}; its last good "
+                            f"checkpoint is {Path(self.outs[k]) / 'ckpt.pt'} ({self.hint})")
+
+
+# -----------------------------------------------------------------------------
 # Ctrl-C and SIGTERM at step boundaries
 
 class StopAtBoundary(Exception):
