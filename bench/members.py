@@ -6,22 +6,20 @@ batch-1 latency of a committee run stacked (bench/README.md, "Stacked members").
     PYTHONPATH=. python bench/members.py --device cpu         # CPU defaults: 8 minutes on a shared 2-core machine
     PYTHONPATH=. python bench/members.py --smoke              # shrunk models: proves it runs, numbers mean nothing
 
-Training: the same K BertForMLM train on the same rows two ways: stacked, one BertForMLM(cfg, members=K)
-stepping on K*B rows (member k's rows are k*B .. k*B+B-1); one by one, K single models, each with its AdamW,
-K steps of B rows. Pre-training's step: bf16 autocast and fused AdamW on CUDA (fp32 on CPU), sparse MLM head
-on --per_row static slots. After --warmup steps of each path alone, --steps rounds alternate the two (each
-call timed alone, the order rotating, so a passing load on a shared machine falls on both); medians.
-K = 1 is one model, one measurement. Peak memory: CUDA max_memory_allocated in each path's warm-up (one by
-one: K models resident; stacked: the singles' bytes left out); on CPU weights + grads + AdamW state, no
-activations. Largest K in --memory_gb: a least-squares line through the peaks at the measured K.
+Training: the same K BertForMLM on the same rows, stacked (one BertForMLM(cfg, members=K), K*B rows, member
+k's rows k*B .. k*B+B-1) and one by one (K single models, each with its AdamW, K steps of B rows): bf16
+autocast and fused AdamW on CUDA (fp32 on CPU), sparse MLM head on --per_row static slots. After --warmup
+steps of each path alone, --steps rounds alternate the two (each call timed alone, the order rotating, so a
+passing load on a shared machine falls on both); medians.
+K = 1 is one model. Peak memory: CUDA max_memory_allocated in each path's warm-up (one by one: K models
+resident; stacked: the singles' bytes left out); on CPU weights + grads + AdamW state, no activations.
+Largest K in --memory_gb: a least-squares line through the peaks at the measured K.
 
-Latency: BertForClassification, eval, no_grad, autocast, batch 1: --committee_size --committee members
-stacked (tinytlm.committee.member_logits, one forward), the same one after another, one --single model;
-medians of --latency_runs interleaved calls. It runs first; no training case starts after --time_limit s.
-0 = auto for --batch_size (GPU 32, CPU 4) and --warmup + --steps (GPU 3 + 10; CPU 1 + 3 tiny, 1 + 2 bert1,
-1 + 1 bert6: a bert6 step of 4 rows takes ~9 s on 2 cores). --json and the report (--out; default
-bench/results/<date>-<device>-members.md, none with --smoke) are rewritten after every case.
-"""
+Latency (runs first): BertForClassification, eval, no_grad, autocast, batch 1: --committee_size --committee
+members stacked (one forward), one after another, one --single model; medians of --latency_runs interleaved
+calls. No training case starts after --time_limit s. 0 = auto for --batch_size (GPU 32, CPU 4) and --warmup +
+--steps (GPU 3 + 10; CPU 1 + 3 tiny, 1 + 2 bert1, 1 + 1 bert6). --json and the report (--out; default
+bench/results/<date>-<device>-members.md, none with --smoke) are rewritten after every case."""
 import math
 import os
 import statistics
@@ -38,15 +36,11 @@ from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.members import load_members
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
-from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model, \
-    resolve_device
+from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model, resolve_device
 
 GOALS = (("bert1", 5, 3.0), ("bert6", 5, 1.5))  # (model, K, stacked / one-by-one speed-up goal on a GPU)
 LATENCY_GOAL = 0.5  # committee stacked batch-1 latency / the single model's, goal on a GPU
 
-
-# -----------------------------------------------------------------------------
-# config
 
 @dataclass
 class MembersConfig:

@@ -6,7 +6,8 @@ so no (T, T) matrix is ever written; it saves the row logsumexp for the backward
 is three kernels: a preprocess for delta = rowsum(dO * O), one program per K/V block that
 iterates over Q blocks for dK and dV, and one program per Q block that iterates over K/V
 blocks for dQ. Splitting dQ out costs a second recomputation of Q K^T but needs no atomics,
-so gradients are deterministic.
+so gradients are deterministic. kernels/attention_varlen.py runs the same loops (shared @triton.jit
+helpers in kernels/attention_kernels.py) over packed variable-length sequences, for unpadded training.
 
 Features: non-causal (BERT), key-padding mask (B, T) with True = real token, attention dropout
 with a counter-based Philox stream: the keep decision for element (b, h, q, k) is
@@ -56,16 +57,21 @@ def _interpreted():
 
 # ----------------------------------------------------------------------------- launchers
 
-def _config(q):
-    """Launch constants shared by the kernels. Tiles hard-coded from the Triton fused-attention
-    tutorial's H100 configurations (64 x 64 tiles, 4 warps; a narrower K/V tile at D = 128 to keep
-    the fp32 accumulators in registers), not autotuned here. Small T shrinks the tiles (>= 16,
-    the tl.dot minimum) so short sequences waste less work."""
-    T, D = q.shape[2:]
+def _config(T, D, dtype):
+    """Launch constants shared by the kernels (padded and varlen) for sequences of at most T tokens.
+    Tiles hard-coded from the Triton fused-attention tutorial's H100 configurations (64 x 64 tiles,
+    4 warps; a narrower K/V tile at D = 128 to keep the fp32 accumulators in registers), not autotuned
+    here. Small T shrinks the tiles (>= 16, the tl.dot minimum) so short sequences waste less work."""
     cap = max(16, triton.next_power_of_2(T))
     upcast = _interpreted()
     return dict(HEAD_D=D, BLOCK_M=min(64, cap), BLOCK_N=min(32 if D == 128 else 64, cap), UPCAST=upcast,
-                DOT_PREC="ieee" if (upcast or q.dtype == torch.float32) else "tf32", num_warps=4)
+                DOT_PREC="ieee" if (upcast or dtype == torch.float32) else "tf32", num_warps=4)
+
+
+def _bwd_stages(q):
+    """Pipeline stages of the backward kernels: fp32 tiles at D = 128 with the default 3-stage pipeline
+    would need ~200 KB of shared memory per program, past the H100's 227 KB once the rest is counted."""
+    return 1 if (q.element_size() == 4 and q.shape[-1] == 128) else 2
 
 
 def _check_inputs(q, k, v, key_padding_mask, dropout_p, seed):
@@ -122,7 +128,7 @@ def _launch_fwd(q, k, v, key_padding_mask, dropout_p, seed):
     """Run the forward kernel; returns out (B, H, T, D) in q.dtype and lse (B, H, T) fp32, base 2.
     seed: the int64 (1,) device tensor, or None without dropout."""
     B, H, T, D = q.shape
-    cfg = _config(q)
+    cfg = _config(T, D, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
@@ -139,7 +145,7 @@ def _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    cfg = _config(q)
+    cfg = _config(T, D, q.dtype)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
         out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=cfg["BLOCK_M"])
@@ -148,10 +154,7 @@ def _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
     dv = torch.empty_like(dq)
     mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
     sm_scale = 1.0 / math.sqrt(D)
-    # fp32 tiles at D = 128 with the default 3-stage pipeline would need ~200 KB of shared
-    # memory per program, past the H100's 227 KB once the rest is counted: use fewer stages
-    cfg.update(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0,
-               num_stages=1 if (q.element_size() == 4 and D == 128) else 2)
+    cfg.update(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
     args = (seed, dropout_p, sm_scale * 1.4426950408889634, sm_scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, H, T)
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H)](
@@ -171,6 +174,16 @@ def _seed_tensor(seed, device):
     if isinstance(seed, torch.Tensor):
         return seed
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _autocast(*ts):
+    """Inside an autocast region: autocast's rule for SDPA, floating inputs other than float64 run in the
+    autocast dtype (so the precision does not depend on the kernel choice)."""
+    dev = ts[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return ts
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in ts)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -225,11 +238,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None):
     `seed`: None draws a fresh one on q's device (only when dropout_p > 0), an int or an int64
     (1,) tensor on q's device fixes it. Returns (B, H, T, D) in q.dtype (the autocast dtype
     inside an autocast region)."""
-    dev = q.device.type
-    if torch.is_autocast_enabled(dev):
-        # autocast's rule for SDPA: floating inputs other than float64 run in the autocast dtype
-        dtype = torch.get_autocast_dtype(dev)
-        q, k, v = (t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+    q, k, v = _autocast(q, k, v)
     seed = _seed_tensor(seed, q.device) if dropout_p > 0 else None
     out, _ = torch.ops.tinytlm.attention_fwd(q, k, v, key_padding_mask, float(dropout_p), seed)
     return out

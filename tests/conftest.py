@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# No test downloads from the internet (tests/test_download.py serves its files from 127.0.0.1 and
+# clears this for itself); a command that would download fails with its one-line "not found" instead.
+os.environ.setdefault("TINYTLM_NO_DOWNLOAD", "1")
+
 SHARED = Path(os.environ.get("TINYTLM_RAW", Path(__file__).resolve().parents[2] / "shared" / "data"))
 VOCAB = SHARED / "bert-base-uncased-vocab.txt"
 

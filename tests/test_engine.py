@@ -312,13 +312,15 @@ def test_gap_killed_at_random_then_resumed(roots, tmp_path):
         assert_same_run(tmp_path / "a" / arm, tmp_path / "b" / arm)
 
 
-def test_arm_killed_after_its_final_checkpoint_runs_again(roots, tmp_path):
-    """A kill between the final checkpoint (no optimizer state) and result.json: the arm cannot resume
-    from it, so it runs again, and gives the same result (the paper runner and --gap use this)."""
+def test_arm_killed_after_its_final_checkpoint_writes_its_result_from_it(roots, tmp_path):
+    """A kill between the final checkpoint (no optimizer state) and result.json: the checkpoint holds the
+    result, which the arm writes without training again (the paper runner and --gap use this)."""
     finetune.main(cls_args(roots, tmp_path / "a", "--epochs", "2"))
     first = json.loads((tmp_path / "a" / "result.json").read_text())
     (tmp_path / "a" / "result.json").unlink()
     assert load_checkpoint(tmp_path / "a", kind="cls")["optimizer"] is None
     cfg, overrides = finetune.parse(cls_args(roots, tmp_path / "a", "--epochs", "2"))
+    metrics = (tmp_path / "a" / "metrics.jsonl").read_text()
     again = finetune.arm(cfg, overrides, None, tmp_path / "a")
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == metrics and again == first
     assert again["acc_per_epoch"] == first["acc_per_epoch"] and again["per_label_acc"] == first["per_label_acc"]

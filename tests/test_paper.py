@@ -39,6 +39,10 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     scratch = rows["no pre-training"]["acc"]
     assert gap["gap"] == [a - b for a, b in zip(gap["acc"], scratch)]
     assert 0 < gap["T_W"] and gap["T_M"] < rows["no pre-training"]["T_M"]
+    # the checkpoint's held-out MLM evaluation travels in the records and shows in the report
+    assert 0 <= gap["val_mlm_acc"] <= 1
+    line = next(l for l in md.splitlines() if l.startswith("| `mlm-tiny"))
+    assert line.count("|") == 8 and f"{gap['val_mlm_acc']:.3f} |" in line
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("result.json")}
     assert len(stamps) == 4
 
@@ -84,6 +88,30 @@ def test_a_rows_seeds_train_stacked_into_the_same_cells(shared, tmp_path):
         return {p.name: json.loads(p.read_text()) for p in (tmp_path / name / "results" / "cells" / "mini").glob("*")}
     stacked, alone = run("stacked"), run("alone", "--no_stack")
     assert stacked.keys() == alone.keys() and len(stacked) == 4
+    # killed between the stack's two member records: the same command finishes the second from its cache,
+    # with the record the uninterrupted stack wrote (not trained again alone: other dropout masks)
+    from tests.test_kills import strip
+    from tinytlm.paper_cells import Runner
+
+    class Killed(BaseException):
+        pass
+    finished, calls = Runner._finished, []
+
+    def killed_at_the_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return finished(self, *a, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Runner, "_finished", killed_at_the_second)
+        with pytest.raises(Killed):
+            run("killed")
+    killed = run("killed")
+
+    def bare(recs, name):  # timing and this run's folder left out
+        return {k: strip(json.loads(json.dumps(v).replace(str(tmp_path / name), ""))) for k, v in recs.items()}
+    assert bare(killed, "killed") == bare(stacked, "stacked")
+    assert all(r["path"].get("stacked") == 2 for r in killed.values())
     assert all(r["path"].get("stacked") == 2 and r["seed"] in (0, 1) for r in stacked.values())
     assert not any("stacked" in r["path"] for r in alone.values())
     assert sorted(p.name for p in (tmp_path / "stacked" / "cache" / "cls").iterdir()) == \

@@ -3,6 +3,7 @@ last good checkpoint kept; out-of-range numbers are refused."""
 import contextlib
 import errno
 import io
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,40 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(roots,
     monkeypatch.setattr(pretrain, "lr_at", lr_at)
     pretrain.main(["--resume", str(tmp_path / "a")])  # continues from the last good checkpoint
     assert load_checkpoint(tmp_path / "a")["step"] == 10
+
+
+def _nan_gradient_at(module, step: int, monkeypatch):
+    """From the `step`-th backward on (1-based), one weight's gradient is NaN; the loss stays finite that step."""
+    make = module.make_optimizer
+    calls = []
+
+    def make_optimizer(model, *a, **k):
+        p = next(model.parameters())
+        p.register_hook(lambda g: calls.append(1) or (g * float("nan") if len(calls) >= step else g))
+        return make(model, *a, **k)
+    monkeypatch.setattr(module, "make_optimizer", make_optimizer)
+
+
+@pytest.mark.parametrize("seeds", [[], ["--seeds", "0,1"]])
+def test_a_non_finite_gradient_stops_pretraining_at_its_own_step(roots, tmp_path, monkeypatch, seeds):
+    _nan_gradient_at(pretrain, 7, monkeypatch)
+    with pytest.raises(UserError) as e:
+        pretrain.main(mlm_args(roots, tmp_path / "a", "--log_every", "3", *seeds))
+    msg = str(e.value)
+    assert "non-finite at step 7" in msg and "\n" not in msg  # its own step, not the next loss's
+    first = tmp_path / "a" / ("s0" if seeds else "")
+    assert load_checkpoint(first)["step"] == 5
+
+
+def test_a_non_finite_gradient_stops_fine_tuning_at_its_own_step(roots, tmp_path, monkeypatch):
+    from tinytlm import finetune, finetune_loop
+    raw, data = roots
+    _nan_gradient_at(finetune_loop, 3, monkeypatch)
+    argv = ["--task", "agnews", "--model", "tiny", "--train-per-label", "4", "--test-per-label", "2", "--epochs", "2",
+            "--batch_size", "8", "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data)]
+    with pytest.raises(UserError, match="non-finite at step 3;"):
+        finetune.main([*argv, "--out", str(tmp_path / "c")])
+    assert load_checkpoint(tmp_path / "c")["step"] == 2  # the first epoch's (2 steps of 8 of 16 rows)
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -152,3 +187,76 @@ def test_two_paper_runs_on_one_cache_compute_each_cell_once(shared, tmp_path):
     computed = [int(o.split("== table5: ")[1].split(" cells computed")[0]) for o, _ in outs]
     assert computed == [5, 0] and "another run is using this cache" in outs[1][1]  # it waited, then found all done
     assert len(list((tmp_path / "results" / "cells" / "mini").glob("*.json"))) == 4
+
+
+class _Killed(BaseException):
+    """A kill at one exact point (a SIGKILL there is too short a window to hit at random)."""
+
+
+def _stacked_cls(roots, out, *extra):
+    raw, data = roots
+    return ["--task", "agnews", "--model", "tiny", "--train-per-label", "4", "--test-per-label", "2", "--epochs", "2",
+            "--batch_size", "8", "--device", "cpu", "--quiet", "--seeds", "0,1", "--raw", str(raw), "--data", str(data),
+            "--out", str(out), *extra]
+
+
+def _same_stack(a: Path, b: Path):
+    from tests.test_kills import strip
+    for s in ("s0", "s1"):
+        sa, sb = load_checkpoint(a / s), load_checkpoint(b / s)
+        assert sa["step"] == sb["step"] and all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+        ra, rb = (json.loads((d / s / "result.json").read_text()) for d in (a, b))
+        assert strip(ra) == strip(rb)
+
+
+def test_a_stack_killed_between_its_results_writes_the_rest_from_its_checkpoints(roots, tmp_path, monkeypatch):
+    from tinytlm import finetune, finetune_loop
+    finetune.main(_stacked_cls(roots, tmp_path / "ref"))
+    write = finetune_loop.write_json
+
+    def killed_at_the_second(path, obj):
+        if Path(path) == tmp_path / "k" / "s1" / "result.json":
+            raise _Killed
+        write(path, obj)
+    monkeypatch.setattr(finetune_loop, "write_json", killed_at_the_second)
+    with pytest.raises(_Killed):
+        finetune.main(_stacked_cls(roots, tmp_path / "k"))
+    monkeypatch.undo()
+    steps = (tmp_path / "k" / "s1" / "metrics.jsonl").read_text()
+    finetune.main(["--resume", str(tmp_path / "k")])
+    assert (tmp_path / "k" / "s1" / "metrics.jsonl").read_text() == steps  # not trained again
+    _same_stack(tmp_path / "k", tmp_path / "ref")
+
+
+def test_a_stack_whose_member_is_a_save_behind_finishes_together(roots, tmp_path):
+    """A kill between the members' final renames: one finished, the other a save behind; both go on from the
+    common step as one stack (alone, the second member would draw other dropout masks)."""
+    from tinytlm import finetune
+    finetune.main(_stacked_cls(roots, tmp_path / "ref"))
+    finetune.main(_stacked_cls(roots, tmp_path / "k"))
+    s1 = tmp_path / "k" / "s1"
+    os.replace(s1 / "ckpt.prev.pt", s1 / "ckpt.pt")  # as if the kill came before member 1's final rename
+    for s in ("s0", "s1"):
+        (tmp_path / "k" / s / "result.json").unlink()
+    assert load_checkpoint(s1)["optimizer"] is not None
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        finetune.main(["--resume", str(tmp_path / "k")])
+    assert "one save ahead" in err.getvalue()
+    _same_stack(tmp_path / "k", tmp_path / "ref")
+
+
+def test_a_stack_killed_during_its_first_save_starts_again_as_one_stack(roots, tmp_path):
+    """Member 0's start-of-run checkpoint was renamed into place, member 1's not: both start afresh, together."""
+    import shutil
+    from tinytlm import finetune
+    finetune.main(_stacked_cls(roots, tmp_path / "k", "--epochs", "1"))  # 1 epoch: ckpt.prev.pt is the step-0 one
+    finetune.main(_stacked_cls(roots, tmp_path / "r1", "--epochs", "1"))
+    s0 = tmp_path / "k" / "s0"
+    os.replace(s0 / "ckpt.prev.pt", s0 / "ckpt.pt")
+    assert load_checkpoint(s0)["step"] == 0
+    for f in ("result.json", "metrics.jsonl", "config.json"):
+        (s0 / f).unlink()
+    shutil.rmtree(tmp_path / "k" / "s1")
+    finetune.main(["--resume", str(tmp_path / "k")])
+    _same_stack(tmp_path / "k", tmp_path / "r1")

@@ -57,9 +57,18 @@ def home() -> Path:
 
 
 def default_raw_root() -> Path:
-    """Raw data root: $TINYTLM_RAW, else ../shared/data beside the home folder."""
+    """Raw data root: $TINYTLM_RAW, else ../shared/data beside the home folder when it exists, else
+    download_root() (where tinytlm.download puts the files, and the commands fetch what they need)."""
     env = os.environ.get("TINYTLM_RAW")
-    return Path(env) if env else home() / ".." / "shared" / "data"
+    if env:
+        return Path(env)
+    shared = home() / ".." / "shared" / "data"
+    return shared if shared.is_dir() else download_root()
+
+
+def download_root() -> Path:
+    """Where downloaded raw data goes when there is no other: data/raw in the home folder."""
+    return home() / "data" / "raw"
 
 
 def default_data_root() -> Path:

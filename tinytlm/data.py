@@ -124,6 +124,16 @@ class Shard:
         return y
 
 
+def checked_shard(path, checksum: str = None) -> Shard:
+    """A shard whose payload matches its header's checksum and, when given, the checksum its meta.json
+    recorded (a shard of another kind or another preparation is refused): one pass over the file."""
+    shard = Shard(path, verify=True)
+    if checksum and shard.checksum.hex() != checksum:
+        raise UserError(f"{shard.path}: not the shard its meta.json describes (another kind of shard, or "
+                        f"another preparation); prepare it again")
+    return shard
+
+
 def labels_path(shard_path) -> Path:
     shard_path = Path(shard_path)
     return shard_path.with_name(shard_path.stem + ".labels.npy")

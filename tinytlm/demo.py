@@ -3,6 +3,10 @@
     python -m tinytlm.demo                 # everything under runs/demo/
     python -m tinytlm.demo --ws 2000 --pretrain-epochs 2 --train-per-label 300   # quicker
 
+Raw data comes from $TINYTLM_RAW or ../shared/data; where neither exists (a fresh clone), the demo first
+downloads what it needs into data/raw -- the vocabulary, AG News and the first Wikipedia parquet file
+(reading it needs pyarrow) -- and says so (tinytlm/download.py).
+
 Steps: prepare the first W_s rows of shuffled Wikipedia and AG News (if missing), print
 the token statistics, pre-train the `tiny` BERT with MLM, fine-tune it on a small AG
 News sample (~1,000 train / 250 test rows per label) with and without pre-training
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from tinytlm import ensemble, finetune, pretrain, tokstats
 from tinytlm.checkpoint import load_checkpoint
-from tinytlm.common import ArgParser, cli, home, read_json, write_json
+from tinytlm.common import ArgParser, cli, default_raw_root, home, read_json, write_json
+from tinytlm.download import fetch_missing
 
 
 def main(argv=None):
@@ -39,6 +44,8 @@ def main(argv=None):
             "--test-per-label", str(args.test_per_label)]
 
     print(f"\n== 1. data and token statistics (W_s = {args.ws:,}) ==")
+    # a fresh clone has no raw data: fetch all the demo needs up front (pyarrow is checked before any byte)
+    fetch_missing(["vocab", "agnews", "wikipedia"], default_raw_root(), wiki_rows=args.ws)
     tokstats.main([*task, "--ws", str(args.ws)])
 
     print("\n== 2. MLM pre-training of `tiny` ==")

@@ -19,7 +19,7 @@ it, and `--resume OUT` continues them all (see tinytlm/members.py).
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from tinytlm.checkpoint import load_checkpoint
+from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.common import UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.finetune_loop import run_arm, run_members
 from tinytlm.model import BertConfig
@@ -52,6 +52,7 @@ class ClsConfig:
     compile: bool = switch(False)  # torch.compile the model
     compile_mode: str = switch("default")  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     kernels: str = switch("torch")  # torch | triton
+    unpad: bool = switch(False)  # train and score on the packed real tokens, not the padding (tinytlm/unpad.py)
     out: str = switch("")  # run directory (default runs/<name>)
     data: str = switch("")  # prepared data root (default $TINYTLM_DATA or ./data)
     raw: str = switch("")  # raw data root (default $TINYTLM_RAW or ../shared/data)
@@ -97,14 +98,24 @@ def arm(cfg: ClsConfig, overrides: dict, init_state, out: Path) -> dict:
 
 def arms(cfgs: list, overrides: dict, init_states: list, outs: list, resume_hint=None) -> list:
     """arm() for K members of one shape: the finished ones are read back, the others trained stacked,
-    one stacked run per starting point (fresh, or the step their checkpoints stopped at)."""
+    one stacked run per starting point (fresh, or the step their checkpoints stopped at). Checkpoints are
+    taken at the members' common step (load_group: a kill between the members' renames leaves one a save
+    ahead), and a finished checkpoint whose result.json a kill prevented holds that result."""
     results, todo = [None] * len(cfgs), {}
-    for k, out in enumerate(outs):
-        if (out / "result.json").is_file() and (out / "ckpt.pt").is_file():
-            results[k] = read_json(out / "result.json")
+    pending = [k for k, o in enumerate(outs) if not ((o / "result.json").is_file() and (o / "ckpt.pt").is_file())]
+    for k in set(range(len(outs))) - set(pending):
+        results[k] = read_json(outs[k] / "result.json")
+    saved = [k for k in pending if (outs[k] / "ckpt.pt").is_file()]
+    states = dict(zip(saved, load_group([outs[k] for k in saved], kind="cls"))) if saved else {}
+    for k in pending:
+        state = states.get(k)
+        if state and state["optimizer"] is None and "result" in state["extra"]:
+            results[k] = state["extra"]["result"]
+            write_json(outs[k] / "result.json", results[k])
             continue
-        state = load_checkpoint(out, kind="cls", fallback=True) if (out / "ckpt.pt").is_file() else None
-        state = state if state and state["optimizer"] is not None else None
+        # a start-of-run checkpoint (step 0) is a fresh start: with the members that have none (a kill between
+        # the first save's renames) it starts again as one stack; an older finished one is trained again
+        state = state if state and state["optimizer"] is not None and state["step"] > 0 else None
         todo.setdefault(state["step"] if state else None, []).append((k, state))
     for group in todo.values():
         ks = [k for k, _ in group]
@@ -158,6 +169,11 @@ def resume(cfg: ClsConfig, overrides: dict) -> dict:
         saved = ClsConfig(**read_json(gap_file, "gap config"))
     else:
         state = load_checkpoint(where, kind="cls", fallback=True)
+        if state["optimizer"] is None and "result" in state["extra"] and not (where / "result.json").is_file():
+            print(f"{state['path']}: finished; writing its result.json (a kill came before it)")
+            write_json(where / "result.json", state["extra"]["result"])
+            report(state["extra"]["result"])
+            return state["extra"]["result"]
         if state["optimizer"] is None:
             raise UserError(f"{state['path']}: this run has finished; nothing to resume")
         saved = ClsConfig(**{k: v for k, v in state["train_config"].items() if k in ClsConfig.__dataclass_fields__})

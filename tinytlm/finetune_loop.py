@@ -16,12 +16,13 @@ from tinytlm.checkpoint import build_model, save_members, set_rng_state
 from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logits
 from tinytlm.common import Interrupted, UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
+from tinytlm.dist import Dist
 from tinytlm.members import stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import ensure_task, load_task
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
-from tinytlm.train import (NonFinite, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name, lr_at,
-                           make_optimizer, prepare_model, print_config, resolve_device, roots)
+from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name,
+                           grad_norms, lr_at, make_optimizer, prepare_model, print_config, resolve_device, roots)
 
 # PAPER.md: Table 1 fine-tunes FewRel at 8e-5 / 1e-2; Tables 3-7 mostly 5e-5 with weight decay 1e-3..2e-2
 TASK_DEFAULTS = {"agnews": (5e-5, 1e-2), "dbpedia": (5e-5, 1e-2), "fewrel": (8e-5, 1e-2)}
@@ -65,11 +66,13 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
         raise UserError(f"--lr {cfg.lr}: must be positive and finite (0 = the task's default)")
     if not (cfg.wd == -1.0 or 0.0 <= cfg.wd < float("inf")):
         raise UserError(f"--wd {cfg.wd}: must be >= 0 and finite (-1 = the task's default)")
-    device = resolve_device(cfg.device)
+    d = Dist()  # torchrun: this process's share of every batch (tinytlm/dist.py); else one process
+    device = d.setup(resolve_device(cfg.device))
     raw, data_root = roots(cfg)
     spec = cfg.spec()
-    task_dir = ensure_task(spec, raw, data_root)
-    train, ytr, test, yte, meta = load_task(task_dir)
+    with d.main_first():  # rank 0 prepares the task, the others read it
+        task_dir = ensure_task(spec, raw, data_root)
+        train, ytr, test, yte, meta = load_task(task_dir)
     n_labels = len(meta["label_names"])
     lr = cfg.lr or TASK_DEFAULTS[spec.task][0]
     wd = cfg.wd if cfg.wd >= 0 else TASK_DEFAULTS[spec.task][1]
@@ -103,8 +106,10 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
         print_config("config", {k: v for k, v in configs[0].items() if k not in ("model_config", "seed", "out")}
                      | {"seeds" if K > 1 else "seed": ",".join(map(str, seeds)), "out": ", ".join(map(str, outs))})
     raw_model = model
-    model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
+    model = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
+                   cfg.compile_mode)
     opt = make_optimizer(raw_model, lr, wd, device)
+    params = list(raw_model.parameters())
     step = 0
     if resume_states:
         opt.load_state_dict(stack_optimizer_states(raw_model, [st["optimizer"] for st in resume_states]) if K > 1
@@ -113,7 +118,8 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
         step = resume_states[0]["step"]
         print(f"resuming {', '.join(st['path'] for st in resume_states)} at step {step}")
     stack = {"seeds": seeds, "members": [str(o) for o in outs]} if K > 1 else None
-    logs = [RunLog(o, c, device, resume=bool(resume_states), stack=stack) for o, c in zip(outs, configs)]
+    logs = [RunLog(o, {**c, "world_size": d.world}, device, resume=bool(resume_states), stack=stack) if d.main
+            else QuietLog() for o, c in zip(outs, configs)]
 
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -122,18 +128,22 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
 
     nonfinite = NonFinite(outs, seeds, device, "try a lower --lr")
 
-    def save(finished=False):  # each member's progress travels in its checkpoint's extra
+    def save(results=None):  # each member's progress travels in its checkpoint's extra; finished: its result
         nonfinite.check()
-        save_members(model, [(o / "ckpt.pt", dict(
-            kind="cls", optimizer=None if finished else opt, step=step, epoch=step // steps_per_epoch,
-            train_config=c, data={"task_dir": task_dir.name, "spec": asdict(spec)},
-            extra={**p, "acc": p["accs"][-1] if p["accs"] else None})) for o, c, p in zip(outs, configs, progress)])
+        if d.main:  # (rank 0 alone writes)
+            save_members(raw_model, [(o / "ckpt.pt", dict(
+                kind="cls", optimizer=None if results else opt, step=step, epoch=step // steps_per_epoch,
+                train_config=c, data={"task_dir": task_dir.name, "spec": asdict(spec)},
+                extra={**p, "acc": p["accs"][-1] if p["accs"] else None, **({"result": results[k]} if results else {})}))
+                for k, (o, c, p) in enumerate(zip(outs, configs, progress))])
 
     if not resume_states and cfg.save_every:
         save()  # a kill before the first epoch ends can resume too
     epoch0, first = divmod(step, steps_per_epoch)
     arm = progress[0]["arm"] + (f" x{K}" if K > 1 else "")
-    bar = tqdm(range(epoch0, cfg.epochs), desc=f"finetune {arm}", unit="epoch", disable=cfg.quiet or None)
+    d.own_dropout()
+    bar = tqdm(range(epoch0, cfg.epochs), desc=f"finetune {arm}", unit="epoch",
+               disable=cfg.quiet or not d.main or None)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
     try:
         with deferred_sigint() as sigint:
@@ -143,7 +153,8 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                 if epoch > epoch0 or first == 0:
                     for p in progress:
                         p["loss_sum"] = 0.0
-                loss_sum = torch.tensor([p["loss_sum"] for p in progress], device=device)  # fp32, as saved
+                loss_sum = torch.tensor([p["loss_sum"] if d.main else 0.0 for p in progress],  # fp32, as saved
+                                        device=device)  # (torchrun: rank 0 holds what was saved)
                 t0 = time.perf_counter()
                 for b in range(first if epoch == epoch0 else 0, steps_per_epoch):
                     if graphs:
@@ -153,25 +164,32 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                     rows = [np.sort(o[b * cfg.batch_size:(b + 1) * cfg.batch_size]) for o in orders]
                     x = torch.cat([get_batch(train.ids, r, device) for r in rows])  # (K*B, T), member-major
                     y = torch.cat([ytr_t[r] for r in rows]).to(device)
+                    if d.on:  # this process's share of the batch
+                        x, y = d.rows(x, K), d.rows(y, K, fill=-100)
                     with autocast(device):
-                        _, loss = model(x, targets=y)
+                        logits, loss = model(x, targets=y)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
-                    loss.sum().backward()  # K members: the sum of their mean losses, no coupling
-                    nonfinite.update(loss, step + 1)
+                    if d.on:  # summed over this share's rows, / the global batch: DDP's mean is the loss
+                        loss = d.loss_sums(logits, y, K) / len(rows[0])
+                        (loss.sum() * d.world).backward()
+                    else:
+                        loss.sum().backward()  # K members: the sum of their mean losses, no coupling
+                    nonfinite.update(loss, step + 1, grad_norms(params, K))
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.detach().float().view(K)
                     step += 1
-                    if sigint["set"] and b < steps_per_epoch - 1:  # at an epoch's end: score it first
+                    stop = d.any(sigint["set"], device)  # (every process stops at the same step)
+                    if stop and b < steps_per_epoch - 1:  # at an epoch's end: score it first
                         dt = time.perf_counter() - t0
-                        for p, v in zip(progress, loss_sum.tolist()):
+                        for p, v in zip(progress, d.all_sum(loss_sum).tolist()):
                             p["loss_sum"], p["train_s"] = v, p["train_s"] + dt
                         raise StopAtBoundary
-                epoch_loss = (loss_sum / steps_per_epoch).tolist()  # syncs: the training steps are done
+                epoch_loss = (d.all_sum(loss_sum) / steps_per_epoch).tolist()  # syncs: the steps are done
                 nonfinite.check()
                 t1 = time.perf_counter()
-                logits = predict_member_logits(model, test.ids, device)  # (K, N, C); syncs too (.cpu())
+                logits = predict_member_logits(model.module if d.on else model, test.ids, device)  # (K, N, C); syncs
                 t2 = time.perf_counter()
                 for k, (p, log) in enumerate(zip(progress, logs)):
                     p["train_s"] += t1 - t0
@@ -188,7 +206,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                 if epoch + 1 < cfg.epochs:
                     if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
                         save()
-                    if sigint["set"]:
+                    if d.any(sigint["set"], device):
                         raise StopAtBoundary
     except StopAtBoundary:
         bar.close()
@@ -220,8 +238,8 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
             "eval_seq_per_s": round(len(test) * cfg.epochs / max(p["eval_s"], 1e-9), 1),
             **({"stacked": K} if K > 1 else {}),
         })
-    save(finished=True)
-    for o, r in zip(outs, results):
+    save(results)  # a kill before every result.json is written: arms() writes the rest from these checkpoints
+    for o, r in zip(outs, results if d.main else []):
         write_json(o / "result.json", r)
     return results
 

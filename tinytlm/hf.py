@@ -26,6 +26,8 @@ Our parameter names are short; this table maps them onto the keys of
 HF's BertForMaskedLM has no pooler; our pooler lives in the classifier head, so an MLM trunk
 loads into a classifier with `clf.bert.load_state_dict(mlm.bert.state_dict())`.
 Models with a conv stem (n_conv > 0) have no HF counterpart and are refused.
+Import: `load_hf_dir` / `hf_init_state` (train_cls.py --init hf:DIR); export: `hf_config_dict` and
+`to_hf_state_dict(model, tied=False)`, written as a folder by tinytlm/export.py.
 """
 import torch
 
@@ -77,8 +79,27 @@ def hf_config(config: BertConfig, n_labels=None) -> dict:
     return kw
 
 
-def to_hf_state_dict(model) -> dict:
-    """State dict with the keys (and tied duplicates) of the matching transformers model."""
+def hf_config_dict(config: BertConfig, label_names=None) -> dict:
+    """The config.json of the matching transformers model: BertForMaskedLM, or with label_names (in label
+    index order) BertForSequenceClassification with id2label / label2id and single-label cross-entropy."""
+    _check_no_stem(config)
+    d = {"architectures": ["BertForSequenceClassification" if label_names is not None else "BertForMaskedLM"],
+         "model_type": "bert", **hf_config(config), "position_embedding_type": "absolute",
+         "tie_word_embeddings": True,  # MLM: the decoder is the word embedding matrix, as ours
+         "classifier_dropout": None}  # None: HF's classifier dropout is hidden_dropout_prob, as our head's
+    if label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names):
+            raise UserError(f"label names are not unique: {', '.join(names)}")
+        d.update(id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
+                 problem_type="single_label_classification")
+    return d
+
+
+def to_hf_state_dict(model, tied: bool = True) -> dict:
+    """State dict with the keys (and tied duplicates) of the matching transformers model. tied=False leaves
+    out the MLM decoder's weight and bias, which transformers ties to the word embeddings and
+    cls.predictions.bias on loading (what its save_pretrained writes; safetensors refuses shared tensors)."""
     cfg = model.config
     _check_no_stem(cfg)
     classifier = isinstance(model, BertForClassification)
@@ -89,7 +110,7 @@ def to_hf_state_dict(model) -> dict:
             parts = sd[f"bert.encoder.blocks.{i}.attn.qkv.{p}"].chunk(3, dim=0)  # 3 x (H, H) or (H,)
             for name, t in zip(_QKV, parts):
                 out[f"bert.encoder.layer.{i}.attention.self.{name}.{p}"] = t.clone()
-    if not classifier:  # HF lists its tied decoder weight and bias as keys of their own
+    if not classifier and tied:  # HF lists its tied decoder weight and bias as keys of their own
         out["cls.predictions.decoder.weight"] = sd["bert.embeddings.word.weight"]
         out["cls.predictions.decoder.bias"] = sd["head.bias"]
     return out

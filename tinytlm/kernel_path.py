@@ -31,7 +31,7 @@ def set_kernels(model, name: str):
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             raise UserError("kernels='triton' needs the triton package; use --kernels torch")
-        for module in ("attention", "conv_stem"):
+        for module in ("attention", "attention_varlen", "conv_stem"):
             kernel_module(module)
     for m in model.modules():
         if isinstance(m, (SelfAttention, ConvStem)):

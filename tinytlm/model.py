@@ -12,6 +12,8 @@ encoder: the (B, T, H) embedding output is treated as a one-channel (T x H) imag
 Every module takes `members` (default 1): K > 1 builds K independent models of this shape as one
 stacked model (weights with a leading member dimension, the members folded into the batch, see
 tinytlm/members.py). Read the code with K = 1 and it is plain BERT.
+Unpadded (`model.unpad = True`, or `unpad=True` per call): the trunk runs on the packed real tokens
+(K*N, H) instead of (B, T, H), attention per sequence; the same results, see tinytlm/unpad.py.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from tinytlm.common import UserError
 from tinytlm.kernel_path import kernel_module
 from tinytlm.members import Embedding, LayerNorm, Linear, linear, member_loss
 from tinytlm.stem import ConvStem, fold_bn  # noqa: F401 (fold_bn: part of the model API)
+from tinytlm.unpad import Packing, mlm_positions, mlm_targets, pack, pack_plan, unpack  # noqa: F401 (mlm_: model API)
 
 @dataclass
 class BertConfig:
@@ -133,11 +136,13 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.members = members
 
-    def forward(self, idx, token_type_ids):
-        pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-        if self.members > 1:
-            pos = pos.expand_as(idx)  # (K*B, T): each member reads its own position table
-        x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H)
+    def forward(self, idx, token_type_ids, pos=None):
+        # idx (B, T), or packed tokens (K*N,) with their positions pos (K*N,)
+        if pos is None:
+            pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+            if self.members > 1:
+                pos = pos.expand_as(idx)  # (K*B, T): each member reads its own position table
+        x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H) or (K*N, H)
         return self.drop(self.ln(x))
 
 
@@ -152,20 +157,31 @@ class SelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.kernels = "torch"  # "torch" (reference, any device) or "triton"; see set_kernels
 
-    def forward(self, x, key_padding_mask):
-        # x (B, T, H); key_padding_mask (B, T) bool, True = real token that may be attended to
-        B, T, H = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, nh, D)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, D)
+    def forward(self, x, mask):
+        # x (B, T, H) and mask (B, T) bool, True = real token that may be attended to; or packed
+        # tokens x (K*N, H) and their tinytlm.unpad.Packing: attention per sequence, fillers get 0
         p = self.attn_dropout if self.training else 0.0
+        qkv = self.qkv(x)  # (B, T, 3H) or (K*N, 3H)
+        if not isinstance(mask, Packing):
+            return self.proj(self._padded(qkv, mask, p))
+        if self.kernels == "triton":
+            q, k, v = qkv.view(-1, 3, self.n_head, self.head_dim).unbind(1)  # 3 x (K*N, nh, D)
+            y = kernel_module("attention_varlen").attention_varlen(q, k, v, mask.seq_start, mask.seq_len, mask.T, p)
+            return self.proj(y.flatten(1))  # (K*N, H)
+        y = pack(self._padded(unpack(qkv, mask), mask.real.view(-1, mask.T), p), mask)  # torch: SDPA, padded
+        return self.proj(torch.where(mask.valid[:, None], y, 0.0))  # (K*N, H)
+
+    def _padded(self, qkv, key_padding_mask, p):
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, nh, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, D)
         if self.kernels == "triton":
             # seed None: a fresh dropout seed drawn on x's device from its torch generator per call
             y = kernel_module("attention").attention(q, k, v, key_padding_mask, p)
         else:
             mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
-        return self.proj(y)
+        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
 
 
 class MLP(nn.Module):
@@ -189,8 +205,8 @@ class Block(nn.Module):
         self.ln2 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, key_padding_mask):
-        x = self.ln1(x + self.drop(self.attn(x, key_padding_mask)))
+    def forward(self, x, mask):  # mask: (B, T) key-padding mask, or the Packing of packed x (K*N, H)
+        x = self.ln1(x + self.drop(self.attn(x, mask)))
         x = self.ln2(x + self.drop(self.mlp(x)))
         return x
 
@@ -200,9 +216,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(cfg, members) for _ in range(cfg.n_layer))
 
-    def forward(self, x, key_padding_mask):
+    def forward(self, x, mask):
         for block in self.blocks:
-            x = block(x, key_padding_mask)
+            x = block(x, mask)
         return x
 
 
@@ -265,21 +281,34 @@ class BertModel(nn.Module):
         self.stem = ConvStem(cfg, members) if cfg.n_conv > 0 else None
         self.encoder = Encoder(cfg, members)
 
-    def forward(self, idx, attention_mask=None, token_type_ids=None):
-        # idx (B, T) token ids; attention_mask (B, T) 1/True = real token; default: idx != pad_id
+    def forward(self, idx, attention_mask=None, token_type_ids=None, packing=None):
+        """idx (B, T) token ids; attention_mask (B, T) 1/True = real token (default: idx != pad_id).
+        packing: a tinytlm.unpad.Packing of attention_mask: the packed hidden states (K*N, H) instead."""
         if attention_mask is None:
             attention_mask = idx != self.config.pad_id
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(idx)
+        p = packing
+        if p is not None and self.stem is None:  # the real tokens only, each at its position in its sequence
+            return self.encoder(self.embeddings(pack(idx, p), pack(token_type_ids, p), pos=p.positions()), p)
         x = self.embeddings(idx, token_type_ids)  # (B, T, H)
-        if self.stem is not None:
+        if self.stem is not None:  # on the padded (T x H) image, padding included, as the paper defines it
             x = self.stem(x)
-        return self.encoder(x, attention_mask.bool())
+        return self.encoder(x, attention_mask.bool()) if p is None else self.encoder(pack(x, p), p)  # (K*N, H)
 
 
 class _Pretrained(nn.Module):
+    unpad = False  # run on the packed real tokens (tinytlm/unpad.py); a forward's unpad= overrides it
+
     def _init(self):
         self.apply(lambda m: _init_weights(m, self.config.init_std))
+
+    def _packing(self, idx, attention_mask, unpad):
+        """The batch's Packing when unpadded (unpad: None = self.unpad, a bool, or a ready Packing), else None."""
+        unpad = self.unpad if unpad is None else unpad
+        if isinstance(unpad, Packing) or not unpad:
+            return unpad or None
+        return pack_plan(idx != self.config.pad_id if attention_mask is None else attention_mask, self.members)
 
     def num_params(self) -> int:
         """Parameter count (of one member); a tied weight is one parameter and counted once."""
@@ -305,7 +334,8 @@ class BertForMLM(_Pretrained):
         """A new model of this shape with k members (the stacking helpers build it on the meta device)."""
         return BertForMLM(self.config, members=k)
 
-    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, sparse=True, per_row=0):
+    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, sparse=True, per_row=0,
+                unpad=None):
         """targets (B, T): original id at the chosen positions, -100 elsewhere (HF convention).
 
         Without targets: logits (B, T, V), loss None. With targets and sparse=True (default): the
@@ -314,8 +344,13 @@ class BertForMLM(_Pretrained):
         chosen (a dynamic shape); per_row=k: N = B*k (a static shape, see mlm_positions).
         sparse=False: the dense head over all positions, logits (B, T, V), the same loss.
         K members: B = K*B' rows, member-major; the loss is the members' mean losses, shape (K,).
+        unpad (default self.unpad): the trunk runs on the packed real tokens; the same outputs, except
+        logits at padding (the head reads hidden states 0 there).
         """
-        h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
+        p = self._packing(idx, attention_mask, unpad)
+        h = self.bert(idx, attention_mask, token_type_ids, packing=p)  # (B, T, H), or packed (K*N, H)
+        if p is not None:
+            h = unpack(h, p)  # (B, T, H): one gather; the sparse head reads real (chosen) positions only
         word_weight = self.bert.embeddings.word.weight
         if targets is None:
             return self.head(h, word_weight), None
@@ -334,31 +369,6 @@ class BertForMLM(_Pretrained):
         return logits, self.loss(logits.view(-1, logits.size(-1)), targets.view(-1))  # (B*T, V)
 
 
-def mlm_positions(targets, per_row=0, members=1):
-    """Where the sparse MLM head runs. per_row=0: the (B, T) bool mask of chosen positions.
-    per_row=k: (B, k) indices, chosen positions first; a row with fewer than k chosen is filled
-    with unchosen positions whose target is -100 (ignored by the loss), so the shape is static:
-    no host sync, and CUDA graphs can replay the step.
-    per_row=0 with K members: (K, N) indices into each member's B'*T positions, its chosen ones first
-    in row order, N = the most any member chose (the others are filled as above; one host sync)."""
-    chosen = targets != -100  # (B, T)
-    if per_row:
-        return chosen.float().topk(per_row, dim=1, sorted=False).indices  # (B, k)
-    if members == 1:
-        return chosen
-    chosen = chosen.view(members, -1)  # (K, B'*T)
-    n = int(chosen.sum(1).max())
-    return chosen.float().sort(dim=1, descending=True, stable=True).indices[:, :n]  # (K, N)
-
-
-def mlm_targets(targets, per_row=0, pos=None, members=1):
-    """Targets aligned with the sparse head's logits (-100 where a static slot is unused), member-major."""
-    pos = mlm_positions(targets, per_row, members) if pos is None else pos
-    if per_row:
-        return targets.gather(1, pos).reshape(-1)  # (B*k,)
-    return targets.view(members, -1).gather(1, pos).reshape(-1) if members > 1 else targets[pos]  # (N,)
-
-
 class BertForClassification(_Pretrained):
     def __init__(self, cfg: BertConfig, n_labels: int, members=1):
         super().__init__()
@@ -372,8 +382,11 @@ class BertForClassification(_Pretrained):
         """A new model of this shape with k members (the stacking helpers build it on the meta device)."""
         return BertForClassification(self.config, self.n_labels, members=k)
 
-    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None):
+    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, unpad=None):
         """targets (B,) label indices. Returns logits (B, n_labels) and the mean cross-entropy or None
-        (K members: B = K*B' rows, member-major, and the members' mean losses (K,))."""
-        logits = self.head(self.bert(idx, attention_mask, token_type_ids))  # (B, n_labels)
+        (K members: B = K*B' rows, member-major, and the members' mean losses (K,)). unpad (default
+        self.unpad): the trunk runs on the packed real tokens ([CLS], read at position 0, must be one)."""
+        p = self._packing(idx, attention_mask, unpad)
+        h = self.bert(idx, attention_mask, token_type_ids, packing=p)  # (B, T, H), or packed (K*N, H)
+        logits = self.head(h if p is None else unpack(h, p))  # (B, n_labels)
         return logits, self.loss(logits, targets) if targets is not None else None

@@ -65,19 +65,22 @@ def mlm_summary(run_dir: Path, seconds=None) -> dict:
     head = recs[0] if recs else {}
     ep, st = (next((r for r in reversed(recs) if r.get("kind") == k), None) for k in ("epoch", "step"))
     return {"dir": Path(run_dir).name, "epochs": ep and ep["epoch"] + 1, "steps": ep and ep["step"],
-            "loss": ep and ep["loss"], "mlm_acc": ep and ep["mlm_acc"], "seq_per_s": st and st.get("seq_per_s"),
+            "loss": ep and ep["loss"], "mlm_acc": ep and ep["mlm_acc"],
+            # the latest held-out evaluation (the last epoch's, with --val_every 1)
+            **next(({k: r[k] for k in ("val_loss", "val_mlm_acc")} for r in reversed(recs) if "val_mlm_acc" in r), {}),
+            "seq_per_s": st and st.get("seq_per_s"),
             "seconds": seconds, "device": head.get("device"), "path": path_of(head.get("config", {}))}
 
 
 def path_of(cfg: dict) -> dict:
     """The speed switches a run used (they do not change what is computed, but are worth knowing)."""
-    return {k: cfg.get(k) for k in ("compile", "compile_mode", "kernels")}
+    return {k: cfg.get(k) for k in ("compile", "compile_mode", "kernels", "unpad")}
 
 
 class Runner:
     """Runs (mode "run"), lists (mode "plan") or only reads back (mode "report") the cells of a table.
 
-    speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels,
+    speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels, unpad,
     save_every). stack: train the seeds of a row together as stacked members (same results, less time)."""
 
     def __init__(self, cache: Path, device: str, data: str, raw: str, mode: str = "run", records: Path = None,
@@ -113,7 +116,9 @@ class Runner:
         rec = self.record_path(name)
         for p in ([rec] if rec else []) + [out / "result.json"]:
             if p.is_file():
-                return read_json(p)
+                r = read_json(p)
+                if "kind" in r:  # (a bare run_arm result.json: a kill came before _write stamped it)
+                    return r
         return None
 
     def _write(self, out: Path, name: str, r: dict, kind: str) -> dict:
@@ -216,7 +221,7 @@ class Runner:
         cfg = replace(cfg, init=str(ckpt or ""))
         with quiet_to(out):  # an interrupted cell is resumed exactly
             r = arm(cfg, {} if ckpt else dict(row["overrides"]), init_state, out)
-        return self._finished(row, (cfg, base, match, pkey, key, out), r, ckpt, what, t0)
+        return self._finished(row, (cfg, base, match, pkey, key, out), r, ckpt, what, t0, r.get("stacked", 1))
 
     def _finished(self, row, cell, r: dict, ckpt, what: str, t0: float, stacked: int = 1) -> dict:
         """Record a computed fine-tuning cell (run_arm's result plus keys, its pre-training's summary, speed)."""
@@ -255,14 +260,15 @@ class Runner:
 
     def stacked_pretrain(self, row: dict, seeds: list):
         """The row's missing pre-trainings at these seeds as stacked runs (one per starting step)."""
-        from tinytlm.checkpoint import load_checkpoint
+        from tinytlm.checkpoint import load_group
         from tinytlm.pretrain import train
+        cells = [(s, *self._mlm_cell(row, s)[1:]) for s in seeds]
+        cells = [c for c in cells if not (c[2] / "done.json").is_file()]
+        saved = [c for c in cells if (c[2] / "ckpt.pt").is_file()]  # at one common step (load_group)
+        states = dict(zip([c[0] for c in saved], load_group([c[2] for c in saved], kind="mlm"))) if saved else {}
         groups = {}
-        for s in seeds:
-            cfg, key, out = self._mlm_cell(row, s)
-            if (out / "done.json").is_file():
-                continue
-            st = load_checkpoint(out, kind="mlm", fallback=True) if (out / "ckpt.pt").is_file() else None
+        for s, key, out in cells:
+            st = states.get(s)
             groups.setdefault(st and st["step"], []).append((s, key, out, st))
         for step, group in groups.items():
             t0 = time.time()

@@ -46,6 +46,8 @@ def summarize(out: dict) -> list:
             rec["pt_epochs"] = row["pretrain"].get("epochs")
             if rs and (m := mlm_of(rs[0])) and m.get("mlm_acc") is not None:
                 rec["mlm_acc"] = m["mlm_acc"]
+                if m.get("val_mlm_acc") is not None:
+                    rec["val_mlm_acc"] = m["val_mlm_acc"]
         st = rs[0].get("token_stats") if rs else None
         if st:
             rec.update({k: st[k] for k in ("T_W", "T_C", "T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10")})
@@ -159,8 +161,8 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
     lines += [f"- `{t}`: {a:,} train rows, {b:,} test rows" for t, a, b in sizes]
     if pre:
         lines += ["", "## Pre-trained checkpoints", "",
-                  "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc |",
-                  "| --- | --- | --- | --- | --- |"] + mlm_lines(cells)
+                  "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc | held-out MLM loss | held-out MLM acc |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"] + mlm_lines(cells)
     lines += ["", "## Test accuracy per fine-tuning epoch (mean over seeds)", ""]
     lines += [f"- {name}: " + ", ".join(f"{a:.3f}" for a in np.mean([c["acc_per_epoch"] for c in rs], axis=0))
               for name, rs in out["cells"].items() if rs and "acc_per_epoch" in rs[0]]
@@ -181,5 +183,7 @@ def mlm_lines(cells: list) -> list:
     for c in cells:
         if (m := mlm_of(c)) and m.get("epochs"):
             seen.setdefault(m["dir"], m)
-    return [f"| `{d}` | {m['epochs']} | {m['steps']:,} | {m['loss']:.3f} | {m['mlm_acc']:.3f} |"
-            for d, m in sorted(seen.items())]
+    def val(k):  # (checkpoints of versions before the held-out rows have none)
+        return lambda m: f"{m[k]:.3f}" if m.get(k) is not None else "-"
+    return [f"| `{d}` | {m['epochs']} | {m['steps']:,} | {m['loss']:.3f} | {m['mlm_acc']:.3f} | "
+            f"{val('val_loss')(m)} | {val('val_mlm_acc')(m)} |" for d, m in sorted(seen.items())]

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from tinytlm.checkpoint import build_model, load_checkpoint, load_group, save_members, set_rng_state
 from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
+from tinytlm.dist import Dist
 from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
-from tinytlm.train import (NonFinite, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, lr_at, make_optimizer,
-                           member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
+from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, grad_norms, lr_at,
+                           make_optimizer, member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
                            resolve_device, resumed_config, roots, switch)
 
 
@@ -61,8 +62,10 @@ class MLMConfig:
     compile: bool = switch(False)  # torch.compile the model
     compile_mode: str = switch("default")  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
     kernels: str = switch("torch")  # torch | triton attention/conv-stem kernels
+    unpad: bool = switch(False)  # run on the packed real tokens, not the padding (tinytlm/unpad.py)
     log_every: int = switch(50)  # optimizer steps between metric records
     save_every: int = switch(1)  # epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)
+    val_every: int = switch(1)  # epochs between held-out MLM evaluations, and at the end (0 = never)
     max_steps: int = switch(0)  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
     interrupt_at: int = switch(0)  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
     out: str = switch("")  # run directory (default runs/<name>)
@@ -112,6 +115,17 @@ def pretrain_rows(cfg: MLMConfig):
     return rows_meta(shard, shard.ids[:n], data, {"pretrain_set": cfg.pretrain_set, "ws": n, "task": task_dir.name})
 
 
+def held_out(cfg: MLMConfig, data_meta: dict):
+    """The held-out validation rows and masks (tinytlm/mlm_eval.py); data_meta records which."""
+    from tinytlm.mlm_eval import HeldOut
+    from tinytlm.wikipedia import ensure_wiki, val_shard
+    raw, data = roots(cfg)
+    ensure_wiki(0, raw, data)  # (prepared already, unless the pre-training set was built elsewhere)
+    shard = val_shard(data)
+    data_meta["val"] = {"shard": str(shard.path), "rows": len(shard), "checksum": shard.checksum.hex()}
+    return HeldOut(shard, data_meta["special_ids"], shard.vocab_size)  # (the data's vocabulary: same masks for all)
+
+
 def rows_meta(shard, ids, data_root: Path, meta: dict):
     """(ids, data meta): where the rows come from, a checksum of exactly these rows (a resumed run
     checks it), and the special-token ids of the vocabulary the shard was made with."""
@@ -157,13 +171,16 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
     a checkpoint (one model) or a list of them (the members', in seed order). outs: the members' run
     directories (default member_dirs)."""
     validate(cfg)
-    device = resolve_device(cfg.device)
+    d = Dist()  # torchrun: this process's share of every batch (tinytlm/dist.py); else one process
+    device = d.setup(resolve_device(cfg.device))
     seeds = member_seeds(cfg)
     K = len(seeds)
     outs = [Path(o) for o in outs] if outs else member_dirs(cfg, overrides)
     states = resume_state if isinstance(resume_state, list) else [resume_state] if resume_state else None
     torch.manual_seed(seeds[0])
-    ids, data_meta = pretrain_rows(cfg)
+    with d.main_first():  # rank 0 prepares the data, the others read it
+        ids, data_meta = pretrain_rows(cfg)
+        held = held_out(cfg, data_meta) if cfg.val_every and d.main else None
     if states:
         for st in states:
             if st["data"].get("rows_checksum") != data_meta["rows_checksum"]:
@@ -184,13 +201,16 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
     sp = data_meta["special_ids"]
     member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
-    configs = [{**asdict(c), "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
+    configs = [{**asdict(c), "world_size": d.world, "model_config": model_cfg.to_dict(), "data": data_meta}
+               for c in member_cfgs]
     print_config("config", {**asdict(cfg), "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
           + (f"; {K} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
     raw_model = model
-    model = prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode)
+    model = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
+                   cfg.compile_mode)
     opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
+    params = list(raw_model.parameters())
     n = len(ids)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -202,21 +222,26 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
         step = states[0]["step"]
         print(f"resuming {', '.join(st['path'] for st in states)} at step {step} (epoch {step // steps_per_epoch})")
     stack = {"seeds": seeds, "members": [str(o) for o in outs]} if cfg.seeds else None
-    logs = [RunLog(o, c, device, resume=bool(states), stack=stack) for o, c in zip(outs, configs)]
+    logs = [RunLog(o, c, device, resume=bool(states), stack=stack) if d.main else QuietLog()
+            for o, c in zip(outs, configs)]
     last = min(total, cfg.max_steps) if cfg.max_steps else total
     slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
     graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
 
     nonfinite = NonFinite(outs, seeds, device, "try a lower --lr, or --grad_clip")
 
+    last_val = [st["extra"].get("val", {}) for st in states] if states else [{}] * K  # the latest evaluation
+
     def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
         nonfinite.check()
-        save_members(model, [(o / "ckpt.pt", dict(kind="mlm", optimizer=None if step == total else opt, step=step,
-                                                  epoch=step // steps_per_epoch, train_config=asdict(c),
-                                                  data=data_meta))
-                             for o, c in zip(outs, member_cfgs)])
+        if d.main:  # (rank 0 alone writes)
+            save_members(raw_model, [(o / "ckpt.pt", dict(
+                kind="mlm", optimizer=None if step == total else opt, step=step, epoch=step // steps_per_epoch,
+                train_config=asdict(c), data=data_meta, extra={"val": v} if v else None))
+                for o, c, v in zip(outs, member_cfgs, last_val)])
 
-    bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    d.own_dropout()
+    bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not d.main or None)
     try:
         with deferred_sigint() as sigint:
             while step < last:
@@ -237,15 +262,22 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                                           per_row=cfg.mask_per_row, cap=cfg.mask_cap) for x, s in zip(xs, seeds)]
                     x = torch.cat(xs)  # (K*B, T), member-major
                     inputs, targets = (torch.cat(t) for t in zip(*masked))
+                    n_global = (targets.view(K, -1) != -100).sum(1)  # the loss is the mean over these
+                    if d.on:  # this process's share of the batch
+                        x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
                     with autocast(device):  # the key-padding mask comes from the original ids, as in HF
                         logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
                                              per_row=slots)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
-                    loss.sum().backward()  # K members: the sum of their mean losses, no coupling
-                    nonfinite.update(loss, step + 1)
-                    if cfg.grad_clip > 0:
-                        clip_grad_norm_members(list(raw_model.parameters()), cfg.grad_clip, K)
+                    if d.on:  # summed over this share's masked tokens, / the global count: DDP's mean is the loss
+                        loss = d.loss_sums(logits, mlm_targets(targets, slots, members=K), K) / n_global
+                        (loss.sum() * d.world).backward()
+                    else:
+                        loss.sum().backward()  # K members: the sum of their mean losses, no coupling
+                    norms = clip_grad_norm_members(params, cfg.grad_clip, K) if cfg.grad_clip > 0 else \
+                        grad_norms(params, K)
+                    nonfinite.update(loss, step + 1, norms)  # caught at this step, reported at the next sync
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     step += 1
@@ -255,14 +287,14 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                         y = mlm_targets(targets, slots, members=K).view(K, -1)
                         valid = y != -100
                         n_valid = valid.sum(1)
-                        now = torch.stack([loss.detach().float().view(K) * n_valid,
+                        now = torch.stack([loss.detach().float().view(K) * (n_global if d.on else n_valid),
                                            ((logits.argmax(-1).view(K, -1) == y) & valid).sum(1), n_valid], 1)
                         sums += now
                         win += torch.cat([now, (x != sp["pad"]).view(K, -1).sum(1, keepdim=True)], 1)
                     # a record per window of log_every steps (an epoch's last window may be shorter): the
                     # window's loss and accuracy, not a running mean, and its speed (per member)
                     if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
-                        ws = win.tolist()  # syncs: the window's steps are done
+                        ws = d.all_sum(win).tolist()  # syncs: the window's steps are done
                         nonfinite.check()
                         dt = max(1e-9, time.time() - t_win)
                         for log, w in zip(logs, ws):
@@ -276,13 +308,16 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                         win.zero_()
                         t_win, win_steps, win_seqs = time.time(), 0, 0
                     bar.update(1)
-                    if sigint["set"]:
+                    if d.any(sigint["set"], device):  # (every process stops at the same step)
                         raise StopAtBoundary
                     if step == last:
                         break
-                for log, s in zip(logs, sums.tolist()):
+                vals = held.evaluate(raw_model, device, K) if held and ((epoch + 1) % cfg.val_every == 0 or
+                                                                       step == last) else [{}] * K
+                last_val = vals if any(vals) else last_val  # fixed masks; draws no random numbers
+                for log, s, v in zip(logs, d.all_sum(sums).tolist(), vals):
                     log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
-                               "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2])})
+                               "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2]), **v})
                 if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or step == last:
                     save()  # every save_every epochs, at the end, and where --max_steps stops
     except StopAtBoundary:

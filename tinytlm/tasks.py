@@ -36,7 +36,8 @@ import numpy as np
 
 from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
-from tinytlm.data import Shard, write_labels, write_shard
+from tinytlm.data import Shard, checked_shard, write_labels, write_shard
+from tinytlm.download import fetch_missing
 from tinytlm.tokenizer import WordPieceTokenizer
 
 SEED = 42
@@ -105,7 +106,8 @@ def _find(folder: Path, names: list[str]) -> Path:
         hits = [h for h in hits if h.is_file()]
         if hits:
             return hits[0]
-    raise UserError(f"{folder}: none of {', '.join(names)} found (set --raw or $TINYTLM_RAW)")
+    raise UserError(f"{folder}: none of {', '.join(names)} found (set --raw or $TINYTLM_RAW; "
+                    "python -m tinytlm.download fetches the canonical files)")
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -158,9 +160,13 @@ def read_csv_task(task: str, split: str, raw: Path):
 
 
 def _fewrel_text(inst: dict, markers: bool) -> str:
-    tokens = list(inst["tokens"])
+    """A FewRel instance's text; its head and tail entities are required (a record without them is not
+    FewRel), even where no markers use them. KeyError/IndexError/TypeError: a malformed instance."""
+    tokens = [str(t) for t in inst["tokens"]]
+    (h0, h1), (t0, t1) = [(pos[0][0], pos[0][-1]) for pos in (inst["h"][2], inst["t"][2])]
+    if not all(type(i) is int and 0 <= i < len(tokens) for i in (h0, h1, t0, t1)):
+        raise IndexError("entity position outside the tokens")
     if markers:
-        (h0, h1), (t0, t1) = [(pos[0][0], pos[0][-1]) for pos in (inst["h"][2], inst["t"][2])]
         # insert from the right so earlier positions stay valid
         for at, mark in sorted([(h0, "[E1]"), (h1 + 1, "[/E1]"), (t0, "[E2]"), (t1 + 1, "[/E2]")], reverse=True):
             tokens.insert(at, mark)
@@ -187,17 +193,19 @@ def read_fewrel(source: str, raw: Path, markers: bool):
             inst = {"tokens": r["tokens"], "h": [None, None, r["head"]["indices"]], "t": [None, None, r["tail"]["indices"]]}
             data.setdefault(r["relation"], []).append(inst)
     pid2name = {}
-    pid_file = raw / "fewrel" / "pid2name.json.xz"
-    if pid_file.is_file():
-        with lzma.open(pid_file, "rt") as f:
-            pid2name = json.load(f)
+    for pid_file in (raw / "fewrel" / "pid2name.json.xz", raw / "fewrel" / "pid2name.json"):  # shared, downloaded
+        if pid_file.is_file():
+            with _open(pid_file) as f:
+                pid2name = json.load(f)
+            break
     texts, labels, rels = [], [], list(data)
     for y, rel in enumerate(rels):
-        for inst in data[rel]:
+        for i, inst in enumerate(data[rel], 1):
             try:
                 texts.append(_fewrel_text(inst, markers))
             except (KeyError, IndexError, TypeError):
-                raise UserError(f"{path}: relation {rel}: instance without tokens/h/t")
+                raise UserError(f"{path}: relation {rel}: instance {i} lacks tokens or head/tail "
+                                f"entities (tokens/h/t)")
             labels.append(y)
     if not texts:
         raise UserError(f"{path}: empty data set")
@@ -261,6 +269,7 @@ def _write_splits(spec, tok, splits, names, labels, dest, vocab, quiet):
             raise UserError(f"{path}: no {split} rows for the chosen labels (empty data set)")
         ids = tok.encode_batch([texts[i] for i in rows], max_len=spec.max_len)
         write_shard(dest / f"{split}.bin", ids, tok.vocab_size)
+        meta.setdefault("shard_checksums", {})[split] = Shard(dest / f"{split}.bin").checksum.hex()
         write_labels(dest / f"{split}.bin", ys)
         save_npy(dest / f"{split}.rows.npy", rows)  # source row indices, for provenance
         meta["sources"][split] = {"file": str(path), "sha256": sha256_file(path)}
@@ -279,6 +288,7 @@ def ensure_task(spec: TaskSpec, raw: Path = None, out: Path = None, vocab: Path 
     if (dest / "meta.json").is_file():
         return dest
     vocab = vocab or raw / "bert-base-uncased-vocab.txt"
+    fetch_missing(["vocab", spec.task], raw)  # no raw data anywhere: download it (tinytlm/download.py)
     if not raw.is_dir():
         raise UserError(f"{dest}: not prepared, and the raw data root {raw} does not exist; run "
                         f"`python data_prep/tasks.py --task {spec.task} --raw DIR`")
@@ -288,7 +298,8 @@ def ensure_task(spec: TaskSpec, raw: Path = None, out: Path = None, vocab: Path 
 def load_task(dest: Path):
     """(train Shard, train labels, test Shard, test labels, meta) of a prepared folder."""
     meta = read_json(dest / "meta.json", "task meta")
-    train, test = Shard(dest / "train.bin"), Shard(dest / "test.bin")
+    sums = meta.get("shard_checksums", {})
+    train, test = (checked_shard(dest / f"{s}.bin", sums.get(s)) for s in ("train", "test"))
     return train, train.labels(), test, test.labels(), meta
 
 

@@ -17,6 +17,7 @@ import torch
 
 from tinytlm.common import (ArgParser, UserError, default_data_root, default_raw_root, git_revision, read_json,
                             write_json)
+from tinytlm.dist import Dist
 from tinytlm.kernel_path import set_kernels
 from tinytlm.model import BertConfig
 
@@ -98,7 +99,10 @@ def check_rows(max_id: int, row_len: int, model_cfg, where):
 
 
 def refuse_existing(out: Path, dirs: list):
-    """A fresh run never overwrites a checkpoint: a one-line error naming the first of dirs that holds one."""
+    """A fresh run never overwrites a checkpoint: a one-line error naming the first of dirs that holds one.
+    (Under torchrun, rank 0 checks: another process could see rank 0's first checkpoint.)"""
+    if not Dist().main:
+        return
     for d in dirs:
         if (Path(d) / "ckpt.pt").is_file():
             raise UserError(f"{d} already holds a checkpoint; continue it with --resume {out}, or choose another --out")
@@ -176,10 +180,11 @@ def autocast(device):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def prepare_model(model, device, kernels="torch", compile=False, compile_mode="default"):
+def prepare_model(model, device, kernels="torch", compile=False, compile_mode="default", unpad=False):
     """Move to device, pick the kernels, optionally torch.compile. compile_mode "reduce-overhead"
     records CUDA graphs: the batch-32 regime is launch-bound, and with static shapes
-    (--mask_per_row k) one graph is replayed every step."""
+    (--mask_per_row k) one graph is replayed every step. unpad: every forward (training and evaluation)
+    runs on the packed real tokens (tinytlm/unpad.py)."""
     if kernels not in ("torch", "triton"):
         raise UserError(f"--kernels {kernels!r}: choose torch or triton")
     if compile_mode not in COMPILE_MODES:
@@ -188,6 +193,7 @@ def prepare_model(model, device, kernels="torch", compile=False, compile_mode="d
         raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
     model.to(device)
     set_kernels(model, kernels)
+    model.unpad = unpad
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
 
 
@@ -203,21 +209,33 @@ def lr_at(step: int, total: int, lr: float) -> float:
 
 
 # -----------------------------------------------------------------------------
-# a loss that is not finite
+# a loss or a gradient that is not finite
+
+def grad_norms(params, members: int):
+    """Per member, the norm of its gradient over all parameters, (K,), on the device (no sync): fused
+    foreach norms over each member's slices (a stacked parameter's leading dim is the member)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if members > 1:
+        grads = [v for g in grads for v in g.reshape(members, -1).unbind(0)]  # parameter-major, member-minor
+    return torch.stack(torch._foreach_norm(grads)).float().view(-1, members).norm(dim=0)
+
 
 class NonFinite:
-    """Per member, the first step whose loss was not finite, kept on the device (no sync per step) and read
-    by check() where a loop syncs anyway (a log record, a checkpoint): a diverged run stops there with one
-    line, and never overwrites its last good checkpoint."""
+    """Per member, the first step whose loss or gradient norm was not finite, kept on the device (no sync per
+    step) and read by check() where a loop syncs anyway (a log record, a checkpoint): a diverged run stops there
+    with one line naming that step, and never overwrites its last good checkpoint."""
 
     def __init__(self, outs: list, seeds: list, device, hint: str):
         self.outs, self.seeds, self.hint = outs, seeds, hint
         self.first = torch.zeros(len(outs), dtype=torch.long, device=device)  # 0: none yet
 
-    def update(self, loss, step: int):
-        """loss: the members' losses of 1-based step `step`, (K,) or a scalar."""
+    def update(self, loss, step: int, norms=None):
+        """loss: the members' losses of 1-based step `step`, (K,) or a scalar; norms: their gradient norms
+        (grad_norms, or what gradient clipping measured), checked too when given."""
         with torch.no_grad():
             bad = ~torch.isfinite(loss.detach().float().view(len(self.outs)))
+            if norms is not None:
+                bad |= ~torch.isfinite(norms.detach().float().view(len(self.outs)))
             self.first = torch.where((self.first == 0) & bad, step, self.first)
 
     def check(self):
@@ -225,7 +243,7 @@ class NonFinite:
         if any(first):
             k = next(i for i, b in enumerate(first) if b)
             member = f" (member seed {self.seeds[k]})" if len(self.outs) > 1 else ""
-            raise UserError(f"the loss of {self.outs[k]} became non-finite at step {first[k]}{member}; its last good "
+            raise UserError(f"the loss or gradients of {self.outs[k]} became non-finite at step {first[k]}{member}; its last good "
                             f"checkpoint is {Path(self.outs[k]) / 'ckpt.pt'} ({self.hint})")
 
 
@@ -284,6 +302,13 @@ class RunLog:
     def write(self, record: dict):
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class QuietLog:
+    """A RunLog that writes nothing (a torchrun process other than rank 0)."""
+
+    def write(self, record: dict):
+        pass
 
 
 def device_name(device) -> str:

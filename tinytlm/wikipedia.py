@@ -8,7 +8,8 @@ order), perm = np.random.default_rng(42).permutation(n_articles) -- the same
 generator call Hugging Face `datasets.Dataset.shuffle(seed=42)` makes. So the W_s
 subset is the first W_s rows, and subsets are prefixes of each other, as in the
 paper's code. `--rows N` tokenizes only that prefix (a quick demo); the full shard
-has every article. Input: JSONL objects with `title` and `text` (`.jsonl`,
+has every article. The last min(2,000, n/10) rows of the shuffled order are held out for
+validation (wiki.val.bin): no W_s prefix ever contains them, so W_s is at most n minus those. Input: JSONL objects with `title` and `text` (`.jsonl`,
 `.jsonl.xz`, `.jsonl.gz`) or, with pyarrow installed, the Hugging Face
 `wikimedia/wikipedia` parquet files, anywhere under RAW/wikipedia/.
 """
@@ -25,11 +26,18 @@ from tqdm import tqdm
 
 from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
-from tinytlm.data import Shard, write_shard
+from tinytlm.data import Shard, checked_shard, write_shard
+from tinytlm.download import fetch_missing
 from tinytlm.tokenizer import WordPieceTokenizer
 
 SEED = 42
 MAX_POS = 128  # the model's positions: longer rows cannot be used
+VAL_MAX = 2000  # validation rows: the last ones of the shuffled order (fewer for a small corpus)
+
+
+def val_count(n: int) -> int:
+    """How many of n articles are held out for validation: min(2,000, n // 10)."""
+    return min(VAL_MAX, n // 10)
 
 
 # -----------------------------------------------------------------------------
@@ -38,7 +46,8 @@ MAX_POS = 128  # the model's positions: longer rows cannot be used
 def wiki_files(raw: Path) -> list[Path]:
     root = raw / "wikipedia"
     if not root.is_dir():
-        raise UserError(f"{root}: Wikipedia folder not found (set --raw or $TINYTLM_RAW)")
+        raise UserError(f"{root}: Wikipedia folder not found (set --raw or $TINYTLM_RAW; "
+                        "python -m tinytlm.download wikipedia fetches it)")
     pats = ("*.jsonl", "*.jsonl.xz", "*.jsonl.gz", "*.parquet")
     files = sorted({p for pat in pats for p in root.rglob(pat)})
     if not files:
@@ -164,13 +173,14 @@ def prepare(raw: Path, out: Path, vocab: Path, rows: int = 0, max_len: int = 128
     if rows:  # a prefix of the shuffled order
         counts = [count_articles(p) for p in tqdm(files, desc="count", unit="file", disable=quiet or None)]
         n = sum(counts)
-        if rows > n:
-            raise UserError(f"{rows_flag} {rows}: only {n} articles are available")
+        n_val = val_count(n)
+        if rows > n - n_val:
+            raise UserError(too_many(rows_flag, rows, n))
         perm = np.random.default_rng(SEED).permutation(n)
-        dest_row = np.full(n, -1, dtype=np.int64)  # output row of each article, -1 = not in the prefix
-        dest_row[perm[:rows]] = np.arange(rows)
-        ids_arr = np.zeros((rows, max_len), dtype=np.uint16)
-        page_ids = np.full(rows, -1, dtype=np.int64)
+        dest_row = np.full(n, -1, dtype=np.int64)  # output row of each article, -1 = not read
+        dest_row[np.concatenate([perm[:rows], perm[n - n_val:]])] = np.arange(rows + n_val)  # prefix, held out
+        ids_arr = np.zeros((rows + n_val, max_len), dtype=np.uint16)
+        page_ids = np.full(rows + n_val, -1, dtype=np.int64)
         start = 0
         for p, c in zip(files, counts):
             local = np.flatnonzero(dest_row[start:start + c] >= 0)
@@ -183,6 +193,7 @@ def prepare(raw: Path, out: Path, vocab: Path, rows: int = 0, max_len: int = 128
                                                  desc=f"tokenize {p.name}")
                 page_ids[where] = [_page_id(ids[i]) for i in local]
             start += c
+        val_arr, ids_arr, page_ids = ids_arr[rows:], ids_arr[:rows], page_ids[:rows]
     else:  # every article
         parts, pids = [], []
         for p in files:
@@ -195,9 +206,10 @@ def prepare(raw: Path, out: Path, vocab: Path, rows: int = 0, max_len: int = 128
         perm = np.random.default_rng(SEED).permutation(n)
         ids_arr = np.concatenate(parts)[perm]
         page_ids = np.array(pids, dtype=np.int64)[perm]
+        val_arr = ids_arr[n - val_count(n):]  # (also the last rows of wiki.bin, which W_s never reaches)
     seconds = time.time() - t0
     with atomic_dir(out / "wikipedia") as dest:  # shard, permutation and meta appear together or not at all
-        _write(dest, ids_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds)
+        _write(dest, ids_arr, val_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds)
     shard = out / "wikipedia" / "wiki.bin"
     if not quiet:
         print(f"wrote {shard}: {len(ids_arr):,} of {n:,} articles x {max_len} tokens in {seconds:.0f} s "
@@ -205,8 +217,11 @@ def prepare(raw: Path, out: Path, vocab: Path, rows: int = 0, max_len: int = 128
     return shard
 
 
-def _write(dest, ids_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds):
+def _write(dest, ids_arr, val_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds):
     write_shard(dest / "wiki.bin", ids_arr, tok.vocab_size)
+    write_shard(dest / "wiki.val.bin", val_arr, tok.vocab_size)
+    # meta.json names its shards: another file in their place is refused
+    checksum, val_checksum = (Shard(dest / f).checksum.hex() for f in ("wiki.bin", "wiki.val.bin"))
     save_npy(dest / "perm.npy", perm)
     save_npy(dest / "wiki.pageids.npy", page_ids)
     write_json(dest / "meta.json", {
@@ -216,7 +231,8 @@ def _write(dest, ids_arr, page_ids, tok, perm, files, vocab, n, max_len, seconds
         "seed": SEED, "shuffle": "numpy.random.default_rng(42).permutation(n_articles)",
         "articles_total": n, "rows": int(len(ids_arr)), "row_len": max_len,
         "special_ids": tok.special_ids(),
-        "complete": len(ids_arr) == n,
+        "complete": len(ids_arr) == n, "shard_checksum": checksum,
+        "val_rows": int(len(val_arr)), "val_checksum": val_checksum,
         "seconds": round(seconds, 1),
     })
 
@@ -233,13 +249,17 @@ def ensure_wiki(rows: int, raw: Path = None, out: Path = None, quiet=False) -> S
     """The Wikipedia shard with at least `rows` rows (-1: every article), prepared when missing."""
     raw, out = raw or default_raw_root(), out or default_data_root()
     shard_path = out / "wikipedia" / "wiki.bin"
-    if shard_path.is_file():
-        shard = Shard(shard_path)
-        complete = read_json(shard_path.parent / "meta.json", "Wikipedia meta").get("complete", False)
+    meta = read_json(shard_path.parent / "meta.json", "Wikipedia meta") if shard_path.is_file() else {}
+    if "val_rows" in meta:  # (one prepared before the held-out rows existed is prepared again)
+        shard = checked_shard(shard_path, meta.get("shard_checksum"))
+        complete = meta.get("complete", False)
+        n_train = meta["articles_total"] - meta["val_rows"] if complete else len(shard)
         if complete or (rows >= 0 and len(shard) >= rows):
-            if rows > len(shard):
-                raise UserError(f"--ws {rows}: only {len(shard)} Wikipedia articles are available")
+            if rows > n_train:
+                raise UserError(too_many("--ws", rows, meta["articles_total"]))
+            shard.ids, shard.rows = shard.ids[:n_train], n_train  # the held-out rows are never trained on
             return shard
+    fetch_missing(["vocab", "wikipedia"], raw, wiki_rows=rows)  # no raw data anywhere: download it (download.py)
     if not (raw / "wikipedia").is_dir():
         raise UserError(f"{shard_path}: missing or too short, and no raw Wikipedia under {raw}; run "
                         f"`python data_prep/wikipedia.py --raw DIR`")
@@ -247,6 +267,17 @@ def ensure_wiki(rows: int, raw: Path = None, out: Path = None, quiet=False) -> S
         print(f"preparing {shard_path} from {raw / 'wikipedia'} ...")
     return Shard(prepare(raw, out, raw / "bert-base-uncased-vocab.txt", max(rows, 0), quiet=quiet,
                          rows_flag="--ws"))
+
+
+def too_many(flag: str, rows: int, n: int) -> str:
+    return (f"{flag} {rows}: only {n - val_count(n):,} Wikipedia articles are available ({n:,}, less the last "
+            f"{val_count(n):,} of the shuffled order, held out for validation)")
+
+
+def val_shard(out: Path = None) -> Shard:
+    """The held-out validation rows (ensure_wiki has prepared them with the shard)."""
+    path = (out or default_data_root()) / "wikipedia" / "wiki.val.bin"
+    return checked_shard(path, read_json(path.parent / "meta.json", "Wikipedia meta").get("val_checksum"))
 
 
 def main(argv=None):

@@ -1,0 +1,201 @@
+"""--unpad (tinytlm/unpad.py): the trunk on the packed real tokens gives the padded path's losses and
+gradients (dropout off, fp32, CPU: within 1e-5 relative), for MLM (dynamic and static sparse heads, the
+dense head) and classification, one model and stacked members, with and without a conv stem, torch and
+Triton (interpreter) attention; the training loops give the padded runs' curves and weights."""
+import json
+
+import pytest
+import torch
+
+from tinytlm import finetune, pretrain
+from tinytlm.checkpoint import load_checkpoint
+from tinytlm.kernel_path import set_kernels
+from tinytlm.members import stack_models
+from tinytlm.model import BertConfig, BertForClassification, BertForMLM
+from tinytlm.unpad import pack, pack_plan, unpack
+
+TOL = 1e-5
+
+
+def batch(B, T, seed, vocab=512):
+    """(ids, attention mask, MLM targets): [CLS] ... [SEP] then padding, random lengths (row 0 full, row 1
+    one token), row 2 with a hole in its mask (a real token that is not attended to: masks need not be
+    right padding); ~30% of the real non-special tokens chosen as MLM targets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(200, vocab, (B, T), generator=g)
+    lens = torch.randint(3, T + 1, (B,), generator=g)
+    lens[0], lens[1] = T, 1
+    col = torch.arange(T)[None]
+    x[:, 0], x[col == lens[:, None] - 1] = 101, 102
+    x[col >= lens[:, None]] = 0
+    mask = x != 0
+    mask[2, 1] = False
+    targets = torch.where(mask & (x > 102) & (torch.rand(B, T, generator=g) < 0.3), x, -100)
+    return x, mask, targets
+
+
+def build(kind, K, n_conv, kernels="torch"):
+    cfg = BertConfig.preset("tiny", n_layer=2, n_head=2, head_dim=16, vocab_size=512, dropout=0.0, attn_dropout=0.0,
+                            n_conv=n_conv, conv_channels=4)
+    singles = []
+    for s in range(K):
+        torch.manual_seed(s)
+        singles.append(BertForMLM(cfg) if kind.startswith("mlm") else BertForClassification(cfg, 3))
+    model = set_kernels(stack_models(singles), kernels)
+    if model.bert.stem is not None:
+        model.bert.stem.kernels = "torch"  # the stem runs on the padded layout either way; keeps the interpreter fast
+    return model
+
+
+def run(model, kind, x, mask, targets, unpad):
+    """(loss, {name: grad}) of one forward + backward; checks that the unpadded encoder saw packed rows."""
+    seen = []
+    unpad = pack_plan(mask, model.members, bucket=16) if unpad else False  # small batches: a small bucket
+    hook = model.bert.encoder.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    model.zero_grad(set_to_none=True)
+    if kind == "cls":
+        y = torch.arange(x.size(0)) % 3
+        _, loss = model(x, mask, targets=y, unpad=unpad)
+    else:
+        _, loss = model(x, mask, targets=targets, per_row=4 if kind == "mlm-static" else 0,
+                        sparse=kind != "mlm-dense", unpad=unpad)
+    loss.sum().backward()
+    hook.remove()
+    assert len(seen[0]) == (2 if unpad else 3) and (not unpad or seen[0][0] < x.numel()), seen  # (K*N, H), K*N < B*T
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    assert ((la - lb).abs() <= TOL * lb.abs()).all(), (la, lb)
+    assert ga.keys() == gb.keys()
+    floor = 1e-2 * max(g.abs().max().item() for g in gb.values())  # gradients 0 in exact arithmetic (a conv
+    for name, g in ga.items():  # bias before a train-mode BatchNorm) carry only rounding noise
+        err, scale = (g - gb[name]).abs().max().item(), max(gb[name].abs().max().item(), floor)
+        assert err <= TOL * scale, (name, err, scale)
+
+
+# ----------------------------------------------------------------------------- the packing
+
+def test_pack_plan_layout_and_round_trip():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0],  # member 0: 5 real tokens
+                         [1, 1, 1, 1, 1], [1, 0, 1, 1, 0]]).bool()  # member 1: 8, one row with a hole
+    p = pack_plan(mask, members=2, bucket=4)
+    assert p.budget == 8 and p.T == 5  # the larger member's 8 tokens, a multiple of 4
+    assert p.index.tolist() == [0, 1, 2, 5, 6, 3, 4, 7,  10, 11, 12, 13, 14, 15, 17, 18]
+    assert p.valid.tolist() == [True] * 5 + [False] * 3 + [True] * 8  # member 0's fillers: its own padding
+    assert p.seq_start.tolist() == [0, 3, 8, 13] and p.seq_len.tolist() == [3, 2, 5, 3]
+    assert p.positions().tolist()[8:] == [0, 1, 2, 3, 4, 0, 2, 3]  # the padded column: a hole keeps positions
+    x = torch.randn(4, 5, 3)
+    y = pack(x, p)  # (16, 3)
+    assert torch.equal(y[p.valid], x[mask]) and torch.equal(unpack(y, p), x * mask[..., None])
+    assert pack_plan(mask, members=2, bucket=128).budget == 10  # never more than a member's B'*T
+    assert pack_plan(mask, members=1, bucket=4).budget == 16 and pack_plan(mask & False, bucket=4).budget == 4
+
+
+def test_budgets_round_to_buckets():
+    # any token count gives one of B*T / bucket shapes: a compiled step or CUDA graph per bucket, not per batch
+    B, T = 8, 32
+    budgets = {pack_plan(torch.arange(B * T).view(B, T) < n, bucket=64).budget for n in range(1, B * T + 1)}
+    assert budgets == {64, 128, 192, 256}
+
+
+# ----------------------------------------------------------------------------- the model
+
+@pytest.mark.parametrize("K", [1, 2], ids=["single", "stacked2"])
+@pytest.mark.parametrize("n_conv", [0, 1], ids=["nostem", "stem"])
+@pytest.mark.parametrize("kind", ["mlm", "mlm-static", "cls"])
+def test_unpadded_equals_padded(kind, n_conv, K):
+    model = build(kind, K, n_conv)
+    x, mask, targets = batch(4 * K, 24, seed=K + 2 * n_conv)
+    assert_same(run(model, kind, x, mask, targets, True), run(model, kind, x, mask, targets, False))
+
+
+def test_dense_head_and_logits_without_targets():
+    model = build("mlm", 2, 0)
+    x, mask, targets = batch(6, 24, seed=5)
+    assert_same(run(model, "mlm-dense", x, mask, targets, True), run(model, "mlm-dense", x, mask, targets, False))
+    with torch.no_grad():  # logits equal at real tokens; the unpadded head read 0 at padding
+        a, b = model(x, mask, unpad=True)[0], model(x, mask)[0]
+    assert (a - b)[mask].abs().max() <= TOL * b.abs().max()
+
+
+@pytest.mark.parametrize("kind, K, n_conv", [("mlm", 2, 0), ("cls", 1, 1)], ids=["mlm-stacked2", "cls-stem"])
+def test_unpadded_equals_padded_triton(kind, K, n_conv):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build(kind, K, n_conv, "triton").to(device)
+    x, mask, targets = (t.to(device) for t in batch(3 * K, 40, seed=7))
+    assert_same(run(model, kind, x, mask, targets, True), run(model, kind, x, mask, targets, False))
+
+
+def test_attribute_default_and_dropout_draws():
+    """model.unpad is the default of every forward (evaluation included); with dropout on the unpadded
+    path trains (finite, masks redrawn per call), from other draws than the padded one."""
+    torch.manual_seed(0)
+    model = BertForMLM(BertConfig.preset("tiny", n_layer=1, vocab_size=512))
+    x, mask, targets = batch(4, 24, seed=1)
+    model.unpad = True
+    a, b = (model(x, mask, targets=targets)[1] for _ in range(2))
+    assert torch.isfinite(a) and a != b
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x, mask, targets=targets)[1], model(x, mask, targets=targets, unpad=False)[1],
+                              rtol=TOL)
+
+
+# ----------------------------------------------------------------------------- the training loops
+
+SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "2", "--head_dim", "16", "--device", "cpu",
+         "--dropout", "0", "--attn_dropout", "0", "--lr", "1e-3"]
+
+
+def step_losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+
+
+def assert_same_weights(a, b):
+    for k, v in b["model"].items():
+        assert (a["model"][k] - v).abs().max().item() <= TOL * max(1.0, v.abs().max().item()), k
+
+
+def test_training_loops_unpadded_equal_padded(roots, tmp_path):
+    raw, data = roots
+    mlm = [*SMALL, "--ws", "16", "--epochs", "1", "--batch_size", "4", "--log_every", "1", "--raw", str(raw),
+           "--data", str(data)]
+    for name, extra in (("padded", []), ("unpad", ["--unpad"])):
+        pretrain.main([*mlm, "--out", str(tmp_path / name), *extra])
+    assert step_losses(tmp_path / "unpad") == pytest.approx(step_losses(tmp_path / "padded"), rel=TOL)
+    assert_same_weights(load_checkpoint(tmp_path / "unpad"), load_checkpoint(tmp_path / "padded"))
+    cls = ["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "2", "--batch_size", "4",
+           "--lr", "1e-3", "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data), "--seeds", "0,1",
+           "--init", str(tmp_path / "padded")]
+    results = {}
+    for name, extra in (("padded", []), ("unpad", ["--unpad"])):  # stacked members, trained and scored unpadded
+        finetune.main([*cls, "--out", str(tmp_path / f"cls-{name}"), *extra])
+        results[name] = [json.loads((tmp_path / f"cls-{name}" / f"s{s}" / "result.json").read_text()) for s in (0, 1)]
+    for a, b in zip(results["unpad"], results["padded"]):
+        assert a["acc_per_epoch"] == b["acc_per_epoch"]
+    for s in (0, 1):
+        assert_same_weights(*(load_checkpoint(tmp_path / f"cls-{n}" / f"s{s}") for n in ("unpad", "padded")))
+
+
+@pytest.mark.slow  # ~20 s of dynamo on this CPU
+def test_compiled_unpadded_forward_equals_eager(monkeypatch):
+    """torch.compile (aot_eager: the graphs inductor would compile) around the one graph break, pack_plan's
+    host sync: two batches of different token budgets (a new shape: recompiled) give the eager losses."""
+    monkeypatch.setattr("tinytlm.unpad.BUCKET", 16)
+    torch.manual_seed(0)
+    model = BertForMLM(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=16, vocab_size=512, dropout=0.0))
+    model.unpad = True
+    compiled = torch.compile(model, backend="aot_eager")
+    budgets = []
+    for seed in (0, 1):
+        x, mask, targets = batch(4, 24, seed=seed)
+        budgets.append(pack_plan(mask).budget)
+        with torch.no_grad():
+            got, want = compiled(x, mask, targets=targets)[1], model(x, mask, targets=targets)[1]
+        assert (got - want).abs() <= TOL * want.abs()
+    assert budgets[0] != budgets[1] and max(budgets) < 4 * 24

@@ -1,0 +1,125 @@
+"""Rows that matter: the real tokens of a padded (B, T) batch packed into one (N, ...) tensor, and the
+chosen positions the sparse MLM head reads (`mlm_positions`, `mlm_targets`).
+
+Pre-training rows average about 90 real tokens of 128 and task texts fewer, so a padded step spends about
+a quarter of its matmuls on padding. With `--unpad` the embeddings and the encoder run on the packed real
+tokens only (as MosaicBERT and ModernBERT do), attention per sequence (kernels/attention_varlen.py; with
+the torch kernels SDPA on the padded layout, packed again); the heads read real positions only anyway (the
+sparse MLM head its chosen tokens, the classifier [CLS]), from the trunk's output put back in the padded
+layout by one gather. A conv stem convolves the padded (T x H) image, padding included, as the paper
+defines it, so with a stem the embeddings and the stem run padded and the packing follows the stem.
+
+    p = pack_plan(attention_mask, members=K)   # one host sync: the token budget
+    x = pack(embeddings, p)                      # (B, T, H) -> (K*N, H), N = p.budget tokens per member
+    y = unpack(x, p)                             # back to (B, T, H), 0 at padding
+
+Layout. K stacked members (tinytlm/members.py) fold into the batch member-major, and a member's Linear
+weights apply to its own slab of rows, so the packed tensor is K slabs of N rows each: member k's real
+tokens in row-major order (row b's are rows seq_start[b] .. seq_start[b] + seq_len[b] - 1), then
+fillers up to N. Each member gets the same budget N: the largest member's token count rounded up to a
+multiple of BUCKET (at most B'*T). The fillers are padding positions of that member (real [PAD]
+embeddings, finite), belong to no sequence, and their attention output is 0; nothing reads them.
+
+Static shapes. A budget rounded up to a bucket (128 tokens, or a 32nd of a member's slots in larger
+batches) gives a few distinct shapes over a run (one graph or CUDA graph each; at most 32) instead of one
+per batch. The waste is budget - real tokens, on average half a bucket per member per step, plus, with
+K > 1, the gap between each member's count and the largest (measured on the first 40,000 Wikipedia rows:
+bench/train_throughput.py reports it per case). Computing the budget reads the token count on the host (`pack_plan` is kept out of
+torch.compile's graphs): one device sync per step.
+
+Exactness. Every token sees what it sees in the padded layout: its own position (its padded index
+mod T, so masks with holes work too), its sequence's real keys, the same weights. Only the order of the
+rows in the matmuls changes, so losses and gradients equal the padded path's up to fp32 rounding
+(tests/test_unpad.py). With dropout on, the masks are other draws than the padded path's.
+"""
+from dataclasses import dataclass
+
+import torch
+
+BUCKET = 128  # tokens: a member's budget is its token count rounded up to a multiple of this (or of B'*T / 32)
+
+
+@dataclass
+class Packing:
+    """Where every token of a padded (B, T) batch goes in the packed (K*N, ...) layout, and back."""
+    index: torch.Tensor  # (K*N,) long: each packed row's flat position in the padded (B*T) layout
+    valid: torch.Tensor  # (K*N,) bool: the row is a real token (False: a filler)
+    slot: torch.Tensor  # (B*T,) long: each padded position's packed row (padding: its member's first row)
+    real: torch.Tensor  # (B*T,) bool: the attention mask, flattened
+    seq_start: torch.Tensor  # (B,) int32: row b's first packed row
+    seq_len: torch.Tensor  # (B,) int32: row b's real tokens
+    T: int  # padded row length, the longest a sequence can be (max_seqlen)
+    budget: int  # N: packed rows per member (the static shape)
+
+    def positions(self) -> torch.Tensor:
+        """(K*N,) each packed token's position within its own sequence (its padded column)."""
+        return self.index % self.T
+
+
+@torch.compiler.disable  # a host sync: kept out of compiled graphs (a graph break under torch.compile)
+def pack_plan(attention_mask: torch.Tensor, members: int = 1, bucket: int = 0) -> Packing:
+    """The packing of a padded batch. attention_mask (B, T) bool/0-1, True = real token, B = K*B' rows
+    member-major; bucket: tokens (0: BUCKET, or a 32nd of a member's B'*T slots if that is more, so a run
+    has at most 32 shapes). One host sync (the largest member's token count sets the budget)."""
+    mask = attention_mask.bool()
+    B, T = mask.shape
+    K = members
+    if B % K:
+        raise ValueError(f"pack_plan: {B} rows do not split into {K} members")
+    per = B // K * T  # padded positions per member
+    bucket = bucket or max(BUCKET, per // 32)
+    m = mask.reshape(K, per)  # (K, B'*T)
+    counts = m.sum(1)  # (K,)
+    budget = min(-(-max(int(counts.max()), 1) // bucket) * bucket, per)  # syncs once
+    # each position's rank in its member's packed order: real tokens first in row-major order, then padding
+    rank = torch.where(m, m.cumsum(1) - 1, counts[:, None] + (~m).cumsum(1) - 1)  # (K, B'*T), a permutation
+    order = torch.empty_like(rank).scatter_(1, rank, torch.arange(per, device=mask.device).expand(K, per))
+    base = torch.arange(K, device=mask.device)[:, None]  # (K, 1)
+    index = (order[:, :budget] + base * per).reshape(-1)  # (K*N,)
+    valid = (torch.arange(budget, device=mask.device) < counts[:, None]).reshape(-1)  # (K*N,)
+    slot = torch.where(rank < budget, rank, 0) + base * budget  # (K, B'*T)
+    lens = mask.sum(1).view(K, -1)  # (K, B')
+    starts = lens.cumsum(1) - lens + base * budget  # (K, B')
+    return Packing(index, valid, slot.reshape(-1), mask.reshape(-1), starts.reshape(-1).int(), lens.reshape(-1).int(),
+                   T, budget)
+
+
+def pack(x: torch.Tensor, p: Packing) -> torch.Tensor:
+    """(B, T, ...) padded -> (K*N, ...) packed (fillers hold the padding they were taken from)."""
+    return x.reshape(-1, *x.shape[2:]).index_select(0, p.index)
+
+
+def unpack(y: torch.Tensor, p: Packing) -> torch.Tensor:
+    """(K*N, ...) packed -> (B, T, ...) padded, 0 at padding."""
+    B = p.seq_len.numel()
+    out = y.index_select(0, p.slot)  # (B*T, ...)
+    real = p.real.view(-1, *([1] * (y.dim() - 1)))
+    return torch.where(real, out, out.new_zeros(())).view(B, p.T, *y.shape[1:])
+
+
+# -----------------------------------------------------------------------------
+# the sparse MLM head: the rows it reads
+
+def mlm_positions(targets, per_row=0, members=1):
+    """Where the sparse MLM head runs. per_row=0: the (B, T) bool mask of chosen positions.
+    per_row=k: (B, k) indices, chosen positions first; a row with fewer than k chosen is filled
+    with unchosen positions whose target is -100 (ignored by the loss), so the shape is static:
+    no host sync, and CUDA graphs can replay the step.
+    per_row=0 with K members: (K, N) indices into each member's B'*T positions, its chosen ones first
+    in row order, N = the most any member chose (the others are filled as above; one host sync)."""
+    chosen = targets != -100  # (B, T)
+    if per_row:
+        return chosen.float().topk(per_row, dim=1, sorted=False).indices  # (B, k)
+    if members == 1:
+        return chosen
+    chosen = chosen.view(members, -1)  # (K, B'*T)
+    n = int(chosen.sum(1).max())
+    return chosen.float().sort(dim=1, descending=True, stable=True).indices[:, :n]  # (K, N)
+
+
+def mlm_targets(targets, per_row=0, pos=None, members=1):
+    """Targets aligned with the sparse head's logits (-100 where a static slot is unused), member-major."""
+    pos = mlm_positions(targets, per_row, members) if pos is None else pos
+    if per_row:
+        return targets.gather(1, pos).reshape(-1)  # (B*k,)
+    return targets.view(members, -1).gather(1, pos).reshape(-1) if members > 1 else targets[pos]  # (N,)
