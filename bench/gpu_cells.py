@@ -69,10 +69,11 @@ class Rates:
         return self.best[name], train_flops(measured[name], 1, cfg.max_pos, 19) / per_seq
 
     def path(self, cfg: BertConfig) -> dict:
-        """The speed switches of the fastest measured path. Its static masking (mask_cap) is not one of
-        them: it would change the cells' masks, so the grid sets it (32 at scale paper), not the device."""
+        """The speed switches of the fastest measured path (unpad included: --unpad when it won). Its static
+        masking (mask_cap) is not one of them: it would change the cells' masks, so the grid sets it (32 at
+        scale paper), not the device."""
         p = self._ref(cfg)[0].get("path") or {}
-        return {k: p[k] for k in ("compile", "compile_mode", "kernels") if k in p}
+        return {k: p[k] for k in ("compile", "compile_mode", "kernels", "unpad") if k in p}
 
     def seconds(self, cfg: BertConfig, kind: str, trained: int, scored: int) -> float:
         """One pre-training (kind "pretrain") or fine-tuning with its scoring (kind "finetune")."""

@@ -10,10 +10,13 @@
 # Stages, in order of value, inside one time budget (GPU_SECONDS, default 500; each stage is timed and
 # logged to $WORK/<stage>.log, its exit code and seconds to $WORK/stages.jsonl):
 #   probe    device, driver, versions, measured bf16 matmul TFLOP/s (the MFU denominator)   <= 30 s
-#   kernels  the Triton kernel tests natively (no TRITON_INTERPRET)                          <= 90 s
-#            a failure sends --kernels_ok false to the benchmark: no Triton path is chosen after it
-#   bench    training throughput, HF BertForMaskedLM (the paper's stack) vs our paths, same process:
-#            bert6 batch 32, bert1 batch 32, bert6 batch 256 -> throughput.json (best path per model)
+#   kernels  the Triton kernel tests natively (no TRITON_INTERPRET), the varlen kernel's and --unpad's
+#            (tests/test_kernels_varlen.py, tests/test_unpad.py)                            <= 110 s
+#            a failure sends --kernels_ok false to the benchmark: no Triton path is chosen after it;
+#            a failing unpad test sends --unpad_ok false: no unpadded path is chosen
+#   bench    training throughput on real Wikipedia rows, HF BertForMaskedLM (the paper's stack) vs our paths,
+#            padded and unpadded (--unpad), same process: bert6 batch 32, bert1 batch 32, bert6 batch 256
+#            -> throughput.json (best path per model)                                         <= 170 s
 #   members  stacked members (bench/members.py): K = 1, 2, 5 models trained as one stacked model vs one
 #            after another (bert1, bert6, tiny), bert6's largest K in 80 GB, the 5-member bert1 committee's
 #            batch-1 latency stacked vs one bert6 -> members.json, members.md                 <= 45 s
@@ -106,22 +109,28 @@ probe=(python bench/probe.py --out "$WORK/bench"); [ "$SMOKE" = 1 ] && probe+=(-
 stage probe 30 "${probe[@]}"
 
 # 2. kernels, natively (the interpreter under SMOKE); a test that fails rules the Triton path out
-interp=0; kt=(tests/test_kernels.py tests/test_kernels_conv.py tests/test_kernels_training.py)
-[ "$SMOKE" = 1 ] && { interp=1; kt=(tests/test_kernels.py tests/test_kernels_conv.py -k "2x2x7x32 or dropout_seeds or fold_bn"); }
-stage kernels 90 env TRITON_INTERPRET=$interp python -m pytest -o addopts= -m "not slow" -v -p no:cacheprovider "${kt[@]}"
+interp=0; kt=(tests/test_kernels.py tests/test_kernels_conv.py tests/test_kernels_training.py tests/test_kernels_varlen.py
+              tests/test_unpad.py)
+[ "$SMOKE" = 1 ] && { interp=1; kt=(tests/test_kernels.py tests/test_kernels_conv.py tests/test_kernels_varlen.py
+                                   tests/test_unpad.py -k "2x2x7x32 or dropout_seeds or fold_bn or varlen_dropout or pack_plan"); }
+stage kernels 110 env TRITON_INTERPRET=$interp python -m pytest -o addopts= -m "not slow" -v -p no:cacheprovider "${kt[@]}"
 krc=$?
 passed=$(grep -c ' PASSED' "$WORK/kernels.log"); failed=$(grep -cE ' (FAILED|ERROR)' "$WORK/kernels.log")
 kernels_ok=true
 if [ "$failed" -gt 0 ] || [ "$passed" -eq 0 ] || { [ $krc -ne 0 ] && [ $krc -ne 124 ]; }; then kernels_ok=false; fi
-printf '{"passed": %d, "failed": %d, "rc": %d, "kernels_ok": %s}\n' "$passed" "$failed" $krc $kernels_ok \
-  > "$WORK/kernels.json"
-echo "   kernels: $passed passed, $failed failed -> Triton path $([ $kernels_ok = true ] && echo allowed || echo ruled out)"
+unpad_ok=true  # the unpadded paths: their tests ran and none failed
+if ! grep -q 'test_unpad.py::.* PASSED' "$WORK/kernels.log" || grep -qE 'test_(unpad|kernels_varlen).py::.* (FAILED|ERROR)' "$WORK/kernels.log"; then unpad_ok=false; fi
+printf '{"passed": %d, "failed": %d, "rc": %d, "kernels_ok": %s, "unpad_ok": %s}\n' "$passed" "$failed" $krc $kernels_ok \
+  $unpad_ok > "$WORK/kernels.json"
+echo "   kernels: $passed passed, $failed failed -> Triton path $([ $kernels_ok = true ] && echo allowed || echo ruled out)," \
+  "unpadded paths $([ $unpad_ok = true ] && echo allowed || echo ruled out)"
 
-# 3. throughput: HF vs our paths, in one process; the fastest path that passed its tests is chosen per model
-tp=(python bench/train_throughput.py --gpu_session --kernels_ok "$kernels_ok" --probe "$WORK/bench/probe.json"
-    --json "$WORK/bench/throughput.json" --out "$WORK/bench/train.md" --time_limit 90)
+# 3. throughput on real Wikipedia rows: HF vs our paths, padded and unpadded, in one process; the fastest path
+#    that passed its tests is chosen per model
+tp=(python bench/train_throughput.py --gpu_session --unpad --kernels_ok "$kernels_ok" --unpad_ok "$unpad_ok"
+    --probe "$WORK/bench/probe.json" --json "$WORK/bench/throughput.json" --out "$WORK/bench/train.md" --time_limit 110)
 [ "$SMOKE" = 1 ] && tp+=(--smoke --time_limit 25)  # a CPU compile takes a minute: HF and eager only
-stage bench 150 "${tp[@]}"
+stage bench 170 "${tp[@]}"
 
 # 4. stacked members vs one after another, and the committee's batch-1 latency stacked (no case starts after 30 s)
 mb=(python bench/members.py --json "$WORK/bench/members.json" --out "$WORK/bench/members.md")

@@ -172,6 +172,7 @@ CASES = [
     ("train_mlm", lambda c: mlm(c, "--epochs", "0"), ["--epochs"]),
     ("train_mlm", lambda c: mlm(c, "--batch_size", "-1"), ["--batch_size"]),
     ("train_mlm", lambda c: mlm(c, "--epochs", "two"), ["--epochs"]),
+    ("train_mlm", lambda c: mlm(c, "--val_every", "-1"), ["--val_every -1"]),
     ("train_mlm", lambda c: mlm(c, "--kernels", "cuda-magic"), ["--kernels"]),
     ("train_mlm", lambda c: mlm(c, "--model", "bert99"), ["bert99"]),
     # train_mlm: seeds and conflicting flags

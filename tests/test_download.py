@@ -309,6 +309,10 @@ def test_wikipedia_is_fetched_for_pretraining(fresh_clone, hub, capsys):
     out = capsys.readouterr().out
     assert "downloading vocab, wikipedia (2 files)" in out and "first 1 of 41 files" in out, out
     assert len(shard) == 20 and (fresh_clone / "data/raw" / first.dest).is_file()
+    # more articles than that one file holds: fetching a second would reshuffle every W_s subset, so no
+    with pytest.raises(UserError, match="change the shuffle|changes the shuffle"):
+        ensure_wiki(download.WIKI_ROWS_PER_FILE + 1, quiet=True)
+    assert not (fresh_clone / "data/raw" / download.remotes("wikipedia", 2)[1].dest).exists()
 
 
 def test_demo_fetches_what_it_needs_first(fresh_clone, hub, monkeypatch, capsys):

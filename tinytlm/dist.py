@@ -10,7 +10,8 @@ and scales its loss so that DDP's mean of the gradients is the gradient of the g
 (MLM: the mean over the global batch's masked tokens; classification: over its rows). Rank 0 alone
 writes logs and checkpoints; a checkpoint does not depend on the world size, so --resume works
 with any. Dropout is not the single process's: each process draws its own masks (seeded by rank).
-Without torchrun (WORLD_SIZE unset or 1) nothing here does anything.
+Without torchrun (WORLD_SIZE unset or 1) nothing here does anything. Several machines need one shared
+filesystem for the data, --out and --resume: the global rank 0 alone prepares data and writes.
 """
 import atexit
 import contextlib
@@ -20,7 +21,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from tinytlm.common import UserError
 
@@ -77,13 +77,6 @@ class Dist:
             if fill is not None:
                 mine.fill_(fill)
         return mine.reshape(-1, *t.shape[1:])
-
-    @staticmethod
-    def loss_sums(logits, y, members: int):
-        """Per member, the cross-entropy summed over its targets != -100, (K,): 0 (not nan) for a share without
-        any, where a mean would divide by zero."""
-        ce = F.cross_entropy(logits.float(), y, ignore_index=-100, reduction="none")
-        return ce.view(members, -1).sum(1)
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over the processes, in place."""

@@ -268,6 +268,11 @@ def fetch_missing(names, raw: Path, wiki_rows: int = 0, quiet=False):
     if not auto_download(raw):
         return
     wiki_files = min(WIKI_FILES, max(1, -(-max(wiki_rows, 0) // WIKI_ROWS_PER_FILE)))
+    have = [r for r in remotes("wikipedia", WIKI_FILES) if (Path(raw) / r.dest).is_file()]
+    if "wikipedia" in names and have and len(have) < wiki_files:  # more files would reshuffle every W_s subset
+        raise UserError(f"{Path(raw) / 'wikipedia'}: {wiki_rows:,} articles need more than the {len(have)} Wikipedia "
+                        f"file(s) there; adding files changes the shuffle, so every W_s subset: download all "
+                        f"(python -m tinytlm.download wikipedia) and delete the prepared data/wikipedia/")
     files = [r for n in names for r in remotes(n, wiki_files)]
     missing = [r for r in files if not (Path(raw) / r.dest).is_file()]
     if not missing:

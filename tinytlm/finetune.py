@@ -16,11 +16,13 @@ test). Outputs in --out (default runs/<name>): config.json, metrics.jsonl, ckpt.
 is trained as one stacked model; member s is written to OUT/s<s>/ as `--seed s --out OUT/s<s>` writes
 it, and `--resume OUT` continues them all (see tinytlm/members.py).
 """
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.common import UserError, cli, config_hash, home, read_json, write_json
+from tinytlm.dist import Dist
 from tinytlm.finetune_loop import run_arm, run_members
 from tinytlm.model import BertConfig
 from tinytlm.tasks import TaskSpec, parse_labels
@@ -55,7 +57,7 @@ class ClsConfig:
     unpad: bool = switch(False)  # train and score on the packed real tokens, not the padding (tinytlm/unpad.py)
     out: str = switch("")  # run directory (default runs/<name>)
     data: str = switch("")  # prepared data root (default $TINYTLM_DATA or ./data)
-    raw: str = switch("")  # raw data root (default $TINYTLM_RAW or ../shared/data)
+    raw: str = switch("")  # raw data root (default $TINYTLM_RAW, else ../shared/data if it exists, else data/raw)
     quiet: bool = switch(False)  # no per-epoch lines (the paper runner)
     resume: str = switch("")  # a run directory (one arm) or a --gap folder to continue exactly
     save_every: int = switch(1)  # epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)
@@ -80,6 +82,12 @@ def report(r: dict):
     print(f"[{r['arm']}] {r['task']}: final-epoch test acc {r['acc']:.4f} "
           f"(best {r['acc_best_selected_on_test']:.4f} at epoch {r['best_epoch']}, selected on test); {ts}")
     print("  per label: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_label_acc"].items()))
+
+
+def main_write(path, obj):
+    """write_json, by rank 0 alone under torchrun (tinytlm/dist.py)."""
+    if Dist().main:
+        write_json(path, obj)
 
 
 def load_init(init: str):
@@ -110,8 +118,8 @@ def arms(cfgs: list, overrides: dict, init_states: list, outs: list, resume_hint
     for k in pending:
         state = states.get(k)
         if state and state["optimizer"] is None and "result" in state["extra"]:
-            results[k] = state["extra"]["result"]
-            write_json(outs[k] / "result.json", results[k])
+            results[k] = json.loads(json.dumps(state["extra"]["result"]))  # as result.json reads back
+            main_write(outs[k] / "result.json", results[k])
             continue
         # a start-of-run checkpoint (step 0) is a fresh start: with the members that have none (a kill between
         # the first save's renames) it starts again as one stack; an older finished one is trained again
@@ -149,7 +157,7 @@ def gap_members(cfgs: list, outs: list, init_states: list, resume_hint=None) -> 
         report(rs)
         gap = {"task": rp["task"], "acc_pretrained": rp["acc"], "acc_scratch": rs["acc"],
                "gap": rp["acc"] - rs["acc"], "token_stats": rp["token_stats"], "seed": c.seed}
-        write_json(out / "gap.json", gap)
+        main_write(out / "gap.json", gap)
         print(f"gap = {rp['acc']:.4f} - {rs['acc']:.4f} = {gap['gap']:+.4f}  (final epoch, seed {c.seed})")
         gaps.append(gap)
     return gaps
@@ -171,9 +179,10 @@ def resume(cfg: ClsConfig, overrides: dict) -> dict:
         state = load_checkpoint(where, kind="cls", fallback=True)
         if state["optimizer"] is None and "result" in state["extra"] and not (where / "result.json").is_file():
             print(f"{state['path']}: finished; writing its result.json (a kill came before it)")
-            write_json(where / "result.json", state["extra"]["result"])
-            report(state["extra"]["result"])
-            return state["extra"]["result"]
+            r = json.loads(json.dumps(state["extra"]["result"]))  # as result.json reads back
+            main_write(where / "result.json", r)
+            report(r)
+            return r
         if state["optimizer"] is None:
             raise UserError(f"{state['path']}: this run has finished; nothing to resume")
         saved = ClsConfig(**{k: v for k, v in state["train_config"].items() if k in ClsConfig.__dataclass_fields__})
@@ -217,7 +226,7 @@ def run_stack(cfg: ClsConfig, overrides: dict, outs: list, where: Path):
     if cfg.gap:
         for c, o in zip(cfgs, outs):  # each member's folder is a --gap folder of its own
             if not (o / "gap_config.json").is_file():
-                write_json(o / "gap_config.json", asdict(c))
+                main_write(o / "gap_config.json", asdict(c))
         return gap_members(cfgs, outs, [states[i] for i in inits], where)
     results = arms(cfgs, overrides, [states[i] for i in inits], outs, where)
     for r in results:
@@ -245,7 +254,7 @@ def main(argv=None):
                 for s, i in zip(seeds, inits)]
         refuse_existing(where, [d for o in outs for d in ([o / "pretrained", o / "scratch"] if cfg.gap else [o])])
         # what --resume continues (a testing Ctrl-C is delivered once, not again on resume)
-        write_json(where / "stack.json", {"kind": "cls", "config": asdict(replace(cfg, interrupt_at=0)),
+        main_write(where / "stack.json", {"kind": "cls", "config": asdict(replace(cfg, interrupt_at=0)),
                                           "overrides": overrides,
                                           "members": [str(o) for o in outs]})
         return run_stack(cfg, overrides, outs, where)
@@ -255,7 +264,7 @@ def main(argv=None):
         r = run_arm(cfg, overrides, init_state, out)
         report(r)
         return r
-    write_json(out / "gap_config.json", asdict(replace(cfg, out=str(out))))  # what --resume OUT continues
+    main_write(out / "gap_config.json", asdict(replace(cfg, out=str(out))))  # what --resume OUT continues
     return gap_arms(cfg, out, init_state)
 
 

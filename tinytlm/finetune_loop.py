@@ -17,7 +17,7 @@ from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logit
 from tinytlm.common import Interrupted, UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.dist import Dist
-from tinytlm.members import stack_models, stack_optimizer_states
+from tinytlm.members import member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import ensure_task, load_task
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
@@ -171,7 +171,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     if d.on:  # summed over this share's rows, / the global batch: DDP's mean is the loss
-                        loss = d.loss_sums(logits, y, K) / len(rows[0])
+                        loss = member_loss_sums(logits, y, K) / len(rows[0])
                         (loss.sum() * d.world).backward()
                     else:
                         loss.sum().backward()  # K members: the sum of their mean losses, no coupling
@@ -180,8 +180,8 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                     opt.zero_grad(set_to_none=True)
                     loss_sum += loss.detach().float().view(K)
                     step += 1
-                    stop = d.any(sigint["set"], device)  # (every process stops at the same step)
-                    if stop and b < steps_per_epoch - 1:  # at an epoch's end: score it first
+                    # torchrun: every process is asked at the epoch's end (below), so all stop at the same step
+                    if sigint["set"] and not d.on and b < steps_per_epoch - 1:  # at an epoch's end: score it first
                         dt = time.perf_counter() - t0
                         for p, v in zip(progress, d.all_sum(loss_sum).tolist()):
                             p["loss_sum"], p["train_s"] = v, p["train_s"] + dt

@@ -98,6 +98,13 @@ def member_loss(losses, targets, members: int):
     return losses.view(members, -1).sum(1) / valid.sum(1)
 
 
+def member_loss_sums(logits, targets, members: int):
+    """Per member, the cross-entropy summed over its targets != -100, (K,): 0 (not nan) for a member without
+    any, where a mean would divide by zero (a torchrun share, a held-out batch)."""
+    ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
+    return ce.view(members, -1).sum(1)
+
+
 def clip_grad_norm_members(params, max_norm: float, members: int):
     """clip_grad_norm_ per member: each member's gradient norm over its own slices, clipped alone."""
     grads = [p.grad for p in params if p.grad is not None]

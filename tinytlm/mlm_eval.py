@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tinytlm.data import mask_tokens
+from tinytlm.members import member_loss_sums
 from tinytlm.model import mlm_targets
 from tinytlm.train import autocast
 
@@ -42,12 +43,14 @@ class HeldOut:
                 x, inp, tgt = (t[i:i + self.batch_size].repeat(members, 1).to(device)  # member-major
                                for t in (self.ids, self.inputs, self.targets))
                 with autocast(device):
-                    logits, loss = model(inp, attention_mask=x != self.pad, targets=tgt)
-                y = mlm_targets(tgt, 0, members=members).view(members, -1)
+                    logits, _ = model(inp, attention_mask=x != self.pad, targets=tgt)
+                y = mlm_targets(tgt, 0, members=members)
+                loss_sum = member_loss_sums(logits, y, members)  # (a batch without masks adds 0, not nan)
+                y = y.view(members, -1)
                 valid = y != -100
                 n = valid.sum(1)
                 correct = ((logits.argmax(-1).view(members, -1) == y) & valid).sum(1)
-                sums += torch.stack([loss.float().view(members) * n, correct, n], 1).double().cpu()
+                sums += torch.stack([loss_sum, correct, n], 1).double().cpu()
         finally:
             model.train(was)
         return [{"val_loss": s[0] / max(1.0, s[2]), "val_mlm_acc": s[1] / max(1.0, s[2]), "val_masked": int(s[2])}

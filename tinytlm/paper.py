@@ -100,10 +100,11 @@ def parse(argv=None):
     ap.add_argument("--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
-    ap.add_argument("--raw", default="", help="raw data root (default $TINYTLM_RAW or ../shared/data)")
+    ap.add_argument("--raw", default="", help="raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (speed only)")
     ap.add_argument("--compile_mode", default="default", help="default | reduce-overhead (CUDA graphs) | ...")
     ap.add_argument("--kernels", default="torch", help="torch | triton (speed only)")
+    ap.add_argument("--unpad", action="store_true", help="train and score on the packed real tokens (speed only)")
     ap.add_argument("--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
                     "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
     mode = ap.add_mutually_exclusive_group()
@@ -127,7 +128,7 @@ def main(argv=None):
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
     tables = TABLES if args.table == "all" else [args.table]
-    speed = {"compile": args.compile, "compile_mode": args.compile_mode, "kernels": args.kernels}
+    speed = {"compile": args.compile, "compile_mode": args.compile_mode, "kernels": args.kernels, "unpad": args.unpad}
     mode = "plan" if args.plan else "report" if args.report else "run"
     runner = Runner(args.cache, args.device, args.data, args.raw, mode=mode, records=records, scale=args.scale,
                     speed=speed, stack=not args.no_stack)

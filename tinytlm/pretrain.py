@@ -29,7 +29,7 @@ from tinytlm.checkpoint import build_model, load_checkpoint, load_group, save_me
 from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.dist import Dist
-from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
+from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
 from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, grad_norms, lr_at,
                            make_optimizer, member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
@@ -71,7 +71,7 @@ class MLMConfig:
     out: str = switch("")  # run directory (default runs/<name>)
     resume: str = switch("")  # run directory or checkpoint to continue exactly
     data: str = switch("")  # prepared data root (default $TINYTLM_DATA or ./data)
-    raw: str = switch("")  # raw data root (default $TINYTLM_RAW or ../shared/data)
+    raw: str = switch("")  # raw data root (default $TINYTLM_RAW, else ../shared/data if it exists, else data/raw)
 
     def run_name(self, overrides=None) -> str:
         extra = f"-{config_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
@@ -107,7 +107,8 @@ def pretrain_rows(cfg: MLMConfig):
                     test_per_label=cfg.test_per_label, fewrel_source=cfg.fewrel_source).resolved()
     task_dir = ensure_task(spec, raw, data)
     path = pretrain_path(data, cfg.pretrain_set, task_dir.name, cfg.ws if cfg.pretrain_set == "raised-tm" else 0)
-    if not path.is_file():
+    if not path.is_file() or "wiki_rows" not in read_json(path.with_suffix(".meta.json"), "pre-training set meta"):
+        # (a set built before the held-out rows existed may hold some of them: built again)
         print(f"building the {cfg.pretrain_set} pre-training set for {task_dir.name} ...")
         path = build_pretrain_set(cfg.pretrain_set, task_dir, ensure_wiki(-1, raw, data), cfg.ws, 0, data)
     shard = Shard(path)
@@ -120,7 +121,8 @@ def held_out(cfg: MLMConfig, data_meta: dict):
     from tinytlm.mlm_eval import HeldOut
     from tinytlm.wikipedia import ensure_wiki, val_shard
     raw, data = roots(cfg)
-    ensure_wiki(0, raw, data)  # (prepared already, unless the pre-training set was built elsewhere)
+    if not (data / "wikipedia" / "wiki.val.bin").is_file():
+        ensure_wiki(0, raw, data)  # (prepared with the shard; missing only if the set was built elsewhere)
     shard = val_shard(data)
     data_meta["val"] = {"shard": str(shard.path), "rows": len(shard), "checksum": shard.checksum.hex()}
     return HeldOut(shard, data_meta["special_ids"], shard.vocab_size)  # (the data's vocabulary: same masks for all)
@@ -142,7 +144,7 @@ def validate(cfg: MLMConfig):
     for name in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at", "save_every"):
+    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at", "save_every", "val_every"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
     for name, low in (("lr", 0.0), ("weight_decay", 0.0), ("grad_clip", 0.0)):
@@ -271,7 +273,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     if d.on:  # summed over this share's masked tokens, / the global count: DDP's mean is the loss
-                        loss = d.loss_sums(logits, mlm_targets(targets, slots, members=K), K) / n_global
+                        loss = member_loss_sums(logits, mlm_targets(targets, slots, members=K), K) / n_global
                         (loss.sum() * d.world).backward()
                     else:
                         loss.sum().backward()  # K members: the sum of their mean losses, no coupling
@@ -293,7 +295,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                         win += torch.cat([now, (x != sp["pad"]).view(K, -1).sum(1, keepdim=True)], 1)
                     # a record per window of log_every steps (an epoch's last window may be shorter): the
                     # window's loss and accuracy, not a running mean, and its speed (per member)
-                    if step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1:
+                    boundary = step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1
+                    if boundary:
                         ws = d.all_sum(win).tolist()  # syncs: the window's steps are done
                         nonfinite.check()
                         dt = max(1e-9, time.time() - t_win)
@@ -308,7 +311,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                         win.zero_()
                         t_win, win_steps, win_seqs = time.time(), 0, 0
                     bar.update(1)
-                    if d.any(sigint["set"], device):  # (every process stops at the same step)
+                    # torchrun: asked of every process at a record (a sync anyway), so all stop at the same step
+                    if d.any(sigint["set"], device) if d.on and boundary else sigint["set"] and not d.on:
                         raise StopAtBoundary
                     if step == last:
                         break
@@ -343,7 +347,7 @@ def main(argv=None):
     if not cfg.resume:
         outs = member_dirs(cfg, overrides)
         refuse_existing(outs[0] if not cfg.seeds else stack_dir(cfg, overrides), outs)
-        if cfg.seeds:  # what --resume continues: the stack's config and its members' folders
+        if cfg.seeds and Dist().main:  # what --resume continues: the stack's config and its members' folders
             write_json(stack_dir(cfg, overrides) / "stack.json", {"kind": "mlm",
                                                                  "config": asdict(replace(cfg, interrupt_at=0)),
                                                                  "overrides": overrides,

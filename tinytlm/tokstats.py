@@ -141,6 +141,7 @@ def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_
     stats = pair_stats(c_task, counts(ids, wiki.vocab_size, specials_of(wiki)))
     save_npy(path.with_suffix(".rows.npy"), rows)  # which Wikipedia shard rows were kept
     write_json(path.with_suffix(".meta.json"), {"kind": kind, "task": task_dir.name, "rows": int(len(rows)),
+                                                "wiki_rows": int(len(wiki)),  # the rows before the held-out ones
                                                 **info, **stats})
     return path
 

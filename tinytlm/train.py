@@ -17,7 +17,6 @@ import torch
 
 from tinytlm.common import (ArgParser, UserError, default_data_root, default_raw_root, git_revision, read_json,
                             write_json)
-from tinytlm.dist import Dist
 from tinytlm.kernel_path import set_kernels
 from tinytlm.model import BertConfig
 
@@ -100,9 +99,7 @@ def check_rows(max_id: int, row_len: int, model_cfg, where):
 
 def refuse_existing(out: Path, dirs: list):
     """A fresh run never overwrites a checkpoint: a one-line error naming the first of dirs that holds one.
-    (Under torchrun, rank 0 checks: another process could see rank 0's first checkpoint.)"""
-    if not Dist().main:
-        return
+    (Under torchrun every process checks: none writes a checkpoint before all have passed the data barrier.)"""
     for d in dirs:
         if (Path(d) / "ckpt.pt").is_file():
             raise UserError(f"{d} already holds a checkpoint; continue it with --resume {out}, or choose another --out")
@@ -239,6 +236,8 @@ class NonFinite:
             self.first = torch.where((self.first == 0) & bad, step, self.first)
 
     def check(self):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: every process stops
+            torch.distributed.all_reduce(self.first, op=torch.distributed.ReduceOp.MAX)
         first = self.first.tolist()
         if any(first):
             k = next(i for i, b in enumerate(first) if b)

@@ -265,8 +265,9 @@ def ensure_wiki(rows: int, raw: Path = None, out: Path = None, quiet=False) -> S
                         f"`python data_prep/wikipedia.py --raw DIR`")
     if not quiet:
         print(f"preparing {shard_path} from {raw / 'wikipedia'} ...")
-    return Shard(prepare(raw, out, raw / "bert-base-uncased-vocab.txt", max(rows, 0), quiet=quiet,
-                         rows_flag="--ws"))
+    full = rows < 0 or meta.get("complete", False)  # (a complete shard of an older version stays complete)
+    prepare(raw, out, raw / "bert-base-uncased-vocab.txt", 0 if full else rows, quiet=quiet, rows_flag="--ws")
+    return ensure_wiki(rows, raw, out, quiet)  # the rows before the held-out ones
 
 
 def too_many(flag: str, rows: int, n: int) -> str:

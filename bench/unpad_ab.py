@@ -1,0 +1,71 @@
+"""Padded vs --unpad training steps, alternated (A, B, A, B, ...) so that a passing load on a shared machine
+falls on both; medians. The README's CPU figures for --unpad come from this loop.
+
+    PYTHONPATH=. python bench/unpad_ab.py --model bert6 --batch_size 32 --rounds 4
+    PYTHONPATH=. python bench/unpad_ab.py --model bert6 --task agnews     # the classifier on AG News rows
+
+MLM: the first 4*B rows of the prepared Wikipedia shard, BERT masking; --task: 4*B rows drawn (seed 0) from
+that task's prepared train shard, BertForClassification. One untimed round first; fp32 on a CPU.
+"""
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from tinytlm.common import ArgParser, cli, default_data_root
+from tinytlm.data import mask_generator, mask_tokens
+from tinytlm.model import BertConfig, BertForClassification, BertForMLM
+
+
+def batches(args, B: int) -> list:
+    """4 batches of (inputs, attention mask, targets)."""
+    from pathlib import Path
+    data = Path(args.data) if args.data else default_data_root()
+    if args.task:
+        from tinytlm.tasks import TaskSpec, ensure_task, load_task
+        train, y, *_ = load_task(ensure_task(TaskSpec(args.task).resolved(), out=data))
+        rows = np.sort(np.random.default_rng(0).choice(len(train), 4 * B, replace=False))
+        ids, ys = torch.from_numpy(train.ids[rows].astype(np.int64)), torch.from_numpy(y[rows])
+        return [(ids[i * B:(i + 1) * B], ids[i * B:(i + 1) * B] != 0, ys[i * B:(i + 1) * B]) for i in range(4)]
+    from tinytlm.wikipedia import ensure_wiki
+    ids = torch.from_numpy(ensure_wiki(4 * B, None, data, quiet=True).ids[:4 * B].astype(np.int64))
+    out = []
+    for i in range(4):
+        x = ids[i * B:(i + 1) * B]
+        inp, tgt = mask_tokens(x, mask_generator("cpu", 0, i), vocab_size=30522, mask_id=103, special_ids=(0, 101, 102))
+        out.append((inp, x != 0, tgt))
+    return out
+
+
+def main(argv=None):
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="bert6", help="BertConfig preset")
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4, help="timed rounds (each: one padded, one unpadded step)")
+    ap.add_argument("--task", default="", help="agnews | dbpedia | fewrel: the classifier on that task's rows")
+    ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
+    args = ap.parse_args(argv)
+    bs = batches(args, args.batch_size)
+    torch.manual_seed(0)
+    cfg = BertConfig.preset(args.model)
+    model = (BertForClassification(cfg, int(max(b[2].max() for b in bs)) + 1) if args.task else BertForMLM(cfg)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5.5e-5, weight_decay=0.01)
+    times = {False: [], True: []}
+    for r in range(args.rounds + 1):
+        for unpad in (False, True):
+            x, am, y = bs[r % 4]
+            t0 = time.perf_counter()
+            model(x, am, targets=y, unpad=unpad)[1].sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r:  # round 0 warms up
+                times[unpad].append(time.perf_counter() - t0)
+    real = float(np.mean([b[1].float().mean() for b in bs]))
+    p, u = (statistics.median(times[k]) for k in (False, True))
+    print(f"{args.model} {'cls ' + args.task if args.task else 'MLM'} B={args.batch_size} ({real:.1%} real tokens): "
+          f"padded {1e3 * p:.0f} ms, unpadded {1e3 * u:.0f} ms, {p / u:.2f}x")
+
+
+if __name__ == "__main__":
+    cli(main)
