@@ -18,6 +18,6 @@ setup(
         "plot": ["matplotlib"],
         "parquet": ["pyarrow"],
         # test-only references: the Hugging Face tokenizer and model
-        "test": ["pytest", "transformers", "tokenizers", "triton", "pyarrow"],
+        "test": ["pytest", "transformers", "tokenizers", "triton", "pyarrow", "matplotlib"],
     },
 )
