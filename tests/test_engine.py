@@ -286,6 +286,7 @@ def test_finetuning_interrupted_then_resumed_is_bitwise_identical(roots, tmp_pat
     assert_one_line_error(run(["train_cls.py", "--resume", str(tmp_path / "b")]), "finished")
 
 
+@pytest.mark.slow  # (tests/test_kills.py kills train_cls stacks in CI)
 def test_gap_killed_at_random_then_resumed(roots, tmp_path):
     """SIGKILL (no chance to save) while the pre-trained arm trains: --resume on the gap folder continues
     that arm from its last epoch checkpoint, runs the scratch arm, and gives the uninterrupted gap."""

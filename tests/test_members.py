@@ -88,7 +88,7 @@ CASES = {  # name: (singles to compare with, extra flags of the stacked run)
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "triton" else c for c in CASES])
 def test_stacked_pretraining_equals_single_runs(roots, singles, tmp_path, case):
     ref, extra = CASES[case]
     stem = ref == "stem"
@@ -112,6 +112,7 @@ def test_stacked_pretraining_equals_single_runs(roots, singles, tmp_path, case):
     assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) > 100 * TOL
 
 
+@pytest.mark.slow  # (minutes in the interpreter; natively in the GPU session's kernel tests)
 def test_stacked_stem_with_triton_convs_equals_single_runs(roots, tmp_path):
     """The grouped Triton conv (interpreted: slow, so 2 steps of batch 2) against torch single runs."""
     short = [*STEM, "--batch_size", "2", "--max_steps", "2"]
