@@ -25,7 +25,8 @@ def losses(out):
             if r["kind"] == "step"]
 
 
-@pytest.mark.parametrize("n_conv", [0, 1])
+# with a stem: minutes in the CPU interpreter (-m slow there); natively on a GPU it stays in the default run
+@pytest.mark.parametrize("n_conv", [0, pytest.param(1, marks=() if torch.cuda.is_available() else pytest.mark.slow)])
 def test_triton_loss_curve_tracks_torch(roots, tmp_path, n_conv):
     raw, data = roots
     common = [*SMALL, "--raw", str(raw), "--data", str(data), "--dropout", "0", "--attn_dropout", "0",
