@@ -7,19 +7,15 @@ and compares every file of its folder and of the shared finished runs before and
 """
 import contextlib
 import hashlib
-import io
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from tinytlm import ensemble, finetune, paper, pretrain, tasks, tokstats, wikipedia
-from tinytlm.common import cli
-from tests.test_engine import SMALL, assert_one_line_error
+from tests.test_engine import SMALL, assert_one_line_error, run as run_script
 
 COMMANDS = {"train_mlm": pretrain.main, "train_cls": finetune.main, "ensemble": ensemble.main, "paper": paper.main,
             "data_prep/wikipedia": wikipedia.main, "data_prep/tasks": tasks.main, "tokstats": tokstats.main}
@@ -29,18 +25,7 @@ with contextlib.suppress(ImportError):
 
 
 def run(command, argv):
-    err, old = io.StringIO(), sys.argv
-    sys.argv = [command, *argv]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                cli(COMMANDS[command])
-                code = 0
-            except SystemExit as e:
-                code = e.code
-    finally:
-        sys.argv = old
-    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
+    return run_script([command, *argv], COMMANDS)
 
 
 def snapshot(*dirs) -> dict:

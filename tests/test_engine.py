@@ -135,16 +135,16 @@ SCRIPTS = {"train_mlm.py": pretrain.main, "train_cls.py": finetune.main, "ensemb
            "paper": paper.main}
 
 
-def run(args):
+def run(args, scripts=SCRIPTS):
     """A command run the way its script runs it (tinytlm.common.cli: exit code 2 and one line on stderr for
     bad input), but in this process: a subprocess per case costs seconds of imports. The scripts themselves
-    run as subprocesses in the SIGTERM, SIGKILL and --kernels triton tests."""
+    run as subprocesses in the SIGTERM, SIGKILL and --kernels triton tests. scripts: name -> main."""
     err, argv = io.StringIO(), sys.argv
     sys.argv = list(args)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
-                cli(SCRIPTS[args[0]])
+                cli(scripts[args[0]])
                 code = 0
             except SystemExit as e:
                 code = e.code

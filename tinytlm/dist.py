@@ -99,10 +99,6 @@ class Dist:
         if self.on and self.main:
             dist.barrier()
 
-    def barrier(self):
-        if self.on:
-            dist.barrier()
-
     def close(self):
         if self.on and dist.is_initialized():
             dist.destroy_process_group()
