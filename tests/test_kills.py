@@ -2,7 +2,8 @@
 continued the way a user would (`--resume`, or the same command again), and its final outputs must equal
 an uninterrupted run's: bitwise weights and identical metrics for train_mlm.py (one model, and a stack)
 and train_cls.py (a stack), identical shards for data_prep, identical records for the paper runner
-(timing fields left out).
+in its default stacked mode (timing fields left out). Windows too short to hit at random are killed at their
+exact point.
 
 CI runs one kill for train_mlm.py and train_cls.py --seeds; `python -m pytest -m slow tests/test_kills.py`
 runs 20 per command, and 1 for the others.
@@ -175,23 +176,63 @@ def test_data_prep_survives_kills(shared, tmp_path, n):
     print(f"\ndata_prep: {kills} kills made, {kills} survived")
 
 
+def paper_records(root: Path, strip_prefix: Path) -> dict:
+    """A paper run's cell records (RESULTS/cells/mini/), timing and the run's own folder left out."""
+    return {p.name: strip(json.loads(p.read_text().replace(str(strip_prefix), "")))
+            for p in (root / "cells" / "mini").glob("*")}
+
+
 @pytest.mark.parametrize("n", SLOW_KILLS)
 def test_paper_runner_survives_kills(shared, tmp_path, n):
-    """--no_stack: cells one at a time (a stack killed between its members' results is retrained as a smaller
-    stack, whose dropout masks are another draw: see the README)."""
+    """The runner in its default mode: a row's seeds train as one stack (a stack killed between its members'
+    results or records is finished from its cache, never retrained as a smaller stack)."""
     def cmd(name):
-        return ["-m", "tinytlm.paper", "table5", "--scale", "mini", "--device", "cpu", "--no_stack", "--raw",
-                str(shared), "--data", str(tmp_path / "data"), "--cache", str(tmp_path / name / "cache"),
+        return ["-m", "tinytlm.paper", "table5", "--scale", "mini", "--device", "cpu", "--raw", str(shared),
+                "--data", str(tmp_path / "data"), "--cache", str(tmp_path / name / "cache"),
                 "--results", str(tmp_path / name / "results")]
     t = timed(cmd("ref"))
 
-    def recs(d):
-        return {p.name: strip(json.loads(p.read_text().replace(str(tmp_path / d), "")))
-                for p in (tmp_path / d / "results" / "cells" / "mini").glob("*")}
-
     def check():
-        assert recs("k") == recs("ref") and len(recs("ref")) == 4
+        got, ref = (paper_records(tmp_path / d / "results", tmp_path / d) for d in ("k", "ref"))
+        assert got == ref and len(ref) == 4
     kills = killed_then_finished(cmd("k"), lambda: cmd("k"), moments(n, t, 4),
                                  lambda: (tmp_path / "k" / "results" / "mini" / "table5.md").is_file(), check,
                                  lambda: shutil.rmtree(tmp_path / "k"))
     print(f"\npaper: {kills} kills made, {kills} survived")
+
+
+class _Killed(BaseException):
+    """A kill at one exact point (a SIGKILL there is too short a window to hit at random)."""
+
+
+def test_paper_runner_killed_between_the_renames_of_a_stacked_pretrainings_first_save(shared, tmp_path, monkeypatch):
+    """Two pre-training seeds train as one stack; a kill between the renames of its first save leaves one member
+    with a checkpoint and the other with none. The stack starts again as one (its members apart would draw other
+    dropout masks): checkpoints and records equal the uninterrupted run's."""
+    from tinytlm import paper
+    from tinytlm.paper_tables import SCALES
+    monkeypatch.setitem(SCALES["mini"], "pretrain_seeds", 2)  # W_s 64 pre-trained at seeds 0 and 1: a stack of 2
+
+    def run(name):
+        return paper.main(["table5", "--scale", "mini", "--device", "cpu", "--cache", str(tmp_path / name / "cache"),
+                           "--results", str(tmp_path / name / "results")])["table5"]
+    assert run("ref")["computed"] == 6  # 2 pre-trainings, 2 rows x 2 seeds of fine-tuning
+    rename = os.replace
+
+    def killed_at_the_second(src, dst):  # the first save's second member checkpoint, before its rename
+        if Path(dst).name == "ckpt.pt" and Path(dst).parent.parent.name == "mlm":
+            if any((d / "ckpt.pt").is_file() for d in Path(dst).parent.parent.iterdir()):
+                raise _Killed
+        return rename(src, dst)
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", killed_at_the_second)
+        with pytest.raises(_Killed):
+            run("k")
+    mlm = sorted((tmp_path / "k" / "cache" / "mlm").iterdir())
+    assert sorted((d / "ckpt.pt").is_file() for d in mlm) == [False, True]
+    assert run("k")["computed"] == 6
+    for d in mlm:
+        same_weights(d, tmp_path / "ref" / "cache" / "mlm" / d.name)
+        assert json.loads((d / "done.json").read_text())["stacked"] == 2
+    assert paper_records(tmp_path / "k" / "results", tmp_path / "k") == \
+        paper_records(tmp_path / "ref" / "results", tmp_path / "ref")
