@@ -205,18 +205,27 @@ class _Killed(BaseException):
     """A kill at one exact point (a SIGKILL there is too short a window to hit at random)."""
 
 
+def paper_cells(tmp_path: Path, name: str, only: set) -> int:
+    """Run these (row, seed) cells of Table 5 (mini) in-process into tmp_path/name (cache/, results/); returns
+    how many cells were computed."""
+    from tinytlm.paper_cells import Runner, run_table
+    runner = Runner(tmp_path / name / "cache", "cpu", "", "", records=tmp_path / name / "results" / "cells" / "mini",
+                    scale="mini")
+    run_table("table5", "mini", 2, runner, only=only)
+    return runner.computed
+
+
 def test_paper_runner_killed_between_the_renames_of_a_stacked_pretrainings_first_save(shared, tmp_path, monkeypatch):
     """Two pre-training seeds train as one stack; a kill between the renames of its first save leaves one member
     with a checkpoint and the other with none. The stack starts again as one (its members apart would draw other
     dropout masks): checkpoints and records equal the uninterrupted run's."""
-    from tinytlm import paper
+    from tinytlm import pretrain
     from tinytlm.paper_tables import SCALES
     monkeypatch.setitem(SCALES["mini"], "pretrain_seeds", 2)  # W_s 64 pre-trained at seeds 0 and 1: a stack of 2
-
-    def run(name):
-        return paper.main(["table5", "--scale", "mini", "--device", "cpu", "--cache", str(tmp_path / name / "cache"),
-                           "--results", str(tmp_path / name / "results")])["table5"]
-    assert run("ref")["computed"] == 6  # 2 pre-trainings, 2 rows x 2 seeds of fine-tuning
+    # no held-out evaluation (CI time: ~15 s per member on a CPU); the kill window is the same without it
+    monkeypatch.setattr(pretrain, "held_out", lambda cfg, data_meta: None)
+    row = {("W_s 64", 0), ("W_s 64", 1)}
+    assert paper_cells(tmp_path, "ref", row) == 4  # 2 pre-trainings, 2 fine-tunings
     rename = os.replace
 
     def killed_at_the_second(src, dst):  # the first save's second member checkpoint, before its rename
@@ -227,12 +236,35 @@ def test_paper_runner_killed_between_the_renames_of_a_stacked_pretrainings_first
     with monkeypatch.context() as mp:
         mp.setattr(os, "replace", killed_at_the_second)
         with pytest.raises(_Killed):
-            run("k")
+            paper_cells(tmp_path, "k", row)
     mlm = sorted((tmp_path / "k" / "cache" / "mlm").iterdir())
     assert sorted((d / "ckpt.pt").is_file() for d in mlm) == [False, True]
-    assert run("k")["computed"] == 6
+    assert paper_cells(tmp_path, "k", row) == 4
     for d in mlm:
         same_weights(d, tmp_path / "ref" / "cache" / "mlm" / d.name)
         assert json.loads((d / "done.json").read_text())["stacked"] == 2
+    assert paper_records(tmp_path / "k" / "results", tmp_path / "k") == \
+        paper_records(tmp_path / "ref" / "results", tmp_path / "ref")
+
+
+def test_paper_runner_killed_between_a_cells_result_and_its_record(shared, tmp_path, monkeypatch):
+    """A stacked fine-tuning killed after its first member's result.json, before that member's record: the same
+    command writes the record from the cache (the cache alone would lose it) and finishes the second member."""
+    from tinytlm import paper_records as records_module
+    row = {("no pre-training", 0), ("no pre-training", 1)}
+    assert paper_cells(tmp_path, "ref", row) == 2
+    write = records_module.write_json
+
+    def killed_at_the_first_record(path, obj):
+        if Path(path).parent == tmp_path / "k" / "results" / "cells" / "mini":
+            raise _Killed
+        write(path, obj)
+    with monkeypatch.context() as mp:
+        mp.setattr(records_module, "write_json", killed_at_the_first_record)
+        with pytest.raises(_Killed):
+            paper_cells(tmp_path, "k", row)
+    assert sum(json.loads(p.read_text()).get("kind") == "finetune"
+               for p in (tmp_path / "k" / "cache" / "cls").glob("*/result.json")) == 1
+    assert paper_cells(tmp_path, "k", row) == 1  # the second member, read back from its stack's checkpoint
     assert paper_records(tmp_path / "k" / "results", tmp_path / "k") == \
         paper_records(tmp_path / "ref" / "results", tmp_path / "ref")

@@ -170,9 +170,12 @@ class Runner:
         return got
 
     def lookup(self, cell: Cell):
+        """A finished cell's result, or None; mode "run" records a cell found in the cache alone."""
         r = self.found.find(cell)
         if r is not None:
             self._log(cell.what, True, 0, f" acc {r['acc']:.4f}")
+            if self.mode == "run":
+                self.found.keep(cell, r)
         return r
 
     def stacks(self, cells: list) -> list:

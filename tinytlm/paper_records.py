@@ -41,6 +41,11 @@ class Records:
         r = {"kind": cell.kind, "scale": self.scale, **r, "git": git_revision(),
              "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()) + " UTC", "torch": torch.__version__}
         write_json(cell.out / "result.json", r)
+        return self.keep(cell, r)
+
+    def keep(self, cell, r: dict) -> dict:
+        """Write a finished cell's result as its record unless one exists (e.g. from another machine: kept as
+        it is). Also for a cell found in the cache alone: a kill came between its result.json and its record."""
         if self.records and not self.path(cell).is_file():
             write_json(self.path(cell), r)
         return r
