@@ -8,10 +8,13 @@ A cell (`Cell`) is named by a key, a hash of what defines it. A finished cell is
 - the local cache (--cache, default runs/paper/): mlm/<name>-<hash>/ (a checkpoint, keyed by its
   resolved train_mlm config and shared by every table and task that needs it; done.json once finished),
   cls/<name>-<hash>/result.json, committee/<hash>/result.json.
-What is not found is computed (tinytlm/paper_runner.py, mode "run"; an unfinished pre-training or
-fine-tuning is resumed exactly), listed (mode "plan": nothing runs) or reported missing (mode
-"report": nothing runs). A finished cell is never recomputed. Records are written for every cell
-computed, so the cache can be deleted without losing a table.
+(tinytlm/paper_records.py looks them up). What is not found is computed (`Runner`, mode "run"; an
+unfinished pre-training or fine-tuning is resumed exactly), listed (mode "plan": nothing runs) or
+reported missing (mode "report": nothing runs). A finished cell is never recomputed. Records are
+written for every cell computed, so the cache can be deleted without losing a table.
+
+The runner trains through tinytlm/paper_calls.py alone; a row's missing seeds train as one stacked
+model, and a single seed is a stack of one (trained exactly as a single run).
 """
 import contextlib
 import sys
@@ -144,7 +147,7 @@ class Runner:
                  scale: str = "", speed: dict = None, stack: bool = True):
         assert mode in MODES, mode
         self.cache, self.mode, self.stack = Path(cache), mode, stack
-        self.found = Records(records, scale)
+        self.records = Records(records, scale)
         # the switches every cell's train_mlm / train_cls config gets: paths, device, speed (in no key)
         self.switches = {"device": device, "data": data, "raw": raw, **(speed or {})}
         self.computed, self.cached = 0, 0
@@ -171,11 +174,11 @@ class Runner:
 
     def lookup(self, cell: Cell):
         """A finished cell's result, or None; mode "run" records a cell found in the cache alone."""
-        r = self.found.find(cell)
+        r = self.records.find(cell)
         if r is not None:
             self._log(cell.what, True, 0, f" acc {r['acc']:.4f}")
             if self.mode == "run":
-                self.found.keep(cell, r)
+                self.records.keep(cell, r)
         return r
 
     def stacks(self, cells: list) -> list:
@@ -199,7 +202,7 @@ class Runner:
                            [c.init and c.init.out for c in stack], [c.init and states[c.init.out] for c in stack],
                            [c.out for c in stack])
         for c, r in zip(stack, rs):
-            got[c.out] = self.found.write(c, finetune_record(c, r, time.time() - t0))
+            got[c.out] = self.records.write(c, finetune_record(c, r, time.time() - t0))
             self._log(c.what + (f" (stack of {len(stack)})" if len(stack) > 1 else ""), False, t0,
                       f" acc {got[c.out]['acc']:.4f}")
         return got
@@ -251,7 +254,7 @@ class Runner:
             got.update(self.finetune(stack))
         t0, members = time.time(), [got[m.out] for m in cell.members]
         s = score_committee([m.out for m in cell.members], cell.members[0].cfg)
-        r = self.found.write(cell, {"acc": s["acc"], "members": [m["key"] for m in members],
+        r = self.records.write(cell, {"acc": s["acc"], "members": [m["key"] for m in members],
                                     "member_acc": s["member_acc"], "device": s["device"], "seed": members[0]["seed"],
                                     "key": cell.key})
         self._log(cell.what, False, t0, f" acc {r['acc']:.4f}")
@@ -260,9 +263,7 @@ class Runner:
     def plan(self, cell: Cell, need_checkpoint: bool = False) -> dict:
         """Mode "plan": list the cell and what it needs first (a fine-tuning its pre-training, a committee its
         members' checkpoints); returns a placeholder result with the cell's key."""
-        found = self.found.find(cell) is not None and (local(cell) or not need_checkpoint)
-        if cell.kind == "pretrain":
-            return self._plan_pretrain(cell)
+        found = self.records.find(cell) is not None and (local(cell) or not need_checkpoint)
         if cell.kind == "committee":
             for m in ([] if found else cell.members):
                 self.plan(m, need_checkpoint=True)
@@ -272,6 +273,7 @@ class Runner:
         return self._planned(cell, "cached" if found else "todo", cell.row["model"], *task_sequences(cell.cfg))
 
     def _plan_pretrain(self, cell: Cell) -> dict:
+        """List a pre-training: finished, partly done (the sequences left) or to do."""
         cfg, out = cell.cfg, cell.out
         todo = cfg.ws * cfg.epochs or None  # None: an uncapped constructed set, size unknown until built
         what = cell.what + (" (W_s at most)" if cfg.pretrain_set != "random" and cfg.ws else "")
@@ -282,6 +284,7 @@ class Runner:
         return self._planned(cell, state, cfg.model, todo, what=what)
 
     def _planned(self, cell: Cell, state: str, model: str, seqs=0, eval_seqs=0, what=None) -> dict:
+        """Enter a cell in plan_cells (seqs: trained sequences, eval_seqs: scored ones)."""
         prev = self.plan_cells.get(str(cell.out))
         if prev is None or (prev["state"] == "cached" and state != "cached"):  # a committee needs its checkpoint
             self.plan_cells[str(cell.out)] = {"cell": cell.kind, "what": what or cell.what, "state": state,
