@@ -140,7 +140,8 @@ def test_records_from_two_runs_merge_into_one_report(shared, tmp_path):
             shutil.copy(p, merged / p.name)
     assert len(list(merged.iterdir())) == 4
 
-    argv = base + ["--seeds", "2", "--results", str(tmp_path / "merged"), "--cache", str(tmp_path / "empty"), "--report"]
+    argv = base + ["--seeds", "2", "--results", str(tmp_path / "merged"), "--cache", str(tmp_path / "empty"),
+                   "--report"]
     rows = {r["name"]: r for r in main(argv)["table5"]["rows"]}
     assert not (tmp_path / "empty").exists()  # report mode computes nothing
     assert rows["W_s 64"]["n"] == 2 and rows["W_s 64"]["gap_n"] == 2 and rows["no pre-training"]["n"] == 2
