@@ -31,10 +31,13 @@ from tinytlm.train import autocast
 # -----------------------------------------------------------------------------
 # the run's data: held-out rows and W_s counts
 
-def _moved(recorded: str, data_root) -> Path:
+def _moved(recorded: str, data_root, what: str) -> Path:
     """A recorded data file, or the same file under another prepared-data root: DATA/<folder>/<name>."""
     p = Path(recorded)
-    return Path(data_root) / p.parent.name / p.name if data_root else p
+    p = Path(data_root) / p.parent.name / p.name if data_root else p
+    if not p.is_file():
+        raise UserError(f"{p}: {what} not found" + ("" if data_root else " (give --data DIR, the prepared data root)"))
+    return p
 
 
 def held_out(state: dict, data_root=None) -> tuple:
@@ -45,8 +48,8 @@ def held_out(state: dict, data_root=None) -> tuple:
     if not val and not data_root:
         raise UserError(f"{where}: the run has no held-out rows (trained with --val_every 0, or before "
                         f"wiki.val.bin existed); give --data DIR holding wikipedia/wiki.val.bin")
-    shard = Shard(_moved(val["shard"], data_root) if val else Path(data_root) / "wikipedia" / "wiki.val.bin",
-                  verify=True)
+    path = val["shard"] if val else Path(data_root) / "wikipedia" / "wiki.val.bin"
+    shard = Shard(_moved(path, data_root, "the run's held-out rows"), verify=True)
     if val and shard.checksum.hex() != val["checksum"]:
         raise UserError(f"{shard.path}: not the held-out rows this run was scored on (checksum differs)")
     if len(shard) == 0:
@@ -61,7 +64,7 @@ def ws_rows(state: dict, data_root=None) -> np.ndarray:
     d, where = state["data"], state.get("path", "checkpoint")
     if not d.get("shard") or not d.get("ws"):
         raise UserError(f"{where}: no pre-training rows recorded (an empty W_s): APT against frequency needs them")
-    shard = Shard(_moved(d["shard"], data_root))
+    shard = Shard(_moved(d["shard"], data_root, "the run's pre-training rows"))
     if d["ws"] > len(shard):
         raise UserError(f"{shard.path}: {len(shard)} rows, the run was trained on the first {d['ws']}")
     rows = shard.ids[:d["ws"]]

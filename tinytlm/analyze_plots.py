@@ -82,6 +82,8 @@ def clusters(c: dict, label: str):
         dist = {int(s): n for s, n in c["states"][name]["size_distribution"].items() if int(s) > 1}
         if dist:
             ax.plot(list(dist), list(dist.values()), "o-", color=f"C{k % 10}", markersize=3, label=name)
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, "no cluster of 2 or more tokens", ha="center", va="center", transform=ax.transAxes)
     ax.set(xlabel="cluster size (tokens)", ylabel="clusters", yscale="log",
            title=f"strong-match clusters (threshold {c['states'][names[0]]['threshold']})")
     bx.plot(names, [c["states"][n]["tokens_in_clusters"] for n in names], "o-", label="tokens in clusters")
