@@ -44,7 +44,7 @@ def apt_frequency(apt: dict, label: str):
         ax.scatter([0.5], [tm["mean_apt"]], marker="*", s=80, color="C1", zorder=3,
                    label=f"<APT> of T_M ({tm['tokens']} tokens)")
     ax.set(xscale="log", xlabel="count in the W_s rows", ylabel="APT",
-           title=f"APT vs frequency: <APT> {apt['mean_apt']:.3f}, accuracy {apt['accuracy']:.3f}")
+           title=f"APT vs frequency: <APT> {apt['mean_apt']:.4f}, accuracy {apt['accuracy']:.4f}")
     bx.bar(range(len(bins)), [b["occurrences"] for b in bins], color="C0")
     bx.set_xticks(range(len(bins)), ["0" if b["lo"] == 0 else f"{b['lo']}" for b in bins], rotation=60, fontsize=7)
     bx.set(yscale="log", xlabel="W_s count bin (lower bound)", ylabel="held-out masked positions",
