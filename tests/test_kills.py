@@ -2,7 +2,8 @@
 continued the way a user would (`--resume`, or the same command again), and its final outputs must equal
 an uninterrupted run's: bitwise weights and identical metrics for train_mlm.py (one model, and a stack)
 and train_cls.py (a stack), identical shards for data_prep, identical records for the paper runner
-(timing fields left out).
+in its default stacked mode (timing fields left out). Windows too short to hit at random are killed at their
+exact point.
 
 CI runs one kill for train_mlm.py and train_cls.py --seeds; `python -m pytest -m slow tests/test_kills.py`
 runs 20 per command, and 1 for the others.
@@ -175,23 +176,95 @@ def test_data_prep_survives_kills(shared, tmp_path, n):
     print(f"\ndata_prep: {kills} kills made, {kills} survived")
 
 
+def paper_records(root: Path, strip_prefix: Path) -> dict:
+    """A paper run's cell records (RESULTS/cells/mini/), timing and the run's own folder left out."""
+    return {p.name: strip(json.loads(p.read_text().replace(str(strip_prefix), "")))
+            for p in (root / "cells" / "mini").glob("*")}
+
+
 @pytest.mark.parametrize("n", SLOW_KILLS)
 def test_paper_runner_survives_kills(shared, tmp_path, n):
-    """--no_stack: cells one at a time (a stack killed between its members' results is retrained as a smaller
-    stack, whose dropout masks are another draw: see the README)."""
+    """The runner in its default mode: a row's seeds train as one stack (a stack killed between its members'
+    results or records is finished from its cache, never retrained as a smaller stack)."""
     def cmd(name):
-        return ["-m", "tinytlm.paper", "table5", "--scale", "mini", "--device", "cpu", "--no_stack", "--raw",
-                str(shared), "--data", str(tmp_path / "data"), "--cache", str(tmp_path / name / "cache"),
+        return ["-m", "tinytlm.paper", "table5", "--scale", "mini", "--device", "cpu", "--raw", str(shared),
+                "--data", str(tmp_path / "data"), "--cache", str(tmp_path / name / "cache"),
                 "--results", str(tmp_path / name / "results")]
     t = timed(cmd("ref"))
 
-    def recs(d):
-        return {p.name: strip(json.loads(p.read_text().replace(str(tmp_path / d), "")))
-                for p in (tmp_path / d / "results" / "cells" / "mini").glob("*")}
-
     def check():
-        assert recs("k") == recs("ref") and len(recs("ref")) == 4
+        got, ref = (paper_records(tmp_path / d / "results", tmp_path / d) for d in ("k", "ref"))
+        assert got == ref and len(ref) == 4
     kills = killed_then_finished(cmd("k"), lambda: cmd("k"), moments(n, t, 4),
                                  lambda: (tmp_path / "k" / "results" / "mini" / "table5.md").is_file(), check,
                                  lambda: shutil.rmtree(tmp_path / "k"))
     print(f"\npaper: {kills} kills made, {kills} survived")
+
+
+class _Killed(BaseException):
+    """A kill at one exact point (a SIGKILL there is too short a window to hit at random)."""
+
+
+def paper_cells(tmp_path: Path, name: str, only: set) -> int:
+    """Run these (row, seed) cells of Table 5 (mini) in-process into tmp_path/name (cache/, results/); returns
+    how many cells were computed."""
+    from tinytlm.paper_cells import Runner, run_table
+    runner = Runner(tmp_path / name / "cache", "cpu", "", "", records=tmp_path / name / "results" / "cells" / "mini",
+                    scale="mini")
+    run_table("table5", "mini", 2, runner, only=only)
+    return runner.computed
+
+
+def test_paper_runner_killed_between_the_renames_of_a_stacked_pretrainings_first_save(shared, tmp_path, monkeypatch):
+    """Two pre-training seeds train as one stack; a kill between the renames of its first save leaves one member
+    with a checkpoint and the other with none. The stack starts again as one (its members apart would draw other
+    dropout masks): checkpoints and records equal the uninterrupted run's."""
+    from tinytlm import pretrain
+    from tinytlm.paper_tables import SCALES
+    monkeypatch.setitem(SCALES["mini"], "pretrain_seeds", 2)  # W_s 64 pre-trained at seeds 0 and 1: a stack of 2
+    # no held-out evaluation (CI time: ~15 s per member on a CPU); the kill window is the same without it
+    monkeypatch.setattr(pretrain, "held_out", lambda cfg, data_meta: None)
+    row = {("W_s 64", 0), ("W_s 64", 1)}
+    assert paper_cells(tmp_path, "ref", row) == 4  # 2 pre-trainings, 2 fine-tunings
+    rename = os.replace
+
+    def killed_at_the_second(src, dst):  # the first save's second member checkpoint, before its rename
+        if Path(dst).name == "ckpt.pt" and Path(dst).parent.parent.name == "mlm":
+            if any((d / "ckpt.pt").is_file() for d in Path(dst).parent.parent.iterdir()):
+                raise _Killed
+        return rename(src, dst)
+    with monkeypatch.context() as mp:
+        mp.setattr(os, "replace", killed_at_the_second)
+        with pytest.raises(_Killed):
+            paper_cells(tmp_path, "k", row)
+    mlm = sorted((tmp_path / "k" / "cache" / "mlm").iterdir())
+    assert sorted((d / "ckpt.pt").is_file() for d in mlm) == [False, True]
+    assert paper_cells(tmp_path, "k", row) == 4
+    for d in mlm:
+        same_weights(d, tmp_path / "ref" / "cache" / "mlm" / d.name)
+        assert json.loads((d / "done.json").read_text())["stacked"] == 2
+    assert paper_records(tmp_path / "k" / "results", tmp_path / "k") == \
+        paper_records(tmp_path / "ref" / "results", tmp_path / "ref")
+
+
+def test_paper_runner_killed_between_a_cells_result_and_its_record(shared, tmp_path, monkeypatch):
+    """A stacked fine-tuning killed after its first member's result.json, before that member's record: the same
+    command writes the record from the cache (the cache alone would lose it) and finishes the second member."""
+    from tinytlm import paper_records as records_module
+    row = {("no pre-training", 0), ("no pre-training", 1)}
+    assert paper_cells(tmp_path, "ref", row) == 2
+    write = records_module.write_json
+
+    def killed_at_the_first_record(path, obj):
+        if Path(path).parent == tmp_path / "k" / "results" / "cells" / "mini":
+            raise _Killed
+        write(path, obj)
+    with monkeypatch.context() as mp:
+        mp.setattr(records_module, "write_json", killed_at_the_first_record)
+        with pytest.raises(_Killed):
+            paper_cells(tmp_path, "k", row)
+    assert sum(json.loads(p.read_text()).get("kind") == "finetune"
+               for p in (tmp_path / "k" / "cache" / "cls").glob("*/result.json")) == 1
+    assert paper_cells(tmp_path, "k", row) == 1  # the second member, read back from its stack's checkpoint
+    assert paper_records(tmp_path / "k" / "results", tmp_path / "k") == \
+        paper_records(tmp_path / "ref" / "results", tmp_path / "ref")

@@ -91,19 +91,19 @@ def test_a_rows_seeds_train_stacked_into_the_same_cells(shared, tmp_path):
     # killed between the stack's two member records: the same command finishes the second from its cache,
     # with the record the uninterrupted stack wrote (not trained again alone: other dropout masks)
     from tests.test_kills import strip
-    from tinytlm.paper_cells import Runner
+    from tinytlm.paper_records import Records
 
     class Killed(BaseException):
         pass
-    finished, calls = Runner._finished, []
+    write, calls = Records.write, []
 
-    def killed_at_the_second(self, *a, **k):
+    def killed_at_the_second(self, *a, **k):  # a cell's record (and result.json) written
         calls.append(1)
         if len(calls) == 2:
             raise Killed
-        return finished(self, *a, **k)
+        return write(self, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Runner, "_finished", killed_at_the_second)
+        mp.setattr(Records, "write", killed_at_the_second)
         with pytest.raises(Killed):
             run("killed")
     killed = run("killed")
@@ -140,7 +140,8 @@ def test_records_from_two_runs_merge_into_one_report(shared, tmp_path):
             shutil.copy(p, merged / p.name)
     assert len(list(merged.iterdir())) == 4
 
-    argv = base + ["--seeds", "2", "--results", str(tmp_path / "merged"), "--cache", str(tmp_path / "empty"), "--report"]
+    argv = base + ["--seeds", "2", "--results", str(tmp_path / "merged"), "--cache", str(tmp_path / "empty"),
+                   "--report"]
     rows = {r["name"]: r for r in main(argv)["table5"]["rows"]}
     assert not (tmp_path / "empty").exists()  # report mode computes nothing
     assert rows["W_s 64"]["n"] == 2 and rows["W_s 64"]["gap_n"] == 2 and rows["no pre-training"]["n"] == 2

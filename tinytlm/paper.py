@@ -8,16 +8,19 @@
     python -m tinytlm.paper budget --scale cpu              # beyond the paper: gap vs pre-training length
     python -m tinytlm.paper table5 --scale mini --results /tmp/r --cache /tmp/c   # seconds (the CI test)
 
-Grids live in tinytlm/paper_tables.py, cells (records, cache, run/plan/report) in
-tinytlm/paper_cells.py, reports in tinytlm/paper_report.py, the overlap fit in
-tinytlm/paper_overlap.py. Outputs: RESULTS/<scale>/<table>.md, .json and .png (matplotlib
-optional) and one record per finished cell in RESULTS/cells/<scale>/ (RESULTS = --results,
-default results/). A finished cell is never recomputed, so an interrupted table picks up where
-it stopped, and records committed from other machines (a GPU run) count as finished.
+Grids live in tinytlm/paper_tables.py; cells (what they are, and run/plan/report) in
+tinytlm/paper_cells.py, where a finished one is found (records, cache) in tinytlm/paper_records.py,
+the runner's calls into the training library in tinytlm/paper_calls.py; reports in
+tinytlm/paper_report.py, the overlap fit in tinytlm/paper_overlap.py. Outputs:
+RESULTS/<scale>/<table>.md, .json and .png (matplotlib optional) and one record per finished cell in
+RESULTS/cells/<scale>/ (RESULTS = --results, default results/). A finished cell is never recomputed,
+so an interrupted table picks up where it stopped, and records committed from other machines (a GPU
+run) count as finished.
 The runner calls tinytlm.pretrain.train and tinytlm.finetune.arms in-process: one Python process keeps
 torch.compile's caches and the CUDA context warm across cells, which matters in a 10-minute GPU
 window; a cell's own prints go to its log.txt. The missing seeds of a row train as one stacked model
-(tinytlm/members.py; --no_stack: one after another): with dropout off the members equal the single runs
+(tinytlm/members.py; --no_stack: one after another; one seed is a stack of one, trained as a single
+run is), and so do the pre-trainings they start from: with dropout off the members equal the single runs
 (within 1e-5, tests/test_members.py); with dropout on (the paper's setup) they are other, equally valid
 draws of the dropout masks, so a cell's numbers depend on whether it was trained stacked (its record
 says so: path.stacked) as they depend on the device.
@@ -100,7 +103,8 @@ def parse(argv=None):
     ap.add_argument("--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
-    ap.add_argument("--raw", default="", help="raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)")
+    ap.add_argument("--raw", default="",
+                    help="raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (speed only)")
     ap.add_argument("--compile_mode", default="default", help="default | reduce-overhead (CUDA graphs) | ...")
     ap.add_argument("--kernels", default="torch", help="torch | triton (speed only)")
@@ -117,33 +121,52 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    records = args.results / "cells" / args.scale
-    if args.table == "overlap":
-        if args.plan:
-            raise UserError("--plan: overlap computes nothing new (it reads the records); leave --plan out")
-        return overlap(args.cache, records, args.results / args.scale, args.scale)
+    if args.table in READERS:
+        return READERS[args.table](args)
     if args.table not in TABLES + EXTRA + ["all"]:
         raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")
     seeds = SCALES[args.scale]["seeds"] if args.seeds is None else args.seeds
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
     tables = TABLES if args.table == "all" else [args.table]
-    speed = {"compile": args.compile, "compile_mode": args.compile_mode, "kernels": args.kernels, "unpad": args.unpad}
-    mode = "plan" if args.plan else "report" if args.report else "run"
-    runner = Runner(args.cache, args.device, args.data, args.raw, mode=mode, records=records, scale=args.scale,
-                    speed=speed, stack=not args.no_stack)
+    runner = runner_of(args)
     if args.plan:
         return plan(tables, args.scale, seeds, runner)
+    return run_tables(tables, args.scale, seeds, runner, args.results)
+
+
+def runner_of(args) -> Runner:
+    """The runner of a command line: its mode, paths, device and speed switches."""
+    speed = {"compile": args.compile, "compile_mode": args.compile_mode, "kernels": args.kernels, "unpad": args.unpad}
+    mode = "plan" if args.plan else "report" if args.report else "run"
+    return Runner(args.cache, args.device, args.data, args.raw, mode=mode, records=args.results / "cells" / args.scale,
+                  scale=args.scale, speed=speed, stack=not args.no_stack)
+
+
+def run_tables(tables: list, scale: str, seeds: int, runner: Runner, results: Path) -> dict:
+    """Run (or, in report mode, only read back) each table's cells and write its report; returns
+    {table: {"computed", "seconds", "rows"}}."""
     summary = {}
-    with cache_lock(args.cache) if mode == "run" else contextlib.nullcontext():  # one computing run per cache
+    with cache_lock(runner.cache) if runner.mode == "run" else contextlib.nullcontext():  # one computing run a cache
         for t in tables:
             t0, c0 = time.time(), runner.computed
-            print(f"== {TITLES[t]} (scale {args.scale}, {seeds} seeds)", flush=True)
-            recs = report_table(t, args.scale, seeds, runner, args.results)
+            print(f"== {TITLES[t]} (scale {scale}, {seeds} seeds)", flush=True)
+            recs = report_table(t, scale, seeds, runner, results)
             summary[t] = {"computed": runner.computed - c0, "seconds": round(time.time() - t0), "rows": recs}
             print(f"== {t}: {summary[t]['computed']} cells computed in {summary[t]['seconds']} s -> "
-                  f"{args.results / args.scale / (t + '.md')}", flush=True)
+                  f"{results / scale / (t + '.md')}", flush=True)
     return summary
+
+
+def overlap_target(args) -> dict:
+    """`overlap`: the gap against the token statistics, over every recorded or cached cell of the scale."""
+    if args.plan:
+        raise UserError("--plan: overlap computes nothing new (it reads the records); leave --plan out")
+    return overlap(args.cache, args.results / "cells" / args.scale, args.results / args.scale, args.scale)
+
+
+# targets that read the finished cells of every table rather than run one: name -> function of the command line
+READERS = {"overlap": overlap_target}
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tinytlm.common import write_json
-from tinytlm.paper_cells import last_record
+from tinytlm.paper_records import last_record
 
 
 def _stats(xs) -> tuple:
@@ -123,21 +123,41 @@ def provenance(out: dict) -> list:
 def write_report(out: dict, recs: list, results: Path, meta: dict):
     """results/<scale>/<table>.md and .json (and the plot named in meta) from the cells alone."""
     g = out["grid"]
-    t = g["table"]
     cells = [c for rs in out["cells"].values() for c in rs]
+    lines = head_lines(g, cells, meta) + row_table(recs, g["not_reproduced"]) + data_lines(cells)
+    lines += ["", "## Test accuracy per fine-tuning epoch (mean over seeds)", ""]
+    lines += [f"- {name}: " + ", ".join(f"{a:.3f}" for a in np.mean([c["acc_per_epoch"] for c in rs], axis=0))
+              for name, rs in out["cells"].items() if rs and "acc_per_epoch" in rs[0]]
+    lines += ["", "## Deviations from the paper", ""] + [f"- {d}" for d in g["deviations"]]
+    lines += ["", "## Where the numbers come from", ""] + provenance(out)
+    if meta.get("plot"):
+        lines += ["", f"![plot]({meta['plot']})"]
+    elif meta.get("plot_note"):
+        lines += ["", meta["plot_note"]]
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{g['table']}.md").write_text("\n".join(lines) + "\n")
+    write_json(results / f"{g['table']}.json", {"meta": meta, "grid": g, "rows": recs, "cells": out["cells"]})
+
+
+def head_lines(g: dict, cells: list, meta: dict) -> list:
+    """Title, how many cells are done and where, the command, how to read the table."""
     devices = sorted({_short_device(c.get("device")) for c in cells})
     dates = sorted(c["date"][:10] for c in cells if c.get("date"))
     expected = len(g["rows"]) * meta["seeds"]
-    lines = [f"# {g['title']}", "",
-             f"Scale **{g['scale']}**; {len(cells)} of {expected} cells ({meta['seeds']} seeds x {len(g['rows'])} "
-             f"rows) "
-             f"done, on {', '.join(devices) or 'nothing yet'}"
-             + (f", {dates[0]} to {dates[-1]}" if dates else "") + ".", "",
-             f"Command: `{meta['command']}` (cells come from the records in results/cells/{g['scale']}/ and the "
-             "local cache; this command rebuilds the report and runs what is missing)", "",
-             "Ours: final-epoch test accuracy, mean ± std over n seeds; gap = pre-trained minus not pre-trained, "
-             "paired by seed. 'no significant gap' = within two standard errors of zero.", "",
-             "| row | W_s | T_W | T_M | acc (ours) | gap or committee margin (ours) | n | verdict | device | paper |",
+    return [f"# {g['title']}", "",
+            f"Scale **{g['scale']}**; {len(cells)} of {expected} cells ({meta['seeds']} seeds x {len(g['rows'])} "
+            f"rows) "
+            f"done, on {', '.join(devices) or 'nothing yet'}"
+            + (f", {dates[0]} to {dates[-1]}" if dates else "") + ".", "",
+            f"Command: `{meta['command']}` (cells come from the records in results/cells/{g['scale']}/ and the "
+            "local cache; this command rebuilds the report and runs what is missing)", "",
+            "Ours: final-epoch test accuracy, mean ± std over n seeds; gap = pre-trained minus not pre-trained, "
+            "paired by seed. 'no significant gap' = within two standard errors of zero.", ""]
+
+
+def row_table(recs: list, not_reproduced: list) -> list:
+    """The table itself: one line per row (summarize's records), then the paper's rows we cannot run."""
+    lines = ["| row | W_s | T_W | T_M | acc (ours) | gap or committee margin (ours) | n | verdict | device | paper |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in recs:
         gap = [f"{r['gap_mean']:+.3f} ± {r['gap_std']:.3f}"] if "gap_mean" in r else []
@@ -149,32 +169,27 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
         acc = f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}" if r["n"] else "not run yet"
         lines.append(f"| {r['name']} | {ws} | {fmt(r.get('T_W'))} | {fmt(r.get('T_M'))} | {acc} | {'; '.join(gap)} "
                      f"| {r['n']} | {verdict(r)} | {', '.join(map(_short_device, r['devices']))} | {paper} |")
-    for r in g["not_reproduced"]:
+    for r in not_reproduced:
         lines.append(f"| {r['name']} | | | | not reproduced | not reproduced | 0 | | | "
                      + ", ".join(f"{k} {fmt(v)}" for k, v in r["paper"].items()) + " |")
+    return lines
+
+
+def data_lines(cells: list) -> list:
+    """The tasks and pre-training sets the cells used, and the checkpoints they were fine-tuned from."""
     data = sorted({c["task"] for c in cells if "task" in c})
     pre = sorted({(c["pretrain"]["pretrain_set"], "/".join(Path(c["pretrain"]["shard"]).parts[-2:]))
                   for c in cells if c.get("pretrain")})
-    lines += ["", "## Data used", ""] + [f"- task `{d}` (data/{d}/meta.json lists the source rows)" for d in data]
+    lines = ["", "## Data used", ""] + [f"- task `{d}` (data/{d}/meta.json lists the source rows)" for d in data]
     lines += [f"- pre-training: {k} set, first W_s rows of `{p}`" for k, p in pre]
     sizes = sorted({(c["task"], c["n_train"], c["n_test"]) for c in cells if "n_train" in c})
     lines += [f"- `{t}`: {a:,} train rows, {b:,} test rows" for t, a, b in sizes]
     if pre:
         lines += ["", "## Pre-trained checkpoints", "",
-                  "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc | held-out MLM loss | held-out MLM acc |",
+                  "| checkpoint | epochs | steps | final-epoch MLM loss | MLM acc | held-out MLM loss "
+                  "| held-out MLM acc |",
                   "| --- | --- | --- | --- | --- | --- | --- |"] + mlm_lines(cells)
-    lines += ["", "## Test accuracy per fine-tuning epoch (mean over seeds)", ""]
-    lines += [f"- {name}: " + ", ".join(f"{a:.3f}" for a in np.mean([c["acc_per_epoch"] for c in rs], axis=0))
-              for name, rs in out["cells"].items() if rs and "acc_per_epoch" in rs[0]]
-    lines += ["", "## Deviations from the paper", ""] + [f"- {d}" for d in g["deviations"]]
-    lines += ["", "## Where the numbers come from", ""] + provenance(out)
-    if meta.get("plot"):
-        lines += ["", f"![plot]({meta['plot']})"]
-    elif meta.get("plot_note"):
-        lines += ["", meta["plot_note"]]
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{t}.md").write_text("\n".join(lines) + "\n")
-    write_json(results / f"{t}.json", {"meta": meta, "grid": g, "rows": recs, "cells": out["cells"]})
+    return lines
 
 
 def mlm_lines(cells: list) -> list:
