@@ -38,7 +38,6 @@ torch.compile(fullgraph=True) traces through it without a graph break; that repl
 usual `autograd.Function`, which would be opaque to the compiler.
 """
 import math
-import os
 from typing import Optional
 
 import torch
@@ -46,13 +45,10 @@ import triton
 
 from .attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
                                 _attn_fwd_kernel, _dropout_mask_kernel)
+from .common import FLOAT_DTYPES, autocast, check_dropout, check_qkv, dot_precision, interpreted
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_DTYPES = FLOAT_DTYPES
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -63,9 +59,8 @@ def _config(T, D, dtype):
     4 warps; a narrower K/V tile at D = 128 to keep the fp32 accumulators in registers), not autotuned
     here. Small T shrinks the tiles (>= 16, the tl.dot minimum) so short sequences waste less work."""
     cap = max(16, triton.next_power_of_2(T))
-    upcast = _interpreted()
-    return dict(HEAD_D=D, BLOCK_M=min(64, cap), BLOCK_N=min(32 if D == 128 else 64, cap), UPCAST=upcast,
-                DOT_PREC="ieee" if (upcast or dtype == torch.float32) else "tf32", num_warps=4)
+    return dict(HEAD_D=D, BLOCK_M=min(64, cap), BLOCK_N=min(32 if D == 128 else 64, cap), UPCAST=interpreted(),
+                DOT_PREC=dot_precision(dtype), num_warps=4)
 
 
 def _bwd_stages(q):
@@ -75,29 +70,8 @@ def _bwd_stages(q):
 
 
 def _check_inputs(q, k, v, key_padding_mask, dropout_p, seed):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, T, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention: q, k, v must have the same shape (B, H, T, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv("attention", q, k, v, "(B, H, T, D)", SUPPORTED_HEAD_DIMS)
     B, H, T, D = q.shape
-    if min(B, H, T) < 1:
-        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} unsupported, must be one of {SUPPORTED_HEAD_DIMS}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention: q, k, v must share one dtype out of float32/float16/bfloat16, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"attention: tensors are on {q.device}; the Triton kernels need CUDA "
-                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"attention: {name} must have unit stride on the head dim (call .contiguous())")
     if key_padding_mask is not None:
         m = key_padding_mask
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (B, T):
@@ -105,14 +79,7 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, seed):
                              f"got {getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}")
         if m.device != q.device:
             raise ValueError(f"attention: key_padding_mask on {m.device}, q on {q.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and B * H * T * T >= 2**31:
-        raise ValueError(f"attention: B*H*T*T = {B * H * T * T} too large for int32 dropout offsets")
-    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
-                              and seed.numel() == 1 and seed.device == q.device):
-        raise ValueError(f"attention: the dropout seed must be an int64 tensor of one element on {q.device}, got "
-                         f"{(seed.dtype, tuple(seed.shape), seed.device) if isinstance(seed, torch.Tensor) else seed}")
+    check_dropout("attention", dropout_p, seed, q.device, B * H * T * T, "B*H*T*T")
 
 
 def _pointer_args(key_padding_mask, seed, q):
@@ -176,16 +143,6 @@ def _seed_tensor(seed, device):
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
-def _autocast(*ts):
-    """Inside an autocast region: autocast's rule for SDPA, floating inputs other than float64 run in the
-    autocast dtype (so the precision does not depend on the kernel choice)."""
-    dev = ts[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return ts
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in ts)
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("tinytlm::attention_fwd", mutates_args=())
@@ -238,7 +195,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None):
     `seed`: None draws a fresh one on q's device (only when dropout_p > 0), an int or an int64
     (1,) tensor on q's device fixes it. Returns (B, H, T, D) in q.dtype (the autocast dtype
     inside an autocast region)."""
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast(q, k, v)
     seed = _seed_tensor(seed, q.device) if dropout_p > 0 else None
     out, _ = torch.ops.tinytlm.attention_fwd(q, k, v, key_padding_mask, float(dropout_p), seed)
     return out

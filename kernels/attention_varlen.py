@@ -32,38 +32,16 @@ from typing import Optional
 import torch
 import triton
 
-from .attention import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _autocast, _bwd_stages, _config, _interpreted,
-                        _seed_tensor, dropout_mask)
+from .attention import SUPPORTED_HEAD_DIMS, _bwd_stages, _config, _seed_tensor, dropout_mask
 from .attention_kernels import _attn_bwd_preprocess_kernel
 from .attention_varlen_kernels import _attn_varlen_bwd_dkdv_kernel, _attn_varlen_bwd_dq_kernel, _attn_varlen_fwd_kernel
+from .common import autocast, check_dropout, check_qkv
 
 LOG2E = 1.4426950408889634
 
 
 def _check_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"attention_varlen: {name} must be a 3-d tensor (N, H, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention_varlen: q, k, v must have the same shape (N, H, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    N, H, D = q.shape
-    if min(N, H) < 1:
-        raise ValueError(f"attention_varlen: empty input of shape {tuple(q.shape)}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention_varlen: head dim {D} unsupported, must be one of {SUPPORTED_HEAD_DIMS}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention_varlen: q, k, v must share one dtype out of float32/float16/bfloat16, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention_varlen: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"attention_varlen: tensors are on {q.device}; the Triton kernels need CUDA "
-                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"attention_varlen: {name} must have unit stride on the head dim")
+    check_qkv("attention_varlen", q, k, v, "(N, H, D)", SUPPORTED_HEAD_DIMS)
     for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.numel() < 1:
             raise ValueError(f"attention_varlen: {name} must be a 1-d int32 tensor with one entry per sequence, "
@@ -74,15 +52,8 @@ def _check_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
         raise ValueError(f"attention_varlen: {seq_start.numel()} starts for {seq_len.numel()} lengths")
     if not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"attention_varlen: max_seqlen must be a positive int, got {max_seqlen!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
-    S = seq_len.numel()
-    if dropout_p > 0 and S * H * max_seqlen ** 2 >= 2**31:
-        raise ValueError(f"attention_varlen: S*H*max_seqlen^2 = {S * H * max_seqlen ** 2} too large for int32 "
-                         "dropout offsets")
-    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
-                              and seed.numel() == 1 and seed.device == q.device):
-        raise ValueError(f"attention_varlen: the dropout seed must be an int64 tensor of one element on {q.device}")
+    S, H = seq_len.numel(), q.shape[1]
+    check_dropout("attention_varlen", dropout_p, seed, q.device, S * H * max_seqlen ** 2, "S*H*max_seqlen^2")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -177,7 +148,7 @@ def attention_varlen(q, k, v, seq_start, seq_len, max_seqlen, dropout_p=0.0, see
     Dropout on the attention probabilities with probability dropout_p from `seed` (None: a fresh one drawn
     on q's device, only when dropout_p > 0; an int or an int64 (1,) tensor fixes it). Returns (N, H, D) in
     q.dtype (the autocast dtype inside an autocast region); rows of no sequence are 0."""
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast(q, k, v)
     seed = _seed_tensor(seed, q.device) if dropout_p > 0 else None
     out, _ = torch.ops.tinytlm.attention_varlen_fwd(q, k, v, seq_start, seq_len, int(max_seqlen),
                                                     float(dropout_p), seed)
