@@ -53,14 +53,29 @@ SUPPORTED_DTYPES = FLOAT_DTYPES
 
 # ----------------------------------------------------------------------------- launchers
 
-def _config(T, D, dtype):
-    """Launch constants shared by the kernels (padded and varlen) for sequences of at most T tokens.
-    Tiles hard-coded from the Triton fused-attention tutorial's H100 configurations (64 x 64 tiles,
-    4 warps; a narrower K/V tile at D = 128 to keep the fp32 accumulators in registers), not autotuned
-    here. Small T shrinks the tiles (>= 16, the tl.dot minimum) so short sequences waste less work."""
+# (BLOCK_M, BLOCK_N, num_warps) per kernel: BLOCK_M is the query tile, BLOCK_N the key/value tile. Started from
+# the Triton fused-attention tutorial's H100 configurations, then checked with ptxas for sm_80 and sm_90 at the
+# project's shapes (bench/aot.py: registers, spills, shared memory); not autotuned. At 64 x 64 with 4 warps the
+# bf16 backward spilled with dropout (dK/dV 56 B on sm_90, 392 B on sm_80; dQ 60 B on sm_80): its fp32
+# accumulators, the recomputed P and dP and the Philox state are live at once. fp32 dots are IEEE (FMA units,
+# no tensor cores), and at 64 x 64 ptxas gave the fp32 backward 32 registers and 7-11 KB of stack (the forward
+# 0.3-7 KB), hence smaller fp32 tiles. None of these spills at D <= 64 on either architecture.
+TILES = {
+    "half": {"fwd": (64, 64, 4), "dkdv": (32, 64, 8), "dq": (64, 32, 4)},  # fp16 / bf16
+    "fp32": {"fwd": (32, 32, 4), "dkdv": (16, 32, 4), "dq": (32, 32, 4)},
+}
+
+
+def _config(kernel, T, D, dtype):
+    """Launch constants of `kernel` ("fwd", "dkdv" or "dq"; padded and varlen alike) for sequences of at most T
+    tokens: TILES, with the key/value tile halved at D = 128 (its fp32 accumulators would not fit in registers),
+    and tiles shrunk for small T (>= 16, the tl.dot minimum) so short sequences waste less work."""
+    block_m, block_n, warps = TILES["fp32" if dtype == torch.float32 else "half"][kernel]
+    if D == 128:
+        block_n = max(16, block_n // 2)
     cap = max(16, triton.next_power_of_2(T))
-    return dict(HEAD_D=D, BLOCK_M=min(64, cap), BLOCK_N=min(32 if D == 128 else 64, cap), UPCAST=interpreted(),
-                DOT_PREC=dot_precision(dtype), num_warps=4)
+    return dict(HEAD_D=D, BLOCK_M=min(block_m, cap), BLOCK_N=min(block_n, cap), UPCAST=interpreted(),
+                DOT_PREC=dot_precision(dtype), num_warps=warps)
 
 
 def _bwd_stages(q):
@@ -95,12 +110,12 @@ def _launch_fwd(q, k, v, key_padding_mask, dropout_p, seed):
     """Run the forward kernel; returns out (B, H, T, D) in q.dtype and lse (B, H, T) fp32, base 2.
     seed: the int64 (1,) device tensor, or None without dropout."""
     B, H, T, D = q.shape
-    cfg = _config(T, D, q.dtype)
+    cfg = _config("fwd", T, D, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
     qk_scale = 1.4426950408889634 / math.sqrt(D)  # log2(e) / sqrt(D): the kernel uses exp2
-    _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+    _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](  # one grid axis: see _grid_ids
         q, k, v, mask, out, lse, seed, dropout_p, qk_scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt, H, T,
         HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, **cfg)
@@ -112,21 +127,23 @@ def _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    cfg = _config(T, D, q.dtype)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=cfg["BLOCK_M"])
+    block = _config("fwd", T, D, q.dtype)["BLOCK_M"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, block) * B * H,)](
+        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=block)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
     sm_scale = 1.0 / math.sqrt(D)
-    cfg.update(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
+    flags = dict(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
     args = (seed, dropout_p, sm_scale * 1.4426950408889634, sm_scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, H, T)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H)](
+    cfg = {**_config("dkdv", T, D, q.dtype), **flags}
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]) * B * H,)](
         q, k, v, mask, do, lse, delta, dk, dv, *args, **cfg)
-    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+    cfg = {**_config("dq", T, D, q.dtype), **flags}
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
         q, k, v, mask, do, lse, delta, dq, *args, **cfg)
     return dq, dk, dv
 
@@ -208,7 +225,7 @@ def dropout_mask(B, H, T, seed, dropout_p, device="cpu"):
     one-element tensor on `device`) and probability."""
     keep = torch.empty((B, H, T, T), dtype=torch.uint8, device=device)
     block = min(64, max(16, triton.next_power_of_2(T)))
-    _dropout_mask_kernel[(triton.cdiv(T, block), B * H)](keep, _seed_tensor(seed, device), float(dropout_p), T,
+    _dropout_mask_kernel[(triton.cdiv(T, block) * B * H,)](keep, _seed_tensor(seed, device), float(dropout_p), T,
                                                          BLOCK=block)
     return keep.bool()
 

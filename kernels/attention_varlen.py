@@ -61,10 +61,10 @@ def _check_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
 def _launch_fwd(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
     """out (N, H, D) in q.dtype (rows of no sequence: 0) and lse (H, N) fp32, base 2."""
     N, H, D = q.shape
-    cfg = _config(max_seqlen, D, q.dtype)
+    cfg = _config("fwd", max_seqlen, D, q.dtype)
     out = torch.zeros((N, H, D), device=q.device, dtype=q.dtype)
     lse = torch.zeros((H, N), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), seq_len.numel() * H)
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * seq_len.numel() * H,)  # one axis: see _grid_ids
     _attn_varlen_fwd_kernel[grid](
         q, k, v, out, lse, seq_start, seq_len, q if seed is None else seed, dropout_p, LOG2E / math.sqrt(D),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, max_seqlen,
@@ -77,21 +77,23 @@ def _launch_bwd(do, q, k, v, out, lse, seq_start, seq_len, max_seqlen, dropout_p
     N, H, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    cfg = _config(max_seqlen, D, q.dtype)
     # delta = rowsum(dO * O), (H, N): the padded preprocess kernel on (1, H, N, D) views of every row
     delta = torch.empty((H, N), device=q.device, dtype=torch.float32)
     o4, do4 = out.permute(1, 0, 2).unsqueeze(0), do.permute(1, 0, 2).unsqueeze(0)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), H)](
-        o4, do4, delta, *o4.stride(), *do4.stride(), H, N, HEAD_D=D, BLOCK_M=cfg["BLOCK_M"])
+    block = _config("fwd", max_seqlen, D, q.dtype)["BLOCK_M"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, block) * H,)](
+        o4, do4, delta, *o4.stride(), *do4.stride(), H, N, HEAD_D=D, BLOCK_M=block)
     dq, dk, dv = (torch.zeros((N, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    cfg.update(HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
+    flags = dict(HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
     sm_scale = 1.0 / math.sqrt(D)
     args = (seq_start, seq_len, q if seed is None else seed, dropout_p, sm_scale * LOG2E, sm_scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, N, max_seqlen)
     S = seq_len.numel()
-    _attn_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), S * H)](
+    cfg = {**_config("dkdv", max_seqlen, D, q.dtype), **flags}
+    _attn_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * S * H,)](
         q, k, v, do, lse, delta, dk, dv, *args, **cfg)
-    _attn_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), S * H)](
+    cfg = {**_config("dq", max_seqlen, D, q.dtype), **flags}
+    _attn_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * S * H,)](
         q, k, v, do, lse, delta, dq, *args, **cfg)
     return dq, dk, dv
 
