@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="Triton cache (default cache/aot/triton-V-pyV/)")
     ap.add_argument("--fresh", action="store_true", help="a new empty cache: every kernel compiles cold")
     ap.add_argument("--json", default="", help="write the report (summary, kernels, launches, failures) here")
+    ap.add_argument("--only", default="", help="only the cases whose name has one of these comma-separated parts")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -194,6 +195,8 @@ def main(argv=None) -> int:
         pairs = [(a, c) for a, c in sample() if a in archs]
     else:
         pairs = [(a, c) for a in archs for c in (full_matrix() if args.matrix == "full" else smoke_aot())]
+    if args.only:
+        pairs = [(a, c) for a, c in pairs if any(part in c.name for part in args.only.split(","))]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "triton" if args.fresh else (args.cache or default_cache())

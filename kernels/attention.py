@@ -30,6 +30,9 @@ Limits:
 - rows whose keys are all masked out produce output 0 and zero gradients (SDPA gives NaN on some
   backends and versions, 0 on CPU in torch 2.13).
 - with dropout, B * H * T * T must stay below 2**31 (the Philox offsets are int32).
+- one grid axis of ceil(T / tile) * B * H programs (CUDA allows 2**31 - 1 there, 65,535 on the other
+  axes, which B * H passes in a stacked evaluation); tiles and warps per kernel in TILES, checked
+  for registers, spills and shared memory on sm_80 and sm_90 by bench/aot.py.
 - under TRITON_INTERPRET=1 all tiles are upcast to fp32 before tl.dot, because the
   interpreter's bf16 dot returns garbage.
 
@@ -55,14 +58,16 @@ SUPPORTED_DTYPES = FLOAT_DTYPES
 
 # (BLOCK_M, BLOCK_N, num_warps) per kernel: BLOCK_M is the query tile, BLOCK_N the key/value tile. Started from
 # the Triton fused-attention tutorial's H100 configurations, then checked with ptxas for sm_80 and sm_90 at the
-# project's shapes (bench/aot.py: registers, spills, shared memory); not autotuned. At 64 x 64 with 4 warps the
-# bf16 backward spilled with dropout (dK/dV 56 B on sm_90, 392 B on sm_80; dQ 60 B on sm_80): its fp32
-# accumulators, the recomputed P and dP and the Philox state are live at once. fp32 dots are IEEE (FMA units,
-# no tensor cores), and at 64 x 64 ptxas gave the fp32 backward 32 registers and 7-11 KB of stack (the forward
-# 0.3-7 KB), hence smaller fp32 tiles. None of these spills at D <= 64 on either architecture.
+# project's shapes under triton 3.6 and 3.9 (bench/aot.py: registers, spills, shared memory); not autotuned. At
+# 64 x 64 with 4 warps the bf16 backward spilled with dropout (dK/dV 56 B on sm_90, 392 B on sm_80; dQ 60 B on
+# sm_80): its fp32 accumulators, the recomputed P and dP and the Philox state are live at once. fp32 dots are
+# IEEE (FMA units, no tensor cores): at 64 x 64 ptxas gave the fp32 backward 32 registers and 7-11 KB of stack
+# (the forward 1-7 KB), hence small fp32 tiles, and 8 warps in its backward (with 4, triton 3.6's ptxas left
+# 4-16 B of spills in four of them). With these, no bf16 kernel spills, and at D = 64 no fp32 one under
+# triton 3.6 (the GPU image's); elsewhere ptxas leaves at most 16 B in a few fp32 kernels (bench/README.md).
 TILES = {
     "half": {"fwd": (64, 64, 4), "dkdv": (32, 64, 8), "dq": (64, 32, 4)},  # fp16 / bf16
-    "fp32": {"fwd": (32, 32, 4), "dkdv": (16, 32, 4), "dq": (32, 32, 4)},
+    "fp32": {"fwd": (32, 32, 4), "dkdv": (16, 32, 8), "dq": (32, 32, 8)},
 }
 
 
