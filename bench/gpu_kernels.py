@@ -183,6 +183,27 @@ def checks(device, smoke_run: bool, out_dir: Path) -> list:
     return order
 
 
+def interpreter_problem():
+    """Why the Triton interpreter cannot run a kernel loop here, or None. triton 3.6's interpreter (the GPU image's
+    triton) turns a loop bound into a Python int with int() of a one-element array, which numpy >= 2.5 refuses
+    (triton 3.9 squeezes it first): every kernel of this project would fail under it. Only a CPU run meets this;
+    on the GPU the kernels compile natively."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(X, n):
+        for i in range(0, n, 4):  # a loop over a run-time bound, as every kernel here has
+            tl.store(X + i, 1.0)
+    try:
+        _probe[(1,)](torch.zeros(8), 8)
+    except Exception as e:
+        return (f"triton {triton.__version__}'s interpreter cannot run a kernel loop under numpy {np.__version__} "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); use numpy < 2.5 for a CPU run")
+    return None
+
+
 def verdict(results: list, total: int) -> str:
     """ok / failed / partial / not run, from the results of the checks that ran out of `total`."""
     if any(r["status"] == "failed" for r in results):
@@ -244,6 +265,9 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() and not interpreted else "cpu")
     if device.type != "cuda" and not (args.smoke and interpreted):
         raise UserError("bench/gpu_kernels.py needs a GPU (or --smoke with TRITON_INTERPRET=1: the flow on a CPU)")
+    problem = interpreter_problem() if interpreted else None
+    if problem:
+        raise UserError(problem)
     report = {"device": device_label(device), "versions": versions(), "smoke": args.smoke, "complete": False,
               "paths": {p: {"verdict": "not run", "passed": 0, "failed": 0, "not_run": 0, "checks": []}
                         for p in PATHS}}

@@ -136,16 +136,16 @@ def parse_config(argv=None) -> BenchConfig:
 # plan: (model, batch, stack, train_mlm.py path) in priority order
 
 def skip_note(model: str, stack: str, bc: BenchConfig):
-    """Why a stack is not run (a failed check of the GPU session's kernel stage), or None."""
+    """Why a stack is not run (a path that the GPU session's kernel stage failed or did not check), or None."""
     triton = "triton" in stack
     if triton and not bc.kernels_ok:
-        return "skipped: kernel tests failed"
+        return "skipped: the attention kernels did not pass their checks"
     if stack.endswith("+unpad") and not bc.unpad_ok:
-        return "skipped: unpad tests failed"
+        return "skipped: the varlen kernels or the unpad tests did not pass"
     if triton and stack.startswith("graphs") and not bc.graphs_ok:
-        return "skipped: kernels under CUDA graphs failed"
+        return "skipped: the kernels did not pass their CUDA-graph checks"
     if triton and not bc.conv_ok and BertConfig.preset(model).n_conv:
-        return "skipped: conv stem kernels failed"
+        return "skipped: the conv stem kernels did not pass their checks"
     return None
 
 
