@@ -185,7 +185,7 @@ def checks(device, smoke_run: bool, out_dir: Path) -> list:
 
 def interpreter_problem():
     """Why the Triton interpreter cannot run a kernel loop here, or None. triton 3.6's interpreter (the GPU image's
-    triton) turns a loop bound into a Python int with int() of a one-element array, which numpy >= 2.5 refuses
+    triton) turns a loop bound into a Python int with int() of a one-element array, which numpy >= 2.4 refuses
     (triton 3.9 squeezes it first): every kernel of this project would fail under it. Only a CPU run meets this;
     on the GPU the kernels compile natively."""
     import numpy as np
@@ -200,7 +200,7 @@ def interpreter_problem():
         _probe[(1,)](torch.zeros(8), 8)
     except Exception as e:
         return (f"triton {triton.__version__}'s interpreter cannot run a kernel loop under numpy {np.__version__} "
-                f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); use numpy < 2.5 for a CPU run")
+                f"({type(e).__name__}: {' '.join(str(e).split())[:80]}); use numpy < 2.4 for a CPU run")
     return None
 
 
@@ -214,14 +214,17 @@ def verdict(results: list, total: int) -> str:
     return "ok" if passed == total else "partial"
 
 
+FLAG_ORDER = ("attention", "varlen", "graphs", "conv")  # bench/gpu_session.sh: kernels_ok unpad_ok graphs_ok conv_ok
+
+
 def flags(path: str) -> str:
-    """The session's switches from a report: "attention varlen graphs conv", each true when its verdict is ok or
-    partial (every check that ran passed), false when it failed, did not run, or the report is unreadable."""
+    """The session's switches from a report, in FLAG_ORDER: each true when that path's verdict is ok or partial
+    (every check that ran passed), false when it failed, did not run, or the report is unreadable."""
     try:
         paths = read_json(path, "kernel report")["paths"]
     except (UserError, KeyError, TypeError):
         paths = {}
-    return " ".join(str(paths.get(p, {}).get("verdict") in ("ok", "partial")).lower() for p in PATHS)
+    return " ".join(str(paths.get(p, {}).get("verdict") in ("ok", "partial")).lower() for p in FLAG_ORDER)
 
 
 def aot(matrix: str, jobs: int, timeout: float, out: Path) -> dict:

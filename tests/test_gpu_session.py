@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 
-from bench import gpu_cells, gpu_import
+from bench import gpu_cells, gpu_import, gpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,3 +154,23 @@ def test_the_session_ends_in_seconds_with_one_line_when_python_cannot_run_it(tmp
     assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
     assert ("torch" if broken == "no torch" else "python3.missing not found") in r.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_kernel_verdicts_and_the_switches_they_give(tmp_path):
+    """A path is ok only when every check passed, failed when one failed, partial when the time limit stopped
+    the rest, not run when none ran; only ok and partial switch a path on, and an unreadable report none."""
+    def res(*statuses):
+        return [{"status": s} for s in statuses]
+    assert gpu_kernels.verdict(res("passed", "passed"), 2) == "ok"
+    assert gpu_kernels.verdict(res("passed", "failed"), 3) == "failed"
+    assert gpu_kernels.verdict(res("passed", "not run"), 2) == "partial"
+    assert gpu_kernels.verdict(res("not run", "not run"), 2) == "not run"
+    assert gpu_kernels.verdict(res(), 4) == "not run"
+    report = tmp_path / "kernels.json"
+    verdicts = {"attention": "ok", "varlen": "partial", "conv": "failed", "graphs": "not run"}
+    report.write_text(json.dumps({"paths": {p: {"verdict": v} for p, v in verdicts.items()}}))
+    assert gpu_kernels.flags(str(report)) == "true true false false"  # attention varlen graphs conv
+    verdicts.update(graphs="ok", conv="ok", attention="failed")
+    report.write_text(json.dumps({"paths": {p: {"verdict": v} for p, v in verdicts.items()}}))
+    assert gpu_kernels.flags(str(report)) == "false true true true"
+    assert gpu_kernels.flags(str(tmp_path / "missing.json")) == "false false false false"
