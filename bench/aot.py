@@ -147,6 +147,7 @@ def summary(report: dict) -> dict:
         p["cold_compile_s"] = round(p["cold_compile_s"] + (k["cold_compile_s"] or 0), 1)
     archs = sorted({k["arch"] for k in ks})
     return {"specialisations": len(ks), "by_arch": {f"sm_{a}": sum(k["arch"] == a for k in ks) for a in archs},
+            "cache_hits": sum(bool(k["cache_hit"]) for k in ks),
             "launches": len(report["launches"]),
             "max_shared": {f"sm_{a}": max([k["shared"] for k in ks if k["arch"] == a], default=0) for a in archs},
             "shared_limit": {f"sm_{a}": SHARED_LIMIT[a] for a in archs},
@@ -157,8 +158,8 @@ def summary(report: dict) -> dict:
 
 def print_report(s: dict, fails: list, versions: str, seconds: float) -> None:
     print(f"AOT compile check ({versions}): {s['specialisations']} specialisations "
-          f"({', '.join(f'{a}: {n}' for a, n in s['by_arch'].items())}), {s['launches']} launches, "
-          f"{len(fails)} failures, {seconds:.0f} s")
+          f"({', '.join(f'{a}: {n}' for a, n in s['by_arch'].items())}; {s['cache_hits']} from the cache), "
+          f"{s['launches']} launches, {len(fails)} failures, {seconds:.0f} s")
     print("largest shared memory: " + ", ".join(f"{a} {n:,} B (limit {s['shared_limit'][a]:,} B)"
                                                 for a, n in s["max_shared"].items()))
     print("cold compile seconds on this machine, serial: " + ", ".join(f"{a} {n}" for a, n in
@@ -169,6 +170,16 @@ def print_report(s: dict, fails: list, versions: str, seconds: float) -> None:
               f"{p['shared']:>7} {p['cold_compile_s']:>9}")
     for f in fails:
         print("FAIL " + f)
+
+
+def strip(cache: Path) -> int:
+    """Keep only what a launch loads from a Triton cache (the cubin, its metadata and the group files that list
+    them): the IRs (source, ttir, ttgir, llir, ptx) are 4/5 of its bytes. Triton's cache skips a group's missing
+    files, so a stripped cache still hits. Returns the bytes left."""
+    for f in cache.rglob("*"):
+        if f.is_file() and f.suffix in (".source", ".ttir", ".ttgir", ".llir", ".ptx"):
+            f.unlink()
+    return sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
 
 
 def main(argv=None) -> int:
@@ -182,6 +193,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="a new empty cache: every kernel compiles cold")
     ap.add_argument("--json", default="", help="write the report (summary, kernels, launches, failures) here")
     ap.add_argument("--only", default="", help="only the cases whose name has one of these comma-separated parts")
+    ap.add_argument("--strip", action="store_true", help="then keep only the cubins and metadata in --cache")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -202,6 +214,8 @@ def main(argv=None) -> int:
         cache = Path(tmp) / "triton" if args.fresh else (args.cache or default_cache())
         bins = split(pairs, args.jobs)
         report = merge(run_workers(bins, cache, Path(tmp)), cache)
+        if args.strip:
+            print(f"stripped {cache} to {strip(cache) / 2 ** 20:.1f} MiB (cubins and metadata)")
     fails = failures(report)
     s = summary(report)
     versions = f"triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}"

@@ -52,8 +52,8 @@ def kernel_lines(k: dict, smoke: bool) -> list:
     if aot.get("summary"):
         s = aot["summary"]
         lines += [f"AOT compile check (bench/aot.py, this machine's versions): exit {aot['rc']} in {aot['seconds']} s, "
-                  f"{s['specialisations']} specialisations, {len(aot.get('failures') or [])} failures, largest shared "
-                  f"memory {s['max_shared']}.", ""]
+                  f"{s['specialisations']} specialisations ({s.get('cache_hits', 0)} from the carried or an earlier "
+                  f"cache), {len(aot.get('failures') or [])} failures, largest shared memory {s['max_shared']}.", ""]
     elif aot:
         lines += [f"AOT compile check: exit {aot.get('rc')} after {aot.get('seconds')} s, no report.", ""]
     lines += ["| path | verdict | passed | failed | not run |", "| --- | --- | --- | --- | --- |"]

@@ -3,6 +3,8 @@
 # device time, one command of <= 10 minutes, no network, no ../shared, <= 8 files back).
 #
 #   bash bench/gpu_session.sh prep       # here, on the CPU machine: gpu_data/ (the shards the cells read)
+#   AOT_PY="env PYTHONPATH=.:cache/rehearsal-py312 python3.12" bash bench/gpu_session.sh prep
+#                                        # ... and a Triton cache built under the GPU's Python and triton (optional)
 #   run(command="bash bench/gpu_session.sh", carry=["gpu_data"], timeout_s=560)   # the GPU: everything
 #   PYTHONPATH=. python3 bench/gpu_import.py PATH/gpu_session.tgz                  # here: file what came back
 #   SMOKE=1 bash bench/gpu_session.sh prep && SMOKE=1 bash bench/gpu_session.sh   # the same flow on a CPU
@@ -55,6 +57,12 @@ fi
 if [ "${1:-}" = prep ]; then  # CPU side: the data every cell of the scheduled tables reads
   "$PY" bench/gpu_cells.py --prep --scale "$scale" --tables "$tables" --data "$TINYTLM_DATA" || exit
   echo "$rev" > "$TINYTLM_DATA/REVISION"  # "+changes" included
+  if [ -n "${AOT_PY:-}" ]; then  # a Python (a command: words split) with the GPU image's Python and triton
+    rm -rf "$TINYTLM_DATA/triton_cache"  # its Triton cache for sm_90 (cubins only, ~10 MiB), carried with the data
+    # shellcheck disable=SC2086
+    env -u TRITON_INTERPRET $AOT_PY bench/aot.py --arch 90 --matrix full --cache "$TINYTLM_DATA/triton_cache" \
+      --strip --json "$TINYTLM_DATA/triton_cache.json" || exit
+  fi
   du -sh "$TINYTLM_DATA"
   exit 0
 fi
@@ -73,7 +81,10 @@ mkdir -p "$WORK/bench" "$WORK/results/cells"
 start=$SECONDS
 left() { echo $((GPU_SECONDS - (SECONDS - start))); }
 export TINYTLM_RAW=/nonexistent  # the GPU machine has no raw data: a file prep missed must fail here too
-export TRITON_CACHE_DIR="$WORK/cache/triton"  # filled by bench/aot.py, read by every later stage (not packed)
+# the Triton cache bench/aot.py fills and every later stage reads: the one prep built under the GPU's versions
+# (AOT_PY; a relative path, as at prep) when carried, else a new one (not packed)
+export TRITON_CACHE_DIR="$WORK/cache/triton"
+[ -d "$TINYTLM_DATA/triton_cache" ] && TRITON_CACHE_DIR="$TINYTLM_DATA/triton_cache"
 
 pack() {
   [ -n "${OUT:-}" ] || return 0

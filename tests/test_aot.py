@@ -112,3 +112,14 @@ def test_the_driver_flags_a_grid_past_the_limit_and_reads_ptxas(tmp_path):
     log = ("ptxas info    : Function properties for _k\n    56 bytes stack frame, 56 bytes spill stores, "
            "60 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers, 380 bytes cmem[0]\n")
     assert parse_ptxas(log) == {"stack": 56, "spill_stores": 56, "spill_loads": 60, "registers": 255}
+
+
+def test_strip_keeps_what_a_launch_loads(tmp_path):
+    """--strip leaves the cubins, the metadata and the group files (a stripped cache still hits: measured in
+    bench/README.md) and removes the IRs."""
+    kept = ["K/_k.cubin", "K/_k.json", "K/__grp___k.json", "compile_times.json"]
+    for name in kept + ["K/_k.source", "K/_k.ttir", "K/_k.ttgir", "K/_k.llir", "K/_k.ptx"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x" * 10)
+    assert aot.strip(tmp_path) == 10 * len(kept)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
