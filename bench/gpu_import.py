@@ -53,7 +53,8 @@ def kernel_lines(k: dict, smoke: bool) -> list:
         s = aot["summary"]
         lines += [f"AOT compile check (bench/aot.py, this machine's versions): exit {aot['rc']} in {aot['seconds']} s, "
                   f"{s['specialisations']} specialisations ({s.get('cache_hits', 0)} from the carried or an earlier "
-                  f"cache), {len(aot.get('failures') or [])} failures, largest shared memory {s['max_shared']}.", ""]
+                  f"cache), {len(aot.get('failures') or [])} failures, largest shared memory "
+                  + ", ".join(f"{a} {n:,} B" for a, n in s["max_shared"].items()) + ".", ""]
     elif aot:
         lines += [f"AOT compile check: exit {aot.get('rc')} after {aot.get('seconds')} s, no report.", ""]
     lines += ["| path | verdict | passed | failed | not run |", "| --- | --- | --- | --- | --- |"]
