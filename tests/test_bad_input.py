@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinytlm import ensemble, finetune, paper, pretrain, tasks, tokstats, wikipedia
+from tinytlm import analyze, ensemble, finetune, paper, pretrain, tasks, tokstats, wikipedia
 from tests.test_engine import SMALL, assert_one_line_error, run as run_script
 
 COMMANDS = {"train_mlm": pretrain.main, "train_cls": finetune.main, "ensemble": ensemble.main, "paper": paper.main,
-            "data_prep/wikipedia": wikipedia.main, "data_prep/tasks": tasks.main, "tokstats": tokstats.main}
+            "data_prep/wikipedia": wikipedia.main, "data_prep/tasks": tasks.main, "tokstats": tokstats.main,
+            "analyze": analyze.main}
 with contextlib.suppress(ImportError):
     from tinytlm import export
     COMMANDS["export"] = export.main
@@ -243,6 +244,12 @@ CASES = [
      ["huge"]),
     ("paper", lambda c: ["table5", "--seeds", "0", "--cache", str(c.d / "c"), "--results", str(c.d / "r")],
      ["--seeds 0"]),
+    # analyze (tinytlm/analyze.py; more cases in tests/test_analyze.py)
+    ("analyze", lambda c: [str(c.runs / "cls"), "--what", "apt"], ["classifier", "no apt analysis"]),
+    ("analyze", lambda c: [str(c.runs / "mlm"), "--what", "shp"], ["pre-training", "no shp analysis"]),
+    ("analyze", lambda c: [str(c.d / "none")], ["none", "no such run folder"]),
+    ("analyze", lambda c: [str(c.runs / "mlm"), "--shp-norm", "z"], ["--shp-norm"]),
+    ("analyze", lambda c: [str(c.runs / "mlm"), "--data", str(c.d)], ["wiki.val.bin", "not found"]),
     # export (tinytlm/export.py)
     ("export", lambda c: [str(c.runs / "stem"), str(c.d / "hf")], ["conv stem"]),
     ("export", lambda c: [str(c.runs / "mlm"), str(c.copy_run("cls"))], ["cls"]),
