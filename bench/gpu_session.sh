@@ -89,10 +89,10 @@ export TRITON_CACHE_DIR="$WORK/cache/triton"
 pack() {
   [ -n "${OUT:-}" ] || return 0
   local tgz="$OUT/gpu_session.tgz"
-  tar czf "$tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
+  timeout 60 tar czf "$tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
   if [ "$(stat -c %s "$tgz")" -gt $((16 * 1024 * 1024)) ]; then  # the device tool's limit: logs go first
     find "$WORK" -name '*.log' -size +1M -exec truncate -s 1M {} +
-    tar czf "$tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
+    timeout 60 tar czf "$tgz" --exclude='*.pt' --exclude=cache -C "$WORK" .
   fi
   echo "packed $tgz ($(stat -c %s "$tgz") bytes) after $((SECONDS - start)) s"
 }
