@@ -140,6 +140,25 @@ def latency_ms(fn, warmup: int, n: int, device):
     return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
+def timed_ms(fn, device) -> float:
+    """Wall time of one call, synchronised before and after (CUDA kernels are asynchronous)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_ms(fns: dict, n: int, device) -> dict:
+    """Median ms per call of each fn over n rounds; a round calls every fn once, the order rotating, so a
+    load that comes and goes (a shared CPU) falls on every path alike."""
+    names, times = list(fns), {k: [] for k in fns}
+    for i in range(n):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timed_ms(fns[name], device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def peak_memory_gib(device):
     return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
 

@@ -145,6 +145,8 @@ def parse(argv=None):
     ap.add_argument("--data", default="")
     ap.add_argument("--raw", default="")
     ap.add_argument("--log", type=Path, default=None, help="JSONL of every unit (default RESULTS/schedule.jsonl)")
+    ap.add_argument("--conv_ok", default="true", choices=("true", "false"),
+                    help="false: the conv stem kernels failed their GPU checks; stem models train with --kernels torch")
     args = ap.parse_args(argv)
     args.records = args.results / "cells" / args.scale
     args.log = args.log or args.results / "schedule.jsonl"
@@ -182,6 +184,8 @@ def main(argv=None):
             # no checkpoint per epoch: the cache dies with the GPU machine, and a BERT-6 checkpoint
             # with its AdamW state is ~0.8 GB to write
             speed = {**rates.path(cfg or model_cfg(grid(table, args.scale)["rows"][0])), "save_every": 0}
+            if args.conv_ok == "false" and cfg is not None and cfg.n_conv and speed.get("kernels") == "triton":
+                speed["kernels"] = "torch"  # the path was measured without a stem; the stem kernels failed
             runner = Runner(args.cache, args.device, args.data, args.raw, records=args.records,
                             scale=args.scale, speed=speed)
             t0 = time.time()

@@ -5,7 +5,8 @@
 - cell records (results/cells/<scale>/*.json in the tarball) go to results/cells/<scale>/; a record
   already there is never overwritten (a different one is reported and kept as committed);
 - the benchmark reports go to bench/results/<date>-<device>-<what>.md (probe, train, members) plus one
-  <date>-<device>-gpu-session.md: stages and their times, kernel tests, the chosen path per model,
+  <date>-<device>-gpu-session.md: stages and their times, the kernel checks (AOT compile check, a verdict per
+  path), the chosen path per model,
   and every scheduled cell with its estimate and actual time; date and device are the session's;
 - the reports of the tables the session worked on are rebuilt from all records
   (python -m tinytlm.paper TABLE --scale SCALE --report).
@@ -43,6 +44,27 @@ def jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def kernel_lines(k: dict, smoke: bool) -> list:
+    """The kernel stage (bench/gpu_kernels.py's report): the AOT compile check, then one verdict per path."""
+    how = "under the Triton interpreter" if smoke else "natively"
+    lines = ["", f"## Kernel checks ({how})", ""]
+    aot = k.get("aot") or {}
+    if aot.get("summary"):
+        s = aot["summary"]
+        lines += [f"AOT compile check (bench/aot.py, this machine's versions): exit {aot['rc']} in {aot['seconds']} s, "
+                  f"{s['specialisations']} specialisations ({s.get('cache_hits', 0)} from the carried or an earlier "
+                  f"cache), {len(aot.get('failures') or [])} failures, largest shared memory "
+                  + ", ".join(f"{a} {n:,} B" for a, n in s["max_shared"].items()) + ".", ""]
+    elif aot:
+        lines += [f"AOT compile check: exit {aot.get('rc')} after {aot.get('seconds')} s, no report.", ""]
+    lines += ["| path | verdict | passed | failed | not run |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {p} | {r['verdict']} | {r['passed']} | {r['failed']} | {r['not_run']} |"
+              for p, r in k.get("paths", {}).items()]
+    failed = [f"- {p}: {c['name']}: {c['error']}" for p, r in k.get("paths", {}).items() for c in r["checks"]
+              if c["status"] == "failed"]
+    return lines + ([""] + failed if failed else [])
+
+
 def session_md(w: Path, session: dict) -> str:
     """The session summary, from the files in the tarball alone."""
     lines = [f"# GPU session {session['started']} on {session['device']}", "",
@@ -52,10 +74,7 @@ def session_md(w: Path, session: dict) -> str:
              "| --- | --- | --- | --- |"]
     lines += [f"| {s['stage']} | {s['status']} | {s['rc']} | {s['seconds']} |" for s in jsonl(w / "stages.jsonl")]
     if (w / "kernels.json").is_file():
-        k = read_json(w / "kernels.json")
-        how = "under the Triton interpreter" if session["smoke"] else "natively"
-        lines += ["", f"Kernel tests ({how}): {k['passed']} passed, {k['failed']} failed, exit {k['rc']}; Triton "
-                  f"path {'allowed' if k['kernels_ok'] else 'ruled out for the rest of the run'}."]
+        lines += kernel_lines(read_json(w / "kernels.json"), session["smoke"])
     if (w / "bench" / "throughput.json").is_file():
         best = read_json(w / "bench" / "throughput.json").get("best") or {}
         lines += ["", "## Path chosen per model (fastest that passed its tests)", "",

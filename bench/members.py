@@ -20,26 +20,23 @@ members stacked (one forward), one after another, one --single model; medians of
 calls. No training case starts after --time_limit s. 0 = auto for --batch_size (GPU 32, CPU 4) and --warmup +
 --steps (GPU 3 + 10; CPU 1 + 3 tiny, 1 + 2 bert1, 1 + 1 bert6). --json and the report (--out; default
 bench/results/<date>-<device>-members.md, none with --smoke) are rewritten after every case."""
-import math
 import os
-import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import (CLS, MASK, PAD, SEP, device_label, error_note, free_memory, markdown_table, result_path,
-                          run_header, smoke_config, sync, token_batch, utc_now, versions, write_report)
-from tinytlm.committee import member_logits
+from bench.committee_latency import committee_latency
+from bench.common import (CLS, MASK, PAD, SEP, device_label, error_note, free_memory, interleaved_ms, result_path,
+                          run_header, smoke_config, token_batch, utc_now, versions, write_report)
+from bench.members_report import goal_lines, largest_k, md_train, sections
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.members import load_members
-from tinytlm.model import BertConfig, BertForClassification, BertForMLM
-from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model, resolve_device
-
-GOALS = (("bert1", 5, 3.0), ("bert6", 5, 1.5))  # (model, K, stacked / one-by-one speed-up goal on a GPU)
-LATENCY_GOAL = 0.5  # committee stacked batch-1 latency / the single model's, goal on a GPU
+from tinytlm.model import BertConfig, BertForMLM
+from tinytlm.train import (add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model,
+                           resolve_device)
 
 
 @dataclass
@@ -128,25 +125,6 @@ def train_step(model, opt, x, am, y, bc, device):
     opt.zero_grad(set_to_none=True)
 
 
-def timed_ms(fn, device) -> float:
-    """Wall time of one call, synchronised before and after (CUDA kernels are asynchronous)."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
-def interleaved_ms(fns: dict, n: int, device) -> dict:
-    """Median ms per call of each fn over n rounds; a round calls every fn once, the order rotating, so a
-    load that comes and goes (a shared CPU) falls on every path alike."""
-    names, times = list(fns), {k: [] for k in fns}
-    for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(timed_ms(fns[name], device))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def peak_since_reset(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -215,126 +193,6 @@ def blank(model: str, K: int, B: int, status: str, note: str) -> dict:
                              "one_by_one_seq_per_s", "speedup", "memory", "stacked_bytes", "one_by_one_bytes"))}
 
 
-def largest_k(rows: list, model: str, budget_gb: float):
-    """The largest K whose stacked peak fits in budget_gb, from a least-squares line bytes = a + b*K through
-    the measured K values; None with fewer than two."""
-    ok = [r for r in rows if r["model"] == model and r["status"] == "ok"]
-    pts = [(r["K"], r["stacked_bytes"]) for r in ok]
-    if len({k for k, _ in pts}) < 2:
-        return None
-    mk, mb = sum(k for k, _ in pts) / len(pts), sum(b for _, b in pts) / len(pts)
-    b = sum((k - mk) * (y - mb) for k, y in pts) / sum((k - mk) ** 2 for k, _ in pts)
-    a = mb - b * mk
-    measured = ok[0]["memory"] == "measured"
-    how = ("linear fit of the measured CUDA peaks, an extrapolation" if measured else
-           "linear fit of the analytic bytes (weights + grads + AdamW, no activations): an upper bound")
-    return {"K": math.floor((budget_gb * 1e9 - a) / b) if b > 0 else None, "fixed_bytes": a,
-            "bytes_per_member": b, "at_K": sorted({k for k, _ in pts}), "budget_gb": budget_gb, "from": how}
-
-
-# -----------------------------------------------------------------------------
-# committee latency at batch 1
-
-def committee_latency(bc, device) -> dict:
-    ccfg, scfg, n = config_for(bc, bc.committee), config_for(bc, bc.single), bc.committee_size
-    torch._dynamo.reset()
-    free_memory(device)
-    torch.manual_seed(bc.seed)
-    with torch.device(device):
-        singles = [BertForClassification(ccfg, bc.n_labels) for _ in range(n)]
-        stack = BertForClassification(ccfg, bc.n_labels, members=n)
-        single = BertForClassification(scfg, bc.n_labels)
-    load_members(stack, [m.state_dict() for m in singles])
-    singles, stack, single = ([prepare_model(m.eval(), device, bc.kernels, bc.compile) for m in singles],
-                              prepare_model(stack.eval(), device, bc.kernels, bc.compile),
-                              prepare_model(single.eval(), device, bc.kernels, bc.compile))
-    x = token_batch(1, bc.seq_len, torch.Generator().manual_seed(bc.seed)).to(device)  # (1, T), a full row
-    calls = {"committee stacked": lambda: member_logits(stack, x).float().sum(0),  # (K, 1, C) -> (1, C)
-             "committee one by one": lambda: sum(member_logits(m, x).float().sum(0) for m in singles),
-             "single": lambda: member_logits(single, x)}
-    with torch.no_grad(), autocast(device):
-        diff = (calls["committee stacked"]() - calls["committee one by one"]()).abs().max().item()
-        for _ in range(bc.warmup + 2):
-            for fn in calls.values():
-                fn()
-        med = interleaved_ms(calls, bc.latency_runs, device)
-    models = [f"{n} x {bc.committee}", f"{n} x {bc.committee}", bc.single]
-    rows = [{"what": name, "models": m, "forwards": f, "median_ms": med[name], "vs_single": med[name] / med["single"]}
-            for name, m, f in zip(calls, models, (1, n, 1))]
-    return {"rows": rows, "members": n, "committee": bc.committee, "single": bc.single,
-            "stacked_vs_one_by_one_max_abs_diff": diff}
-
-
-# -----------------------------------------------------------------------------
-# report
-
-def md_train(r: dict) -> dict:
-    def num(v, fmt=".2f", scale=1):
-        return "" if v is None else format(v / scale, fmt)
-    mem = "" if r["memory"] is None else f" ({r['memory']})"
-    return {"model": r["model"], "K": r["K"], "B/member": r["B"], "status": r["status"],
-            "stacked seq/s/member": num(r["stacked_seq_per_s"]),
-            "one-by-one seq/s/member": num(r["one_by_one_seq_per_s"]),
-            "speed-up": num(r["speedup"]), "stacked peak GiB": num(r["stacked_bytes"], scale=2 ** 30) + mem,
-            "one-by-one peak GiB": num(r["one_by_one_bytes"], scale=2 ** 30) + mem,
-            "steps": "" if r["steps"] is None else f"{r['warmup']}+{r['steps']}", "note": r["note"]}
-
-
-def goal_lines(train: list, latency, device, smoke: bool) -> list:
-    lines, missed = [], False
-
-    def verdict(what: str, value, met) -> str:
-        nonlocal missed
-        missed |= value is not None and not met
-        result = "not measured in this run" if value is None else \
-            f"{value:.2f}x, {'met' if met else 'NOT met'} on this device ({device_label(device)})"
-        return f"- {what} (GPU goal): {result}"
-
-    for model, K, goal in GOALS:
-        r = next((r for r in train if (r["model"], r["K"], r["status"]) == (model, K, "ok")), {})
-        lines.append(verdict(f"K={K} {model} stacked >= {goal:g}x one by one", r.get("speedup"),
-                             r and r["speedup"] >= goal))
-    if latency:
-        r = latency["rows"][0]
-        lines.append(verdict(f"{latency['members']}-member {latency['committee']} committee stacked, batch-1 latency "
-                             f"<= {LATENCY_GOAL:g}x one {latency['single']}", r["vs_single"],
-                             r["vs_single"] <= LATENCY_GOAL))
-    if missed and device.type != "cuda" and not smoke:
-        lines.append("- These are GPU goals (a GPU runs one small model's kernels with most of its units idle, "
-                     "which the stacked members fill); a CPU has no such idle capacity, since one model's step "
-                     "already keeps every core busy, so stacking has nothing to gain there (a speed-up below 1 "
-                     "means the stacked step costs more than the K single ones; this bench does not say why).")
-    if smoke:
-        lines.append("- (smoke run: these ratios say nothing about performance)")
-    return lines
-
-
-def sections(result: dict) -> list:
-    train, lat, out = result["train"], result["latency"], []
-    if train:
-        out.append("## Training: K members stacked vs one by one\n\n"
-                   "Per member: the sequences each member trains on per second (B per step); speed-up = stacked / "
-                   "one by one. " + ("Peak memory: torch.cuda.max_memory_allocated of each path." if
-                                     train[0]["memory"] == "measured" else
-                                     "Peak memory on CPU: weights + grads + AdamW state (analytic); activation "
-                                     "memory is not measured there.") + "\n\n"
-                   + markdown_table(list(md_train(train[0])), [md_train(r) for r in train]))
-    fits = [f"- {m}: largest K in {f['budget_gb']:g} GB: {f['K']} ({f['from']}; K = {', '.join(map(str, f['at_K']))}: "
-            f"{f['fixed_bytes'] / 1e9:.2f} GB + {f['bytes_per_member'] / 1e9:.2f} GB per member)"
-            for m, f in result["max_members"].items() if f]
-    if fits:
-        out.append("## Largest K in device memory\n\n" + "\n".join(fits))
-    if lat:
-        rows = [{"what": r["what"], "models": r["models"], "forwards": r["forwards"],
-                 "median ms": f"{r['median_ms']:.2f}", "/ single": f"{r['vs_single']:.2f}"} for r in lat["rows"]]
-        out.append("## Committee batch-1 latency\n\nBertForClassification, eval, no_grad, autocast, batch 1; "
-                   f"stacked vs one by one logits max abs diff {lat['stacked_vs_one_by_one_max_abs_diff']:.1e}.\n\n"
-                   + markdown_table(list(rows[0]), rows))
-    if result["goals"]:
-        out.append("## Goals\n\n" + "\n".join(result["goals"]))
-    return out
-
-
 # -----------------------------------------------------------------------------
 # run
 
@@ -361,7 +219,7 @@ def main(argv=None):
 
     save()
     try:
-        result["latency"] = committee_latency(bc, device)
+        result["latency"] = committee_latency(config_for(bc, bc.committee), config_for(bc, bc.single), bc, device)
         for r in result["latency"]["rows"]:
             print(f"latency {r['what']} ({r['models']}): {r['median_ms']:.2f} ms, {r['vs_single']:.2f}x single")
     except Exception as err:  # the training cases still run

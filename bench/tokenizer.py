@@ -31,7 +31,8 @@ def load_texts(raw, n_wiki):
     import itertools
     import json
     import lzma
-    with lzma.open(raw / "wikipedia/enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz", "rt", encoding="utf-8") as f:
+    wiki_file = raw / "wikipedia/enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz"
+    with lzma.open(wiki_file, "rt", encoding="utf-8") as f:
         wiki = [json.loads(line)["text"] for line in itertools.islice(f, n_wiki)]
     with lzma.open(raw / "ag_news/test.csv.xz", "rt", encoding="utf-8", newline="") as f:
         ag = [r[1] + " " + r[2] for r in csv.reader(f)]

@@ -3,43 +3,70 @@
 
     PYTHONPATH=. python bench/train_throughput.py                       # the full table on a GPU
     PYTHONPATH=. python bench/train_throughput.py --cases bert6:32 --stacks eager,eager+unpad --json t.json
-    PYTHONPATH=. python bench/train_throughput.py --gpu_session --unpad --probe o/probe.json \
-        --json o/throughput.json --out o/train.md --time_limit 110      # the GPU session's call
+    PYTHONPATH=. python bench/train_throughput.py --gpu_session --probe o/probe.json \
+        --json o/throughput.json --out o/train.md --time_limit 200      # the GPU session's call
     PYTHONPATH=. python bench/train_throughput.py --smoke               # CPU sanity check, not a performance number
 
-One step = forward, backward, AdamW step, zero_grad, on the same batches for every stack: the first rows of
-the prepared Wikipedia shard (pre-training's rows, in its order) masked as train_mlm.py masks them. Stacks:
-hf (transformers.BertForMaskedLM as the paper's code trains it) and train_mlm.py's paths (stack_path, flags:
-eager = its defaults, compiled, triton, graphs = CUDA graphs with static head slots, graphs+triton), each
-also as S+unpad (on the packed real tokens, tinytlm/unpad.py). FLOPs (bench/common.py train_flops) count
-every position, padding included, for every stack: an unpadded stack's MFU is the padded work it replaces
-per second. --json: every case (path, speed, MFU, memory, real tokens and unpadded token budget per B*T
-slot), inference rates, "best" per model (bench/gpu_cells.py runs the cells on it); see bench/README.md.
+One step = forward, backward, AdamW step, zero_grad, on the same batches for every stack (bench/train_stacks.py:
+the stacks, their train_mlm.py flags, the batches: the first rows of the prepared Wikipedia shard, masked as
+train_mlm.py masks them). On CPU the triton and graphs stacks are "n/a: needs CUDA" (there reduce-overhead is
+silently plain compile). A failing stack is recorded ("failed", its error) and never stops the others.
+
+Cases (model, batch, stack) run in order: --cases m:B,... else --models x --batch, each with --stacks, and with
+--unpad each stack but hf followed by its S+unpad twin. --gpu_session is the GPU session's preset (GPU_SESSION,
+warmup 3, steps 10): first one stack of each family at bert6 batch 32 (HF as the paper runs it, our eager, compiled
+with CUDA graphs, Triton, unpadded + Triton), then the same at bert1, then bert6 at batch 256, then variants; a
+time limit thus cuts variants, never a family. --kernels_ok / --unpad_ok / --graphs_ok / --conv_ok false (the
+session's kernel stage found that path failing) skip the triton stacks / the +unpad stacks / graphs+triton / the
+triton stacks of a model with a conv stem. --time_limit S: no case starts once S seconds have passed (the first
+always runs); the rest are "skipped: time limit". When a model's first (model, batch) group ends, its inference
+rate is measured (BertForClassification, eval, no_grad, autocast, eager, batch --infer_batch).
+
+FLOPs: bench/common.py train_flops, the useful forward + backward FLOPs with the head on the masked tokens only
+(the mean chosen count of the case's batches), every position counted, padding included, for every stack (HF's
+dense head lowers its MFU; an unpadded stack's MFU is the padded work it replaces per second). MFU = TFLOP/s /
+peak: probe.json's matmul_tflops (--probe, bench/probe.py) else --peak_tflops (790: the bf16 8192^3 matmul
+measured on this workplace's H100/H200; datasheet 989). Timing: --warmup calls (the first, which compiles, timed
+alone; warmup_s = all of them, recompiles included; an unpadded stack warms up on every batch, one token budget
+each), then --steps calls between two device synchronisations. Compile time is recorded apart from the steady
+rate: compile_s = warmup_s - warmup x the mean timed step.
+
+--json FILE, rewritten atomically after every case ("complete" turns true at the end):
+  {"device", "date" (UTC), "git", "versions", "smoke", "complete", "config", "peak_tflops", "peak_source",
+   "cases": [{"model", "B", "stack", "path": {"compile", "compile_mode", "kernels", "mask_cap"[, "unpad"]} or null
+              (hf), "status": "ok" | "failed" | "skipped" | "n/a", "note", "seq_per_s", "ms_per_step", "mfu",
+              "peak_gib", "first_step_s", "warmup_s", "compile_s", "gflop_per_step",
+              "tokens": {"real", "budget"} (per B*T slot)}],           (numbers null unless "ok")
+   "infer": {"<model>": {"B", "status", "note", "seq_per_s", "ms_per_step"}},
+   "best": {"<model>": {"B", "stack", "path", "seq_per_s", "ms_per_step", "mfu", "first_step_s", "warmup_s",
+                        "compile_s", "infer_seq_per_s"}}}
+best[model]: the fastest ok tinytlm stack (never hf) at the smallest batch that has one; bench/gpu_cells.py sizes
+and runs the paper's cells with it. The markdown report (--out; default bench/results/<date>-<device>-train.md,
+none with --smoke) is rewritten likewise. See bench/README.md.
 """
-import contextlib
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from bench.common import (MASK, PAD, CLS, SEP, check_matmul_params, device_label, error_note,
-                          free_memory, markdown_table, mean_step_ms, peak_memory_gib, read_peak, result_path,
-                          run_header, smoke_config, train_flops, utc_now, versions, write_report)
+from bench.common import (PAD, device_label, error_note, free_memory, markdown_table, mean_step_ms,
+                          peak_memory_gib, read_peak, result_path, run_header, smoke_config, train_flops, utc_now,
+                          versions, write_report)
+from bench.throughput_report import best_paths, blank, md_row, summary
+from bench.train_stacks import STACKS, flags, hf_stack, make_batches, stack_path, tinytlm_stack, wiki_rows
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
-from tinytlm.data import mask_generator, mask_tokens
-from tinytlm.hf import hf_config
-from tinytlm.model import BertConfig, BertForClassification, BertForMLM
-from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, make_optimizer, \
-    prepare_model, resolve_device
+from tinytlm.model import BertConfig, BertForClassification
+from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, resolve_device
 from tinytlm.unpad import pack_plan
-from tinytlm.wikipedia import ensure_wiki
 
-STACKS = ("hf", "eager", "compiled", "triton", "graphs", "graphs+triton")  # each but hf also as S+unpad
-# the likely winners of both depths first (a compile costs 20-60 s on a GPU): a time limit leaves a bert1 rate too
-GPU_SESSION = (("bert6", 32, "hf,eager,graphs"), ("bert1", 32, "eager,graphs"), ("bert6", 32, "compiled,graphs+triton,triton"),
-               ("bert1", 32, "graphs+triton"), ("bert6", 256, "hf,compiled"))
+# One of each family first at the paper's batch, bert6 then bert1, then batch 256, then variants: a time limit
+# (compiles cost 20-60 s each on a GPU) cuts variants before it cuts a family.
+FAMILIES = "hf,eager,graphs,graphs+triton,graphs+triton+unpad"
+GPU_SESSION = (("bert6", 32, FAMILIES), ("bert1", 32, FAMILIES),
+               ("bert6", 256, "hf,graphs,graphs+triton,graphs+triton+unpad"),
+               ("bert6", 32, "compiled,triton,eager+unpad,graphs+unpad"), ("bert1", 32, "compiled,triton,graphs+unpad"),
+               ("bert1-cl2-d64-3x3-h12", 32, "eager,graphs,graphs+triton"))
 
 
 # -----------------------------------------------------------------------------
@@ -50,13 +77,15 @@ class BenchConfig:
     models: str = "bert6,bert1,bert1-cl2-d64-3x3-h12"  # BertConfig presets, comma-separated
     batch: tuple = (32, 256)  # batch sizes (sequences per step)
     cases: str = ""  # model:batch pairs in priority order, e.g. bert6:32,bert1:32 (instead of models x batch)
-    gpu_session: bool = False  # the GPU session's preset cases and stacks (see the docstring)
+    gpu_session: bool = False  # the GPU session's preset cases and stacks (GPU_SESSION; see the docstring)
     seq_len: int = 128  # T, tokens per sequence
-    stacks: str = "hf,eager,graphs,compiled,graphs+triton,triton"  # which stacks (see the docstring), in order
+    stacks: str = "hf,eager,graphs,compiled,graphs+triton,triton"  # which stacks (bench/train_stacks.py), in order
     per_row: int = 32  # graphs stacks: masks capped at this many per row = the sparse head's static slots
-    kernels_ok: bool = True  # false: the native kernel tests failed, the triton stacks are skipped
-    unpad: bool = False  # each stack followed by its +unpad twin (GPU session: eager, graphs, graphs+triton)
-    unpad_ok: bool = True  # false: the unpad tests failed, the +unpad stacks are skipped
+    kernels_ok: bool = True  # false: the attention kernels failed their GPU checks, the triton stacks are skipped
+    unpad_ok: bool = True  # false: the varlen kernels or the unpad tests failed, the +unpad stacks are skipped
+    graphs_ok: bool = True  # false: the kernels failed under CUDA graphs, graphs+triton stacks are skipped
+    conv_ok: bool = True  # false: the conv stem kernels failed, a stem model's triton stacks are skipped
+    unpad: bool = False  # each stack but hf followed by its +unpad twin (not with --gpu_session: its preset has them)
     time_limit: float = -1.0  # seconds: no case starts after this (the first always runs); < 0: no limit
     warmup: int = 5  # untimed steps (the first one, which compiles, is timed alone)
     steps: int = 20  # timed steps
@@ -106,24 +135,18 @@ def parse_config(argv=None) -> BenchConfig:
 # -----------------------------------------------------------------------------
 # plan: (model, batch, stack, train_mlm.py path) in priority order
 
-def stack_path(stack: str, bc: BenchConfig):
-    """train_mlm.py's settings for a stack (None for hf): compile, compile_mode, kernels, mask_cap[, unpad]."""
-    if stack == "hf":
-        return None
-    graphs = stack.startswith("graphs")
-    return {"compile": not stack.startswith("eager"), "compile_mode": "reduce-overhead" if graphs else "default",
-            "kernels": "triton" if "triton" in stack else "torch", "mask_cap": bc.per_row if graphs else 0,
-            **({"unpad": True} if stack.endswith("+unpad") else {})}
-
-
-def flags(path) -> str:
-    """The train_mlm.py flags of a path (the report's 'flags' column)."""
-    if path is None:
-        return "(Hugging Face)"
-    mode, cap = path["compile_mode"], path["mask_cap"]
-    f = ["--compile"] * path["compile"] + [f"--compile_mode {mode}"] * (mode != "default")
-    f += ["--kernels triton"] * (path["kernels"] == "triton") + [f"--mask_cap {cap}"] * bool(cap)
-    return " ".join(f + ["--unpad"] * path.get("unpad", False)) or "(defaults)"
+def skip_note(model: str, stack: str, bc: BenchConfig):
+    """Why a stack is not run (a path that the GPU session's kernel stage failed or did not check), or None."""
+    triton = "triton" in stack
+    if triton and not bc.kernels_ok:
+        return "skipped: the attention kernels did not pass their checks"
+    if stack.endswith("+unpad") and not bc.unpad_ok:
+        return "skipped: the varlen kernels or the unpad tests did not pass"
+    if triton and stack.startswith("graphs") and not bc.graphs_ok:
+        return "skipped: the kernels did not pass their CUDA-graph checks"
+    if triton and not bc.conv_ok and BertConfig.preset(model).n_conv:
+        return "skipped: the conv stem kernels did not pass their checks"
+    return None
 
 
 def plan(bc: BenchConfig) -> list:
@@ -134,102 +157,17 @@ def plan(bc: BenchConfig) -> list:
         groups = [(m, b, bc.stacks) for m, b in parse_cases(bc.cases)]
     else:
         groups = [(m, b, bc.stacks) for m in bc.models.split(",") for b in bc.batch]
-    twins, out = ("eager", "graphs", "graphs+triton") if bc.gpu_session else STACKS[1:], []
+    twins = bc.unpad and not bc.gpu_session
+    out = []
     for model, B, stacks in groups:
-        for s in [t for s in stacks.split(",") for t in [s] + [s + "+unpad"] * (bc.unpad and s in twins)]:
-            skip = "skipped: kernel tests failed" if "triton" in s and not bc.kernels_ok else \
-                "skipped: unpad tests failed" if "unpad" in s and not bc.unpad_ok else None
-            out.append({"model": model, "B": B, "stack": s, "path": stack_path(s, bc), "skip": skip})
+        for s in [t for s in stacks.split(",") for t in [s] + [s + "+unpad"] * (twins and s in STACKS[1:])]:
+            out.append({"model": model, "B": B, "stack": s, "path": stack_path(s, bc.per_row),
+                        "skip": skip_note(model, s, bc)})
     return out
-
-
-# -----------------------------------------------------------------------------
-# data
-
-def wiki_rows(n: int, bc: BenchConfig) -> torch.Tensor:
-    """(n, seq_len) int64: the first n rows of the prepared Wikipedia shard (pre-training's rows, in its order),
-    repeated if it holds fewer and no raw data is there to prepare more (a smoke session's shard)."""
-    try:
-        shard = ensure_wiki(n, None, Path(bc.data) if bc.data else None, quiet=True)
-    except UserError:
-        shard = ensure_wiki(0, None, Path(bc.data) if bc.data else None, quiet=True)  # whatever is prepared
-    rows = torch.from_numpy(shard.ids[:n, :bc.seq_len].astype("int64"))
-    return rows.repeat(-(-n // len(rows)), 1)[:n]
-
-
-def make_batches(cfg: BertConfig, B: int, bc: BenchConfig, device, cap: int, n: int = 4) -> list:
-    """n batches of (inputs, attention_mask, targets) on the device: rows 0 .. n*B-1 of Wikipedia, the same
-    for every stack, as are the masks' random draws; cap > 0 keeps at most `cap` of the choices per row."""
-    rows, out = wiki_rows(n * B, bc), []
-    for i in range(n):
-        x = rows[i * B:(i + 1) * B].to(device)
-        inputs, targets = mask_tokens(x, mask_generator(device, bc.seed, i), vocab_size=cfg.vocab_size, mask_id=MASK,
-                                      special_ids=(PAD, CLS, SEP), cap=cap)
-        out.append((inputs, (x != PAD).long(), targets))  # (B, T) each
-    return out
-
-
-# -----------------------------------------------------------------------------
-# stacks: each returns (step(i), note)
-
-def hf_stack(cfg, batches, bc, device, path):
-    import transformers
-    if cfg.n_conv:
-        raise NotImplementedError("n/a: a conv stem has no Hugging Face equivalent")
-    hcfg = transformers.BertConfig(**hf_config(cfg), attn_implementation="sdpa")
-    model = transformers.BertForMaskedLM(hcfg).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=0.01)  # foreach on CUDA by default
-    cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda)
-    amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
-
-    def step(i):
-        x, am, y = batches[i % len(batches)]
-        with amp:
-            loss = model(input_ids=x, attention_mask=am, labels=y).loss  # dense head over (B, T, V)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-
-    amp_note = "fp16 autocast + GradScaler" if cuda else "fp32 (CPU)"
-    return step, f"attn {model.config._attn_implementation}, {amp_note}, dense head, AdamW foreach"
-
-
-def tinytlm_stack(cfg, batches, bc, device, path):
-    """train_mlm.py's step for this path: prepare_model (kernels, torch.compile), AdamW, sparse head."""
-    model = BertForMLM(cfg)
-    check_matmul_params(model)  # the FLOP formula describes this model
-    raw = model
-    model = prepare_model(model, device, path["kernels"], path["compile"], path["compile_mode"],
-                          path.get("unpad", False)).train()
-    opt = make_optimizer(raw, bc.lr, 0.01, device)  # fused AdamW on CUDA
-    graphs, slots = path["compile_mode"] == "reduce-overhead", path["mask_cap"]
-
-    def step(i):
-        x, am, y = batches[i % len(batches)]
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
-        with autocast(device):
-            _, loss = model(x, am, y, per_row=slots)  # sparse head on (B * slots, V), or (n chosen, V) if 0
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    amp_note = "bf16 autocast, fused AdamW" if device.type == "cuda" else "fp32 (CPU), AdamW"
-    head = f"sparse head {slots} static slots/row" if slots else "sparse head on the chosen (dynamic)"
-    return step, f"{amp_note}, {head}, kernels {path['kernels']}" + (", unpadded" if path.get("unpad") else "")
 
 
 # -----------------------------------------------------------------------------
 # run
-
-def blank(e: dict, status: str, note: str) -> dict:
-    """A case record with no numbers (skipped, n/a, failed)."""
-    return {"model": e["model"], "B": e["B"], "stack": e["stack"], "path": e["path"], "status": status, "note": note,
-            **dict.fromkeys(("seq_per_s", "ms_per_step", "mfu", "peak_gib", "first_step_s", "warmup_s",
-                             "gflop_per_step", "tokens"))}
-
 
 def run_case(e: dict, cfg, batches, bc, device, peak: float) -> dict:
     B, path = e["B"], e["path"]
@@ -253,8 +191,8 @@ def run_case(e: dict, cfg, batches, bc, device, peak: float) -> dict:
     tokens = {"real": round(sum(int(am.sum()) for _, am, _ in batches) / slots, 4),
               "budget": round(sum(pack_plan(am).budget for _, am, _ in batches) / slots, 4)}
     return {**blank(e, "ok", note), "seq_per_s": B / ms * 1e3, "ms_per_step": ms, "mfu": flops / ms / 1e9 / peak,
-            "peak_gib": mem, "first_step_s": first_s, "warmup_s": warmup_s, "gflop_per_step": flops / 1e9,
-            "tokens": tokens}
+            "peak_gib": mem, "first_step_s": first_s, "warmup_s": warmup_s,
+            "compile_s": max(0.0, warmup_s - warmup * ms / 1e3), "gflop_per_step": flops / 1e9, "tokens": tokens}
 
 
 def infer_rate(cfg, bc, device) -> dict:
@@ -265,7 +203,7 @@ def infer_rate(cfg, bc, device) -> dict:
     free_memory(device)
     try:
         model = BertForClassification(cfg, 10).to(device).eval()
-        x = wiki_rows(bc.infer_batch, bc).to(device)  # (B, T)
+        x = wiki_rows(bc.infer_batch, bc.seq_len, bc.data).to(device)  # (B, T)
 
         def step(i):
             with torch.no_grad(), autocast(device):
@@ -278,59 +216,31 @@ def infer_rate(cfg, bc, device) -> dict:
     return {**rec, "seq_per_s": bc.infer_batch / ms * 1e3, "ms_per_step": ms}
 
 
-def best_paths(cases: list, infer: dict) -> dict:
-    """Per model: the fastest ok tinytlm stack at the smallest batch with one (the paper trains at 32)."""
-    best = {}
-    for model in dict.fromkeys(c["model"] for c in cases):
-        ok = [c for c in cases if c["model"] == model and c["status"] == "ok" and c["path"] is not None]
-        if ok:
-            top = max((c for c in ok if c["B"] == min(c["B"] for c in ok)), key=lambda c: c["seq_per_s"])
-            keys = ("B", "stack", "path", "seq_per_s", "ms_per_step", "mfu", "first_step_s", "warmup_s")
-            best[model] = {**{k: top[k] for k in keys}, "infer_seq_per_s": infer.get(model, {}).get("seq_per_s")}
-    return best
+class Report:
+    """The run's result dict, its markdown report and JSON file, rewritten after every case."""
 
+    def __init__(self, bc: BenchConfig, device, peak: float, peak_source: str):
+        self.bc = bc
+        self.header = ["- **SMOKE RUN: tiny shapes on whatever device; not a performance number**"] * bc.smoke + \
+            run_header(device, asdict(bc)) + [f"- peak for MFU: {peak:g} TFLOP/s ({peak_source})"]
+        self.path = result_path("train", device, bc.out, bc.smoke)
+        self.title = "MLM training throughput" + " (smoke run, not a performance number)" * bc.smoke
+        self.result = {"device": device_label(device), "date": utc_now(), "git": git_revision(),
+                       "versions": versions(), "smoke": bc.smoke, "complete": False, "config": asdict(bc),
+                       "peak_tflops": peak, "peak_source": peak_source, "cases": [], "infer": {}, "best": {}}
 
-def summary(cases: list) -> list:
-    """The goals: tinytlm-best / HF on bert6 at its smallest batch (>= 5x) and its seq/s (>= 8,500), MFU at the
-    largest batch (>= 45%); and every unpadded stack against its padded twin."""
-    def top(model, B, hf):
-        ok = [c for c in cases if c["model"] == model and c["B"] == B and c["status"] == "ok"
-              and (c["path"] is None) == hf]
-        return max(ok, key=lambda c: c["seq_per_s"]) if ok else None
-
-    lines = []
-    for model in dict.fromkeys(c["model"] for c in cases):
-        batches = sorted({c["B"] for c in cases if c["model"] == model and c["status"] == "ok"})
-        if not batches:
-            continue
-        ours, hf = top(model, batches[0], False), top(model, batches[0], True)
-        if model == "bert6" and ours and hf:
-            lines.append(f"- bert6, B={batches[0]}: tinytlm best ({ours['stack']}) / HF = "
-                         f"{ours['seq_per_s'] / hf['seq_per_s']:.2f}x in seq/s (goal >= 5x); "
-                         f"{ours['seq_per_s']:,.0f} seq/s (goal >= 8,500)")
-        r = top(model, batches[-1], False)
-        if r:
-            lines.append(f"- {model}, B={batches[-1]}: best tinytlm MFU {100 * r['mfu']:.1f}% ({r['stack']}; "
-                         "goal >= 45%)")
-    ok = {(c["model"], c["B"], c["stack"]): c for c in cases if c["status"] == "ok"}
-    for (model, B, stack), c in ok.items():  # unpadded / padded, and what the padding and the budget were
-        if stack.endswith("+unpad") and (model, B, stack[:-6]) in ok:
-            t, ratio = c["tokens"], c["seq_per_s"] / ok[(model, B, stack[:-6])]["seq_per_s"]
-            lines.append(f"- {model}, B={B}: {stack} / {stack[:-6]} = {ratio:.2f}x (real tokens {100 * t['real']:.1f}% "
-                         f"of the B*T slots, token budget {100 * t['budget']:.1f}%)")
-    return lines
-
-
-def md_row(c: dict) -> dict:
-    def num(v, fmt):
-        return "" if v is None else format(v, fmt)
-    tflops = None if c["ms_per_step"] is None else c["gflop_per_step"] / c["ms_per_step"]
-    return {"model": c["model"], "B": c["B"], "stack": c["stack"], "status": c["status"],
-            "ms/step": num(c["ms_per_step"], ".2f"), "seq/s": num(c["seq_per_s"], ".0f"), "TFLOP/s": num(tflops, ".1f"),
-            "MFU": "" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%", "peak GiB": num(c["peak_gib"], ".2f"),
-            "1st step s": num(c["first_step_s"], ".1f"), "warmup s": num(c["warmup_s"], ".1f"),
-            "GFLOP/step": num(c["gflop_per_step"], ".1f"), "flags": flags(c["path"]), "note": c["note"],
-            "real / budget": f"{c['tokens']['real']:.3f} / {c['tokens']['budget']:.3f}" if c["tokens"] else ""}
+    def save(self, goals=()):
+        cases, infer = self.result["cases"], self.result["infer"]
+        self.result["best"] = best_paths(cases, infer)
+        sections = [markdown_table(list(md_row(cases[0])), [md_row(c) for c in cases])] if cases else []
+        if infer:
+            rows = [{"model": m, **r, "seq_per_s": f"{r['seq_per_s'] or 0:.0f}"} for m, r in infer.items()]
+            sections.append("## Inference\n\n" + markdown_table(["model", "B", "status", "seq_per_s", "note"], rows))
+        if goals:
+            sections.append("## Goals\n\n" + "\n".join(goals))
+        write_report(self.path, self.title, self.header, sections)
+        if self.bc.json:
+            write_json(self.bc.json, self.result)
 
 
 def main(argv=None):
@@ -339,30 +249,11 @@ def main(argv=None):
     device = resolve_device(bc.device)
     peak, peak_source = read_peak(bc.probe, bc.peak_tflops)
     torch.manual_seed(bc.seed)
-    header = ["- **SMOKE RUN: tiny shapes on whatever device; not a performance number**"] * bc.smoke + \
-        run_header(device, asdict(bc)) + [f"- peak for MFU: {peak:g} TFLOP/s ({peak_source})"]
-    print("\n".join(header))
-    path = result_path("train", device, bc.out, bc.smoke)
-    title = "MLM training throughput" + " (smoke run, not a performance number)" * bc.smoke
-    result = {"device": device_label(device), "date": utc_now(), "git": git_revision(), "versions": versions(),
-              "smoke": bc.smoke, "complete": False, "config": asdict(bc), "peak_tflops": peak,
-              "peak_source": peak_source, "cases": [], "infer": {}, "best": {}}
-    cases, infer, configs, batches = result["cases"], result["infer"], {}, {}
-
-    def save(goals=()):
-        result["best"] = best_paths(cases, infer)
-        sections = [markdown_table(list(md_row(cases[0])), [md_row(c) for c in cases])] if cases else []
-        if infer:
-            rows = [{"model": m, **r, "seq_per_s": f"{r['seq_per_s'] or 0:.0f}"} for m, r in infer.items()]
-            sections.append("## Inference\n\n" + markdown_table(["model", "B", "status", "seq_per_s", "note"], rows))
-        if goals:
-            sections.append("## Goals\n\n" + "\n".join(goals))
-        write_report(path, title, header, sections)
-        if bc.json:
-            write_json(bc.json, result)
-
+    report = Report(bc, device, peak, peak_source)
+    print("\n".join(report.header))
+    cases, infer, configs, batches = report.result["cases"], report.result["infer"], {}, {}
     entries, ran = plan(bc), False
-    save()  # a file from the start: a run killed in its first case still says what and where
+    report.save()  # a file from the start: a run killed in its first case still says what and where
     for i, e in enumerate(entries):
         model, B = e["model"], e["B"]
         elapsed = time.perf_counter() - t_start
@@ -385,15 +276,15 @@ def main(argv=None):
                                                      for c in cases):
             infer[model] = infer_rate(configs[model], bc, device)
             print(f"inference {model} B={bc.infer_batch}: {infer[model]['seq_per_s'] or 0:.0f} seq/s", flush=True)
-        save()
+        report.save()
     goals = summary(cases) + (["- (smoke run: these ratios say nothing about performance)"] if bc.smoke else [])
     print("\n".join(goals))
-    result["complete"] = True
-    save(goals)
-    for model, b in result["best"].items():
+    report.result["complete"] = True
+    report.save(goals)
+    for model, b in report.result["best"].items():
         print(f"best {model}: {b['stack']} ({flags(b['path'])}) at B={b['B']}: {b['seq_per_s']:.0f} seq/s")
-    print(f"done in {time.perf_counter() - t_start:.0f} s" + (f"; wrote {path}" if path else ""))
-    return result
+    print(f"done in {time.perf_counter() - t_start:.0f} s" + (f"; wrote {report.path}" if report.path else ""))
+    return report.result
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ Limits:
 - rows whose keys are all masked out produce output 0 and zero gradients (SDPA gives NaN on some
   backends and versions, 0 on CPU in torch 2.13).
 - with dropout, B * H * T * T must stay below 2**31 (the Philox offsets are int32).
+- one grid axis of ceil(T / tile) * B * H programs (CUDA allows 2**31 - 1 there, 65,535 on the other
+  axes, which B * H passes in a stacked evaluation); tiles and warps per kernel in TILES, checked
+  for registers, spills and shared memory on sm_80 and sm_90 by bench/aot.py.
 - under TRITON_INTERPRET=1 all tiles are upcast to fp32 before tl.dot, because the
   interpreter's bf16 dot returns garbage.
 
@@ -38,7 +41,6 @@ torch.compile(fullgraph=True) traces through it without a graph break; that repl
 usual `autograd.Function`, which would be opaque to the compiler.
 """
 import math
-import os
 from typing import Optional
 
 import torch
@@ -46,26 +48,39 @@ import triton
 
 from .attention_kernels import (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel,
                                 _attn_fwd_kernel, _dropout_mask_kernel)
+from .common import FLOAT_DTYPES, autocast, check_dropout, check_qkv, dot_precision, interpreted
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+SUPPORTED_DTYPES = FLOAT_DTYPES
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _config(T, D, dtype):
-    """Launch constants shared by the kernels (padded and varlen) for sequences of at most T tokens.
-    Tiles hard-coded from the Triton fused-attention tutorial's H100 configurations (64 x 64 tiles,
-    4 warps; a narrower K/V tile at D = 128 to keep the fp32 accumulators in registers), not autotuned
-    here. Small T shrinks the tiles (>= 16, the tl.dot minimum) so short sequences waste less work."""
+# (BLOCK_M, BLOCK_N, num_warps) per kernel: BLOCK_M is the query tile, BLOCK_N the key/value tile. Started from
+# the Triton fused-attention tutorial's H100 configurations, then checked with ptxas for sm_80 and sm_90 at the
+# project's shapes under triton 3.6 and 3.9 (bench/aot.py: registers, spills, shared memory); not autotuned. At
+# 64 x 64 with 4 warps the bf16 backward spilled with dropout (dK/dV 56 B on sm_90, 392 B on sm_80; dQ 60 B on
+# sm_80): its fp32 accumulators, the recomputed P and dP and the Philox state are live at once. fp32 dots are
+# IEEE (FMA units, no tensor cores): at 64 x 64 ptxas gave the fp32 backward 32 registers and 7-11 KB of stack
+# (the forward 1-7 KB), hence small fp32 tiles, and 8 warps in its backward (with 4, triton 3.6's ptxas left
+# 4-16 B of spills in four of them). With these, no bf16 kernel spills, and at D = 64 no fp32 one under
+# triton 3.6 (the GPU image's); elsewhere ptxas leaves at most 16 B in a few fp32 kernels (bench/README.md).
+TILES = {
+    "half": {"fwd": (64, 64, 4), "dkdv": (32, 64, 8), "dq": (64, 32, 4)},  # fp16 / bf16
+    "fp32": {"fwd": (32, 32, 4), "dkdv": (16, 32, 8), "dq": (32, 32, 8)},
+}
+
+
+def _config(kernel, T, D, dtype):
+    """Launch constants of `kernel` ("fwd", "dkdv" or "dq"; padded and varlen alike) for sequences of at most T
+    tokens: TILES, with the key/value tile halved at D = 128 (its fp32 accumulators would not fit in registers),
+    and tiles shrunk for small T (>= 16, the tl.dot minimum) so short sequences waste less work."""
+    block_m, block_n, warps = TILES["fp32" if dtype == torch.float32 else "half"][kernel]
+    if D == 128:
+        block_n = max(16, block_n // 2)
     cap = max(16, triton.next_power_of_2(T))
-    upcast = _interpreted()
-    return dict(HEAD_D=D, BLOCK_M=min(64, cap), BLOCK_N=min(32 if D == 128 else 64, cap), UPCAST=upcast,
-                DOT_PREC="ieee" if (upcast or dtype == torch.float32) else "tf32", num_warps=4)
+    return dict(HEAD_D=D, BLOCK_M=min(block_m, cap), BLOCK_N=min(block_n, cap), UPCAST=interpreted(),
+                DOT_PREC=dot_precision(dtype), num_warps=warps)
 
 
 def _bwd_stages(q):
@@ -75,29 +90,8 @@ def _bwd_stages(q):
 
 
 def _check_inputs(q, k, v, key_padding_mask, dropout_p, seed):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-d tensor (B, H, T, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention: q, k, v must have the same shape (B, H, T, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_qkv("attention", q, k, v, "(B, H, T, D)", SUPPORTED_HEAD_DIMS)
     B, H, T, D = q.shape
-    if min(B, H, T) < 1:
-        raise ValueError(f"attention: empty input of shape {tuple(q.shape)}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} unsupported, must be one of {SUPPORTED_HEAD_DIMS}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention: q, k, v must share one dtype out of float32/float16/bfloat16, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"attention: tensors are on {q.device}; the Triton kernels need CUDA "
-                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"attention: {name} must have unit stride on the head dim (call .contiguous())")
     if key_padding_mask is not None:
         m = key_padding_mask
         if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (B, T):
@@ -105,14 +99,7 @@ def _check_inputs(q, k, v, key_padding_mask, dropout_p, seed):
                              f"got {getattr(m, 'dtype', type(m).__name__)} {tuple(getattr(m, 'shape', ()))}")
         if m.device != q.device:
             raise ValueError(f"attention: key_padding_mask on {m.device}, q on {q.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and B * H * T * T >= 2**31:
-        raise ValueError(f"attention: B*H*T*T = {B * H * T * T} too large for int32 dropout offsets")
-    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
-                              and seed.numel() == 1 and seed.device == q.device):
-        raise ValueError(f"attention: the dropout seed must be an int64 tensor of one element on {q.device}, got "
-                         f"{(seed.dtype, tuple(seed.shape), seed.device) if isinstance(seed, torch.Tensor) else seed}")
+    check_dropout("attention", dropout_p, seed, q.device, B * H * T * T, "B*H*T*T")
 
 
 def _pointer_args(key_padding_mask, seed, q):
@@ -128,12 +115,12 @@ def _launch_fwd(q, k, v, key_padding_mask, dropout_p, seed):
     """Run the forward kernel; returns out (B, H, T, D) in q.dtype and lse (B, H, T) fp32, base 2.
     seed: the int64 (1,) device tensor, or None without dropout."""
     B, H, T, D = q.shape
-    cfg = _config(T, D, q.dtype)
+    cfg = _config("fwd", T, D, q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
     qk_scale = 1.4426950408889634 / math.sqrt(D)  # log2(e) / sqrt(D): the kernel uses exp2
-    _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+    _attn_fwd_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](  # one grid axis: see _grid_ids
         q, k, v, mask, out, lse, seed, dropout_p, qk_scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smt, H, T,
         HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, **cfg)
@@ -145,21 +132,23 @@ def _launch_bwd(do, q, k, v, out, lse, key_padding_mask, dropout_p, seed):
     B, H, T, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    cfg = _config(T, D, q.dtype)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
-        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=cfg["BLOCK_M"])
+    block = _config("fwd", T, D, q.dtype)["BLOCK_M"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(T, block) * B * H,)](
+        out, do, delta, *out.stride(), *do.stride(), H, T, HEAD_D=D, BLOCK_M=block)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     mask, smb, smt, has_mask, seed = _pointer_args(key_padding_mask, seed, q)
     sm_scale = 1.0 / math.sqrt(D)
-    cfg.update(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
+    flags = dict(HAS_MASK=has_mask, HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
     args = (seed, dropout_p, sm_scale * 1.4426950408889634, sm_scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, H, T)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]), B * H)](
+    cfg = {**_config("dkdv", T, D, q.dtype), **flags}
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, cfg["BLOCK_N"]) * B * H,)](
         q, k, v, mask, do, lse, delta, dk, dv, *args, **cfg)
-    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]), B * H)](
+    cfg = {**_config("dq", T, D, q.dtype), **flags}
+    _attn_bwd_dq_kernel[(triton.cdiv(T, cfg["BLOCK_M"]) * B * H,)](
         q, k, v, mask, do, lse, delta, dq, *args, **cfg)
     return dq, dk, dv
 
@@ -174,16 +163,6 @@ def _seed_tensor(seed, device):
     if isinstance(seed, torch.Tensor):
         return seed
     return torch.tensor([int(seed)], dtype=torch.int64, device=device)
-
-
-def _autocast(*ts):
-    """Inside an autocast region: autocast's rule for SDPA, floating inputs other than float64 run in the
-    autocast dtype (so the precision does not depend on the kernel choice)."""
-    dev = ts[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return ts
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in ts)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -238,7 +217,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None):
     `seed`: None draws a fresh one on q's device (only when dropout_p > 0), an int or an int64
     (1,) tensor on q's device fixes it. Returns (B, H, T, D) in q.dtype (the autocast dtype
     inside an autocast region)."""
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast(q, k, v)
     seed = _seed_tensor(seed, q.device) if dropout_p > 0 else None
     out, _ = torch.ops.tinytlm.attention_fwd(q, k, v, key_padding_mask, float(dropout_p), seed)
     return out
@@ -251,7 +230,7 @@ def dropout_mask(B, H, T, seed, dropout_p, device="cpu"):
     one-element tensor on `device`) and probability."""
     keep = torch.empty((B, H, T, T), dtype=torch.uint8, device=device)
     block = min(64, max(16, triton.next_power_of_2(T)))
-    _dropout_mask_kernel[(triton.cdiv(T, block), B * H)](keep, _seed_tensor(seed, device), float(dropout_p), T,
+    _dropout_mask_kernel[(triton.cdiv(T, block) * B * H,)](keep, _seed_tensor(seed, device), float(dropout_p), T,
                                                          BLOCK=block)
     return keep.bool()
 

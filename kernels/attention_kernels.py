@@ -11,6 +11,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _grid_ids(T, BLOCK: tl.constexpr):
+    # (block index within a row, row = batch * H + head) of this program. The grid is one axis, blocks of a
+    # row consecutive (they share K/V in L2): CUDA allows 2^31 - 1 programs on axis 0 but 65,535 on axes 1
+    # and 2, which B * H passes in a stacked evaluation (K = 22 members at batch 256: 67,584 rows).
+    n_blocks = tl.cdiv(T, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_q, offs_k, T, dropout_p):
     # One Philox draw per (batch*head, q, k) element; the same ids in every kernel, whatever
     # the tile shape or orientation, so forward, backward and dropout_mask agree bit for bit.
@@ -170,8 +180,7 @@ def _attn_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # one program = one (BLOCK_M, HEAD_D) block of queries of one (batch, head)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _grid_ids(T, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -200,8 +209,7 @@ def _attn_bwd_preprocess_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # delta = rowsum(dO * O), (B*H, T) fp32. It also equals rowsum(dP * P) under dropout.
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _grid_ids(T, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,8 +238,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     # one program = one (BLOCK_N, D) block of keys/values; loops over all query blocks.
     # DK, DV are contiguous (B, H, T, D), written by this program only.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n, bh = _grid_ids(T, BLOCK_N)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -274,8 +281,7 @@ def _attn_bwd_dq_kernel(
 ):
     # one program = one (BLOCK_M, D) block of queries; loops over all key blocks.
     # DQ is contiguous (B, H, T, D).
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _grid_ids(T, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -303,8 +309,7 @@ def _attn_bwd_dq_kernel(
 def _dropout_mask_kernel(KEEP, SEED, dropout_p, T, BLOCK: tl.constexpr):
     # KEEP: (B*H, T, T) uint8, contiguous; one program per (BLOCK query rows, batch*head)
     seed = tl.load(SEED)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _grid_ids(T, BLOCK)
     offs_q = pid_m * BLOCK + tl.arange(0, BLOCK)
     for start in range(0, T, BLOCK):
         offs_k = start + tl.arange(0, BLOCK)

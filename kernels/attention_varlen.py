@@ -32,38 +32,16 @@ from typing import Optional
 import torch
 import triton
 
-from .attention import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, _autocast, _bwd_stages, _config, _interpreted,
-                        _seed_tensor, dropout_mask)
+from .attention import SUPPORTED_HEAD_DIMS, _bwd_stages, _config, _seed_tensor, dropout_mask
 from .attention_kernels import _attn_bwd_preprocess_kernel
 from .attention_varlen_kernels import _attn_varlen_bwd_dkdv_kernel, _attn_varlen_bwd_dq_kernel, _attn_varlen_fwd_kernel
+from .common import autocast, check_dropout, check_qkv
 
 LOG2E = 1.4426950408889634
 
 
 def _check_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"attention_varlen: {name} must be a 3-d tensor (N, H, D), got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"attention_varlen: q, k, v must have the same shape (N, H, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    N, H, D = q.shape
-    if min(N, H) < 1:
-        raise ValueError(f"attention_varlen: empty input of shape {tuple(q.shape)}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"attention_varlen: head dim {D} unsupported, must be one of {SUPPORTED_HEAD_DIMS}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention_varlen: q, k, v must share one dtype out of float32/float16/bfloat16, "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention_varlen: q, k, v on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"attention_varlen: tensors are on {q.device}; the Triton kernels need CUDA "
-                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"attention_varlen: {name} must have unit stride on the head dim")
+    check_qkv("attention_varlen", q, k, v, "(N, H, D)", SUPPORTED_HEAD_DIMS)
     for name, t in (("seq_start", seq_start), ("seq_len", seq_len)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.numel() < 1:
             raise ValueError(f"attention_varlen: {name} must be a 1-d int32 tensor with one entry per sequence, "
@@ -74,15 +52,8 @@ def _check_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
         raise ValueError(f"attention_varlen: {seq_start.numel()} starts for {seq_len.numel()} lengths")
     if not isinstance(max_seqlen, int) or max_seqlen < 1:
         raise ValueError(f"attention_varlen: max_seqlen must be a positive int, got {max_seqlen!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention_varlen: dropout_p must be in [0, 1), got {dropout_p}")
-    S = seq_len.numel()
-    if dropout_p > 0 and S * H * max_seqlen ** 2 >= 2**31:
-        raise ValueError(f"attention_varlen: S*H*max_seqlen^2 = {S * H * max_seqlen ** 2} too large for int32 "
-                         "dropout offsets")
-    if dropout_p > 0 and not (isinstance(seed, torch.Tensor) and seed.dtype == torch.int64
-                              and seed.numel() == 1 and seed.device == q.device):
-        raise ValueError(f"attention_varlen: the dropout seed must be an int64 tensor of one element on {q.device}")
+    S, H = seq_len.numel(), q.shape[1]
+    check_dropout("attention_varlen", dropout_p, seed, q.device, S * H * max_seqlen ** 2, "S*H*max_seqlen^2")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -90,10 +61,10 @@ def _check_inputs(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
 def _launch_fwd(q, k, v, seq_start, seq_len, max_seqlen, dropout_p, seed):
     """out (N, H, D) in q.dtype (rows of no sequence: 0) and lse (H, N) fp32, base 2."""
     N, H, D = q.shape
-    cfg = _config(max_seqlen, D, q.dtype)
+    cfg = _config("fwd", max_seqlen, D, q.dtype)
     out = torch.zeros((N, H, D), device=q.device, dtype=q.dtype)
     lse = torch.zeros((H, N), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), seq_len.numel() * H)
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * seq_len.numel() * H,)  # one axis: see _grid_ids
     _attn_varlen_fwd_kernel[grid](
         q, k, v, out, lse, seq_start, seq_len, q if seed is None else seed, dropout_p, LOG2E / math.sqrt(D),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, N, max_seqlen,
@@ -106,21 +77,23 @@ def _launch_bwd(do, q, k, v, out, lse, seq_start, seq_len, max_seqlen, dropout_p
     N, H, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    cfg = _config(max_seqlen, D, q.dtype)
     # delta = rowsum(dO * O), (H, N): the padded preprocess kernel on (1, H, N, D) views of every row
     delta = torch.empty((H, N), device=q.device, dtype=torch.float32)
     o4, do4 = out.permute(1, 0, 2).unsqueeze(0), do.permute(1, 0, 2).unsqueeze(0)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, cfg["BLOCK_M"]), H)](
-        o4, do4, delta, *o4.stride(), *do4.stride(), H, N, HEAD_D=D, BLOCK_M=cfg["BLOCK_M"])
+    block = _config("fwd", max_seqlen, D, q.dtype)["BLOCK_M"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, block) * H,)](
+        o4, do4, delta, *o4.stride(), *do4.stride(), H, N, HEAD_D=D, BLOCK_M=block)
     dq, dk, dv = (torch.zeros((N, H, D), device=q.device, dtype=q.dtype) for _ in range(3))
-    cfg.update(HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
+    flags = dict(HAS_DROPOUT=dropout_p > 0, num_stages=_bwd_stages(q))
     sm_scale = 1.0 / math.sqrt(D)
     args = (seq_start, seq_len, q if seed is None else seed, dropout_p, sm_scale * LOG2E, sm_scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), H, N, max_seqlen)
     S = seq_len.numel()
-    _attn_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), S * H)](
+    cfg = {**_config("dkdv", max_seqlen, D, q.dtype), **flags}
+    _attn_varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]) * S * H,)](
         q, k, v, do, lse, delta, dk, dv, *args, **cfg)
-    _attn_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), S * H)](
+    cfg = {**_config("dq", max_seqlen, D, q.dtype), **flags}
+    _attn_varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]) * S * H,)](
         q, k, v, do, lse, delta, dq, *args, **cfg)
     return dq, dk, dv
 
@@ -177,7 +150,7 @@ def attention_varlen(q, k, v, seq_start, seq_len, max_seqlen, dropout_p=0.0, see
     Dropout on the attention probabilities with probability dropout_p from `seed` (None: a fresh one drawn
     on q's device, only when dropout_p > 0; an int or an int64 (1,) tensor fixes it). Returns (N, H, D) in
     q.dtype (the autocast dtype inside an autocast region); rows of no sequence are 0."""
-    q, k, v = _autocast(q, k, v)
+    q, k, v = autocast(q, k, v)
     seed = _seed_tensor(seed, q.device) if dropout_p > 0 else None
     out, _ = torch.ops.tinytlm.attention_varlen_fwd(q, k, v, seq_start, seq_len, int(max_seqlen),
                                                     float(dropout_p), seed)

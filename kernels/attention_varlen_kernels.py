@@ -12,7 +12,7 @@ The backward's delta = rowsum(dO * O) is the padded preprocess kernel run on a (
 import triton
 import triton.language as tl
 
-from .attention_kernels import _dkdv_loop, _dq_loop, _fwd_finish, _fwd_loop
+from .attention_kernels import _dkdv_loop, _dq_loop, _fwd_finish, _fwd_loop, _grid_ids
 
 
 @triton.jit
@@ -27,8 +27,7 @@ def _attn_varlen_fwd_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    sh = tl.program_id(1)  # sequence * H + head: the dropout stream's (batch * H + head)
+    pid_m, sh = _grid_ids(T_RAND, BLOCK_M)  # sh = sequence * H + head: the dropout stream's (batch * H + head)
     s = sh // H
     h = (sh % H).to(tl.int64)
     L = tl.load(SEQ_LEN + s)
@@ -65,8 +64,7 @@ def _attn_varlen_bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # one program = one (BLOCK_N, D) block of keys/values of one (sequence, head); DK, DV contiguous (N, H, D)
-    pid_n = tl.program_id(0)
-    sh = tl.program_id(1)
+    pid_n, sh = _grid_ids(T_RAND, BLOCK_N)
     s = sh // H
     h = (sh % H).to(tl.int64)
     L = tl.load(SEQ_LEN + s)
@@ -106,8 +104,7 @@ def _attn_varlen_bwd_dq_kernel(
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # one program = one (BLOCK_M, D) block of queries of one (sequence, head); DQ contiguous (N, H, D)
-    pid_m = tl.program_id(0)
-    sh = tl.program_id(1)
+    pid_m, sh = _grid_ids(T_RAND, BLOCK_M)
     s = sh // H
     h = (sh % H).to(tl.int64)
     L = tl.load(SEQ_LEN + s)

@@ -14,7 +14,7 @@ bias + GELU), so the last layer writes (B, T, W) instead of (B, d, T, W). Groupe
 channels g*C_in.., weight output channels g*C_out.., and writes output channels g*C_out.. (with
 the fused projection: output channel g, a dot over that group's channels). One launch for all G.
 
-Two ops (the stem module itself, with its BatchNorm folding, is tinytlm.model.ConvStem):
+Two ops (the stem module itself, with its BatchNorm folding, is tinytlm.stem.ConvStem):
 - `conv_stem_infer(x, params, members=1)`: inference with BatchNorm already folded into the conv
   weights (`ConvStem.fold`); every layer is one kernel launch (conv + bias + GELU), the last one
   also does the projection. Activations are kept channels-last (B, T, W, C) for contiguous loads.
@@ -40,18 +40,14 @@ number of groups / members, any T, W, kernel size; fp32 / fp16 / bf16 inputs wit
 fp32 accumulation (fp32 inputs use IEEE dots, no tf32). Under TRITON_INTERPRET=1 tiles are
 upcast to fp32 before tl.dot (the interpreter's bf16 dot is wrong).
 """
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .common import FLOAT_DTYPES, autocast, check_count, check_device, dot_precision, interpreted
+
 MAX_CHANNELS = 128
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -141,7 +137,6 @@ def _conv_launch(x, x_strides, B, T, W, weight, bias, y, y_strides, gelu, groups
     # 64 pixels x <= 128 channels of fp32 accumulator per program, 4 warps: a common
     # implicit-GEMM tile (Triton matmul tutorial sizes); not autotuned.
     block_p = 64
-    upcast = _interpreted()
     pw, pb = proj if proj is not None else (bias, bias)  # dummies when not fused
     # grid: pixel tiles x batch x groups, all groups in one launch
     _conv2d_kernel[(triton.cdiv(T * W, block_p), B, groups)](
@@ -149,20 +144,14 @@ def _conv_launch(x, x_strides, B, T, W, weight, bias, y, y_strides, gelu, groups
         T, W, C_in, C_out,
         *x_strides, *y_strides,
         KH=kh, KW=kw, PAD_T=(kh - 1) // 2, PAD_W=(kw - 1) // 2,
-        GELU=gelu, FUSE_PROJ=proj is not None, UPCAST=upcast,
-        DOT_PREC="ieee" if (upcast or x.dtype == torch.float32) else "tf32",
+        GELU=gelu, FUSE_PROJ=proj is not None, UPCAST=interpreted(), DOT_PREC=dot_precision(x.dtype),
         BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
     )
     return y
 
 
-def _check_count(n, name, where):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{where}: {name} must be a positive int, got {n!r}")
-
-
 def _check_conv(x, weight, bias, groups, where):
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{where}: dtype {x.dtype} unsupported (float32/float16/bfloat16)")
     if weight.dim() != 4 or bias is None or bias.shape != (weight.shape[0],):
         raise ValueError(f"{where}: weight must be (C_out, C_in, kh, kw) with a (C_out,) bias, got "
@@ -172,11 +161,7 @@ def _check_conv(x, weight, bias, groups, where):
     if max(weight.shape[0] // groups, weight.shape[1]) > MAX_CHANNELS:
         raise ValueError(f"{where}: at most {MAX_CHANNELS} channels per group, got weight {tuple(weight.shape)} "
                          f"with groups={groups}")
-    if not (x.device == weight.device == bias.device):
-        raise ValueError(f"{where}: tensors on different devices: {x.device}, {weight.device}, {bias.device}")
-    if x.device.type != "cuda" and not _interpreted():
-        raise ValueError(f"{where}: tensors are on {x.device}; the Triton kernel needs CUDA "
-                         "(or TRITON_INTERPRET=1 set before import, for tests on CPU)")
+    check_device(where, {"x": x, "weight": weight, "bias": bias})
 
 
 # The Triton launches are wrapped as torch.library custom ops, so torch.compile sees one opaque node
@@ -184,7 +169,7 @@ def _check_conv(x, weight, bias, groups, where):
 
 @torch.library.custom_op("tinytlm::conv2d_same", mutates_args=())
 def _conv2d_same_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    _check_count(groups, "groups", "conv2d_same")
+    check_count(groups, "groups", "conv2d_same")
     _check_conv(x, weight, bias, groups, "conv2d_same")
     if x.dim() != 4 or x.shape[1] != groups * weight.shape[1]:
         raise ValueError(f"conv2d_same: x must be (B, groups*C_in={groups * weight.shape[1]}, T, W) with "
@@ -226,22 +211,13 @@ def _conv2d_same_backward(ctx, gy):
 _conv2d_same_op.register_autograd(_conv2d_same_backward, setup_context=_conv2d_same_setup)
 
 
-def _autocast(x):
-    """x in the autocast dtype inside an enabled autocast region of its device, as autocast casts
-    F.conv2d's inputs (any floating dtype but float64); otherwise x unchanged."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point() and x.dtype != torch.float64:
-        return x.to(torch.get_autocast_dtype(dev))
-    return x
-
-
 def conv2d_same(x, weight, bias=None, groups=1):
     """NCHW conv2d with 'same' padding, as F.conv2d(x, weight, bias, padding="same", groups=groups):
     x (B, groups*C_in, T, W), weight (groups*C_out, C_in, kh, kw). Triton forward, torch backward.
     x goes to the autocast dtype inside an autocast region; weights are cast to the activation
     dtype (as autocast would; autograd casts their gradients back); bias None -> zeros."""
-    _check_count(groups, "groups", "conv2d_same")
-    x = _autocast(x)
+    check_count(groups, "groups", "conv2d_same")
+    x, = autocast(x)
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else x.new_zeros(weight.shape[0])
     return _conv2d_same_op(x, weight, bias, groups)
@@ -251,10 +227,10 @@ def conv2d_same(x, weight, bias=None, groups=1):
 
 def conv_stem_infer(x, params, members=1):
     """Inference stem: x (K*B, T, H) -> (K*B, T, H) for K = members stacked stems (member-major rows),
-    with params from ConvStem.fold (tinytlm.model). One fused conv + bias + GELU launch per layer for
+    with params from ConvStem.fold (tinytlm.stem). One fused conv + bias + GELU launch per layer for
     all members; the last layer also applies the 1x1 projection. Computes in x.dtype (the autocast
     dtype inside an autocast region); params are cast to it."""
-    _check_count(members, "members", "conv_stem_infer")
+    check_count(members, "members", "conv_stem_infer")
     if x.dim() != 3 or x.shape[0] % members:
         raise ValueError(f"conv_stem_infer: x must be (B, T, H) with B a multiple of members={members}, "
                          f"got {tuple(x.shape)}")
@@ -262,7 +238,7 @@ def conv_stem_infer(x, params, members=1):
     if len(params) < 2 or proj.dim() != 4 or proj.shape[0] != members or proj.shape[2:] != (1, 1):
         raise ValueError(f"conv_stem_infer: params must be ConvStem.fold output: conv layers, then a 1x1 d -> 1 "
                          f"projection per member, weight (members={members}, d, 1, 1)")
-    return _conv_stem_infer_op(_autocast(x), [p["weight"] for p in params], [p["bias"] for p in params], members)
+    return _conv_stem_infer_op(autocast(x)[0], [p["weight"] for p in params], [p["bias"] for p in params], members)
 
 
 @torch.library.custom_op("tinytlm::conv_stem_infer", mutates_args=())

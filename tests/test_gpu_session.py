@@ -2,14 +2,17 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 
-from bench import gpu_cells, gpu_import
+from bench import gpu_cells, gpu_import, gpu_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,30 +76,47 @@ def tree_digest(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def python3_only_path(tmp_path) -> str:
+    """A PATH with `python3` (this interpreter) and the system tools, and no `python`: the GPU image's venv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    path = os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])
+    assert shutil.which("python", path=path) is None and shutil.which("python3", path=path)
+    return path
+
+
 def test_smoke_session_end_to_end_and_import(shared, tmp_path):
-    """SMOKE=1 bash bench/gpu_session.sh: prep, then the one-command flow on the CPU (interpreter kernels,
-    tiny models, mini cells) packs one tarball that gpu_import files; importing it twice changes nothing."""
+    """SMOKE=1 bash bench/gpu_session.sh: prep, then the one-command flow on the CPU (AOT compile check, interpreter
+    kernels, tiny models, mini cells) with only `python3` on the PATH, packs one tarball that gpu_import files;
+    importing it twice changes nothing."""
     env = {**os.environ, "SMOKE": "1", "TINYTLM_DATA": str(tmp_path / "data"), "WORK": str(tmp_path / "work"),
-           "OUT": str(tmp_path / "out"), "GPU_SECONDS": "170", "SEEDS": "1"}
+           "OUT": str(tmp_path / "out"), "GPU_SECONDS": "300", "SEEDS": "1", "PATH": python3_only_path(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)  # the session sets it where it wants it (the kernel checks), not the AOT check
     (tmp_path / "out").mkdir()
     prep = subprocess.run(["bash", "bench/gpu_session.sh", "prep"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert prep.returncode == 0, prep.stdout[-2000:] + prep.stderr[-2000:]
     run = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=420)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.stdout.startswith("preflight ok: python"), run.stdout[:500]
     tgz = tmp_path / "out" / "gpu_session.tgz"
     assert tgz.is_file() and tgz.stat().st_size < 16 * 2 ** 20
     with tarfile.open(tgz) as tf:
         names = set(tf.getnames())
-    for f in ("session.json", "stages.jsonl", "bench/probe.json", "kernels.log", "kernels.json",
+    for f in ("session.json", "stages.jsonl", "bench/probe.json", "kernels.log", "kernels.json", "aot.json",
               "bench/throughput.json", "bench/members.json", "bench/members.md", "results/schedule.jsonl"):
         assert "./" + f in names, (f, sorted(names))
-    assert not any(n.endswith(".pt") for n in names)
+    assert not any(n.endswith(".pt") for n in names) and not any("/cache/" in n for n in names)
     stages = [json.loads(line) for line in (tmp_path / "work" / "stages.jsonl").read_text().splitlines()]
     assert [s["stage"] for s in stages] == ["probe", "kernels", "bench", "members", "cells"], run.stdout[-3000:]
     assert all(s["status"] == "ok" for s in stages), stages
-    assert json.loads((tmp_path / "work" / "kernels.json").read_text())["kernels_ok"] is True
+    kernels = json.loads((tmp_path / "work" / "kernels.json").read_text())
+    verdicts = {p: r["verdict"] for p, r in kernels["paths"].items()}
+    assert verdicts == {"attention": "ok", "varlen": "ok", "conv": "ok", "graphs": "not run"}, kernels
+    assert kernels["aot"]["rc"] == 0 and kernels["aot"]["summary"]["specialisations"] >= 1
+    assert "attention true, varlen/unpad true, CUDA graphs false, conv stem true" in run.stdout
     records = [n for n in names if n.startswith("./results/cells/mini/")]
     assert records, run.stdout[-3000:]
 
@@ -106,9 +126,51 @@ def test_smoke_session_end_to_end_and_import(shared, tmp_path):
     assert (repo / "results" / "mini" / f"{first['tables'][0]}.md").is_file()
     session = list((repo / "bench" / "results").glob("*-gpu-session.md"))
     assert len(session) == 1 and "| cells | ok |" in session[0].read_text()
+    assert "| attention | ok |" in session[0].read_text() and "AOT compile check" in session[0].read_text()
     assert "| members | ok |" in session[0].read_text() and "## Stacked members" in session[0].read_text()
     members = list((repo / "bench" / "results").glob("*-members.md"))
     assert len(members) == 1 and "| tiny | 2 |" in members[0].read_text()
     before = tree_digest(repo)
     again = gpu_import.main([str(tgz), "--repo", str(repo)])
     assert again["new"] == {} and tree_digest(repo) == before
+
+
+@pytest.mark.parametrize("broken", ["no torch", "no python3"])
+def test_the_session_ends_in_seconds_with_one_line_when_python_cannot_run_it(tmp_path, broken):
+    """A missing torch (a package that fails to import, first on PYTHONPATH) or a missing interpreter ends the
+    command before any stage: exit 2, one line on stderr naming it, nothing else, in seconds."""
+    fake = tmp_path / "site" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no torch in this image')\n")
+    (tmp_path / "data").mkdir()
+    env = {**os.environ, "PATH": python3_only_path(tmp_path), "TINYTLM_DATA": str(tmp_path / "data"),
+           "WORK": str(tmp_path / "work"), "PYTHONPATH": str(tmp_path / "site")}
+    if broken == "no python3":
+        env["PY"] = "python3.missing"
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert time.monotonic() - t0 < 30 and r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    assert ("torch" if broken == "no torch" else "python3.missing not found") in r.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_kernel_verdicts_and_the_switches_they_give(tmp_path):
+    """A path is ok only when every check passed, failed when one failed, partial when the time limit stopped
+    the rest, not run when none ran; only ok and partial switch a path on, and an unreadable report none."""
+    def res(*statuses):
+        return [{"status": s} for s in statuses]
+    assert gpu_kernels.verdict(res("passed", "passed"), 2) == "ok"
+    assert gpu_kernels.verdict(res("passed", "failed"), 3) == "failed"
+    assert gpu_kernels.verdict(res("passed", "not run"), 2) == "partial"
+    assert gpu_kernels.verdict(res("not run", "not run"), 2) == "not run"
+    assert gpu_kernels.verdict(res(), 4) == "not run"
+    report = tmp_path / "kernels.json"
+    verdicts = {"attention": "ok", "varlen": "partial", "conv": "failed", "graphs": "not run"}
+    report.write_text(json.dumps({"paths": {p: {"verdict": v} for p, v in verdicts.items()}}))
+    assert gpu_kernels.flags(str(report)) == "true true false false"  # attention varlen graphs conv
+    verdicts.update(graphs="ok", conv="ok", attention="failed")
+    report.write_text(json.dumps({"paths": {p: {"verdict": v} for p, v in verdicts.items()}}))
+    assert gpu_kernels.flags(str(report)) == "false true true true"
+    assert gpu_kernels.flags(str(tmp_path / "missing.json")) == "false false false false"
