@@ -125,6 +125,19 @@ def _read_records(path: Path) -> list[dict]:
             raise UserError(f"{path}: not valid JSON lines ({e})")
 
 
+def _csv_label(row: list, path: Path, lineno: int, n_labels: int) -> int:
+    """The 0-based label of a (class 1-n, title, text) CSV row; a malformed row is a one-line error."""
+    if len(row) != 3:
+        raise UserError(f"{path}:{lineno}: expected 3 columns (class, title, text), got {len(row)}")
+    try:
+        y = int(row[0]) - 1
+    except ValueError:
+        y = -1
+    if not 0 <= y < n_labels:
+        raise UserError(f"{path}:{lineno}: label {row[0]!r} out of range 1-{n_labels}")
+    return y
+
+
 def read_csv_task(task: str, split: str, raw: Path):
     """(texts, labels 0-based, label names, source path) of AG News or DBpedia-14."""
     folder, _, names = TASKS[task]
@@ -135,15 +148,7 @@ def read_csv_task(task: str, split: str, raw: Path):
         try:
             with _open(path) as f:
                 for lineno, row in enumerate(csv.reader(f), 1):
-                    if len(row) != 3:
-                        raise UserError(f"{path}:{lineno}: expected 3 columns (class, title, text), got {len(row)}")
-                    try:
-                        y = int(row[0]) - 1
-                    except ValueError:
-                        y = -1
-                    if not 0 <= y < len(names):
-                        raise UserError(f"{path}:{lineno}: label {row[0]!r} out of range 1-{len(names)}")
-                    labels.append(y)
+                    labels.append(_csv_label(row, path, lineno, len(names)))
                     texts.append(row[1] + " " + row[2] if task == "agnews" else row[2])
         except (OSError, EOFError, lzma.LZMAError, csv.Error, UnicodeDecodeError) as e:
             raise UserError(f"{path}: unreadable ({e})")
