@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tinytlm.common import UserError, atomic_path
-from tinytlm.data import HEADER, Shard, epoch_order, mask_tokens, mask_generator, write_shard
+from tinytlm.data import HEADER, Shard, epoch_order, get_batch, mask_tokens, mask_generator, write_shard
 from tinytlm.tokstats import build_raised_tm, counts, pair_stats, rows_within
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,3 +346,15 @@ def test_special_ids_come_from_the_prepared_folder(tmp_path):
                                                                      "mask": 9}}))
     c = task_counts(tmp_path)
     assert c[5] == c[6] == c[7] == c[9] == 0 and c[0] == 2 and c[100] == 2
+
+
+def test_get_batch_keeps_labels_with_their_rows():
+    """Rows asked in any order come back read in ascending order, and the labels come back with them: no
+    caller sorts first for its labels to line up."""
+    ids = np.arange(40, dtype=np.uint16).reshape(10, 4) * 3  # row r starts with 12 r
+    labels = np.arange(10, dtype=np.int64) * 7
+    rows = np.array([7, 2, 9, 0])
+    x, y = get_batch(ids, rows, torch.device("cpu"), labels)
+    assert x.dtype == torch.int64 and x.shape == (4, 4)
+    assert (x[:, 0] // 12 * 7).tolist() == y.tolist() == [0, 14, 49, 63]
+    assert torch.equal(get_batch(ids, rows, torch.device("cpu")), x)

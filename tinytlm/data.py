@@ -151,12 +151,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def get_batch(ids: np.ndarray, rows: np.ndarray, device) -> torch.Tensor:
-    """Gather rows of a (memmapped) id array into an int64 tensor on device."""
-    x = torch.from_numpy(ids[np.sort(rows)].astype(np.int64))  # sorted reads are sequential on disk
+def get_batch(ids: np.ndarray, rows: np.ndarray, device, labels: np.ndarray = None):
+    """Gather rows of a (memmapped) id array into an int64 tensor on device, (B, T). The rows are read in
+    ascending order (sequential on disk), so the batch holds them sorted, whatever order `rows` asks for;
+    with labels (one per row of ids), returns (x, y), y the labels of x's rows in x's order."""
+    rows = np.sort(rows)  # sorted reads are sequential on disk
+    x = torch.from_numpy(ids[rows].astype(np.int64))
+    y = None if labels is None else torch.from_numpy(np.asarray(labels)[rows])
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x
+        x = x.pin_memory().to(device, non_blocking=True)
+        y = None if y is None else y.to(device)
+    return x if labels is None else (x, y)
 
 
 # -----------------------------------------------------------------------------

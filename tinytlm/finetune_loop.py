@@ -124,7 +124,6 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
     n = len(train)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = cfg.decay_epochs * steps_per_epoch
-    ytr_t = torch.from_numpy(ytr)
 
     nonfinite = NonFinite(outs, seeds, device, "try a lower --lr")
 
@@ -161,9 +160,9 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                         torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step, total, lr)
-                    rows = [np.sort(o[b * cfg.batch_size:(b + 1) * cfg.batch_size]) for o in orders]
-                    x = torch.cat([get_batch(train.ids, r, device) for r in rows])  # (K*B, T), member-major
-                    y = torch.cat([ytr_t[r] for r in rows]).to(device)
+                    xys = [get_batch(train.ids, o[b * cfg.batch_size:(b + 1) * cfg.batch_size], device, ytr)
+                           for o in orders]
+                    x, y = (torch.cat(t).to(device) for t in zip(*xys))  # (K*B, T) and (K*B,), member-major
                     if d.on:  # this process's share of the batch
                         x, y = d.rows(x, K), d.rows(y, K, fill=-100)
                     with autocast(device):
@@ -171,7 +170,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     if d.on:  # summed over this share's rows, / the global batch: DDP's mean is the loss
-                        loss = member_loss_sums(logits, y, K) / len(rows[0])
+                        loss = member_loss_sums(logits, y, K) / len(xys[0][1])
                         (loss.sum() * d.world).backward()
                     else:
                         loss.sum().backward()  # K members: the sum of their mean losses, no coupling
