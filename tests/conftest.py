@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,20 @@ def pytest_sessionstart(session):
     if os.environ.get("CI") == "true" and not SHARED.is_dir():
         pytest.exit(f"shared data not found at {SHARED} (CI=true: the tests that need it would skip); "
                     f"set TINYTLM_RAW to the data folder", returncode=2)
+
+
+@pytest.fixture
+def interrupt(monkeypatch):
+    """`with interrupt(n): main(...)`: the run delivers itself a Ctrl-C in the middle of its step n
+    (TINYTLM_INTERRUPT_AT, the test hook of tinytlm.train.interrupt_step), and only inside the block."""
+    @contextlib.contextmanager
+    def at(step: int):
+        monkeypatch.setenv("TINYTLM_INTERRUPT_AT", str(step))
+        try:
+            yield
+        finally:
+            monkeypatch.delenv("TINYTLM_INTERRUPT_AT")
+    return at
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from tinytlm.tasks import load_task
 from tests.test_engine import assert_one_line_error, run
 
 # the tiny preset (2 blocks, 2 heads) at head_dim 16: cheap; lr 1e-2 so that 10 steps predict some tokens right
-TINY = ["--model", "tiny", "--head_dim", "16", "--device", "cpu"]
+TINY = ["--model", "tiny", "--arch", "head_dim=16", "--device", "cpu"]
 FAST = ["--probe-steps", "2", "--probe-batch", "4"]
 
 
@@ -216,7 +216,7 @@ def _unpickles(folder) -> bool:
 @pytest.mark.slow
 def test_apt_of_a_torchrun_run_equals_its_val_mlm_acc(roots, tmp_path):
     from tests.test_dist import torchrun
-    torchrun("train_mlm.py", mlm_args(roots, tmp_path / "ddp", "--dropout", "0", "--attn_dropout", "0"))
+    torchrun("train_mlm.py", mlm_args(roots, tmp_path / "ddp", "--arch", "dropout=0,attn_dropout=0"))
     r = cmd(tmp_path / "ddp", "--what", "apt")
     assert r.returncode == 0, r.stderr
     apt = json.loads((tmp_path / "ddp" / "analysis" / "apt.json").read_text())

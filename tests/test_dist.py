@@ -13,7 +13,7 @@ from tinytlm import finetune, pretrain
 from tinytlm.checkpoint import load_checkpoint
 from tests.test_engine import REPO, mlm_args
 
-NO_DROPOUT = ["--dropout", "0", "--attn_dropout", "0"]
+NO_DROPOUT = ["--arch", "dropout=0,attn_dropout=0"]
 
 
 def torchrun(script, argv):
@@ -61,8 +61,7 @@ def test_pretraining_on_two_processes_equals_one_and_resumes_on_one(roots, tmp_p
 def test_stacked_fine_tuning_on_two_processes_with_an_empty_share_equals_one(roots, tmp_path):
     raw, data = roots
     # 20 rows in batches of 19: the last batch has 1 row, and one process has none of it
-    args = lambda out, *extra: ["--task", "agnews", "--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim",
-                                "32", "--train-per-label", "5", "--test-per-label", "3", "--epochs", "2", "--batch_size",
+    args = lambda out, *extra: ["--task", "agnews", "--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--train-per-label", "5", "--test-per-label", "3", "--epochs", "2", "--batch_size",
                                 "19", "--device", "cpu", "--quiet", "--seeds", "0,1", "--raw", str(raw), "--data",
                                 str(data), "--out", str(out), *NO_DROPOUT, *extra]
     finetune.main(args(tmp_path / "one"))

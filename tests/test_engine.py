@@ -18,7 +18,7 @@ from tinytlm.common import Interrupted, cli
 
 REPO = Path(__file__).resolve().parents[1]
 # a very small model: 1 block, 1 head of 32 (the vocabulary stays 30,522 because the ids are real)
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu"]
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", "cpu"]
 
 
 def mlm_args(roots, out, *extra):
@@ -27,10 +27,10 @@ def mlm_args(roots, out, *extra):
             "--data", str(data), "--out", str(out), *extra]
 
 
-def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path):
+def test_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path, interrupt):
     pretrain.main(mlm_args(roots, tmp_path / "a"))  # 2 epochs x 5 steps, uninterrupted
-    with pytest.raises(Interrupted) as e:  # a Ctrl-C in the middle of step 3: the run stops after it
-        pretrain.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "3"))
+    with pytest.raises(Interrupted) as e, interrupt(3):  # a Ctrl-C in the middle of step 3: the run stops after it
+        pretrain.main(mlm_args(roots, tmp_path / "b"))
     assert "--resume" in str(e.value)  # the command line turns it into exit code 130 (test_sigterm_...)
     mid = load_checkpoint(tmp_path / "b", kind="mlm")
     assert mid["step"] == 3 and mid["optimizer"] is not None
@@ -62,9 +62,13 @@ def test_resume_rules(roots, tmp_path):
     pretrain.main(mlm_args(roots, tmp_path / "b", "--max_steps", "2"))
     assert load_checkpoint(tmp_path / "b")["step"] == 2
     assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--lr", "1"]), "--lr")
-    assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--n_layer", "3"]), "--n_layer")
+    assert_one_line_error(run(["train_mlm.py", "--resume", str(tmp_path / "b"), "--arch", "n_layer=3"]), "--arch")
     pretrain.main(["--resume", str(tmp_path / "b"), "--max_steps", "4"])
     assert load_checkpoint(tmp_path / "b")["step"] == 4
+    # --max_steps 0 given on --resume lifts the earlier limit: the run goes on to its last epoch
+    pretrain.main(["--resume", str(tmp_path / "b"), "--max_steps", "0"])
+    done = load_checkpoint(tmp_path / "b")
+    assert done["step"] == 10 and done["optimizer"] is None and done["train_config"]["max_steps"] == 0
 
 
 def test_gap_arms_differ_only_in_initialisation(roots, tmp_path):
@@ -175,7 +179,7 @@ def test_bad_input_to_the_scripts(roots, tmp_path):
     small = ["--raw", str(raw), "--data", str(data), "--ws", "10", *SMALL]
     assert_one_line_error(run(["train_mlm.py", *small, "--batch_size", "0"]), "--batch_size")
     assert_one_line_error(run(["train_mlm.py", *small, "--log_every", "0"]), "--log_every")
-    assert_one_line_error(run(["train_mlm.py", *small, "--mask_per_row", "-1"]), "--mask_per_row")
+    assert_one_line_error(run(["train_mlm.py", *small, "--mask_cap", "-1"]), "--mask_cap")
     assert_one_line_error(run(["train_cls.py", "--epochs", "0", "--raw", str(raw), "--data", str(data)]), "--epochs")
     # --kernels triton without the interpreter: a one-line error without CUDA, a normal run with it
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -270,12 +274,12 @@ def assert_same_run(a_dir, b_dir):
 
 
 @pytest.mark.parametrize("at", [6, 4], ids=["mid-epoch", "epoch-end"])
-def test_finetuning_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path, at):
+def test_finetuning_interrupted_then_resumed_is_bitwise_identical(roots, tmp_path, at, interrupt):
     """Ctrl-C in the middle of a step (in the middle of epoch 2, or on the last step of epoch 1): the run
     stops at the step boundary with an exact checkpoint, and --resume ends where the uninterrupted run ends."""
     finetune.main(cls_args(roots, tmp_path / "a"))  # 3 epochs x 4 steps
-    with pytest.raises(Interrupted) as e:
-        finetune.main(cls_args(roots, tmp_path / "b", "--interrupt_at", str(at)))
+    with pytest.raises(Interrupted) as e, interrupt(at):
+        finetune.main(cls_args(roots, tmp_path / "b"))
     assert "--resume" in str(e.value)
     mid = load_checkpoint(tmp_path / "b", kind="cls")
     assert mid["step"] == at and mid["optimizer"] is not None and not (tmp_path / "b" / "result.json").exists()

@@ -49,7 +49,7 @@ def runs(roots, tmp_path_factory):
     """A briefly pre-trained tiny MLM (2 blocks, 2 heads of 32) and an AG News classifier fine-tuned from it."""
     raw, data = roots
     base = tmp_path_factory.mktemp("export_runs")
-    pretrain.main(mlm_args(roots, base / "mlm", "--epochs", "1", "--n_layer", "2", "--n_head", "2"))
+    pretrain.main(mlm_args(roots, base / "mlm", "--epochs", "1", "--arch", "n_layer=2,n_head=2"))
     finetune.main(["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "1",
                    "--raw", str(raw), "--data", str(data), "--device", "cpu", "--init", str(base / "mlm"),
                    "--out", str(base / "cls")])

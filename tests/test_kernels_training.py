@@ -16,7 +16,7 @@ from tinytlm.model import BertConfig, ConvStem, SelfAttention  # noqa: E402
 
 # CPU: the Triton interpreter (conftest); on a GPU the same tests run natively on CUDA
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", DEVICE,
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", DEVICE,
          "--ws", "8", "--epochs", "1", "--batch_size", "2", "--log_every", "1", "--lr", "1e-3"]  # 4 steps
 
 
@@ -29,8 +29,8 @@ def losses(out):
 @pytest.mark.parametrize("n_conv", [0, pytest.param(1, marks=() if torch.cuda.is_available() else pytest.mark.slow)])
 def test_triton_loss_curve_tracks_torch(roots, tmp_path, n_conv):
     raw, data = roots
-    common = [*SMALL, "--raw", str(raw), "--data", str(data), "--dropout", "0", "--attn_dropout", "0",
-              "--n_conv", str(n_conv), "--conv_channels", "16"]
+    common = [*SMALL, "--raw", str(raw), "--data", str(data), "--arch", "dropout=0,attn_dropout=0",
+              "--arch", f"n_conv={n_conv},conv_channels=16"]
     pretrain.main([*common, "--kernels", "torch", "--out", str(tmp_path / "torch")])
     pretrain.main([*common, "--kernels", "triton", "--out", str(tmp_path / "triton")])
     a, b = losses(tmp_path / "torch"), losses(tmp_path / "triton")

@@ -23,7 +23,7 @@ import torch
 from tinytlm.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu"]
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", "cpu"]
 TIMING = ("seconds", "seq_per_s", "eval_seq_per_s", "tok_per_s", "ms_per_step", "date", "time", "git", "train_s",
           "eval_s")
 

@@ -24,9 +24,9 @@ from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 from tests.test_engine import assert_one_line_error, run
 
 REPO = Path(__file__).resolve().parents[1]
-NO_DROPOUT = ["--dropout", "0", "--attn_dropout", "0"]
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu", *NO_DROPOUT]
-STEM = ["--n_conv", "1", "--conv_channels", "4"]
+NO_DROPOUT = ["--arch", "dropout=0,attn_dropout=0"]
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", "cpu", *NO_DROPOUT]
+STEM = ["--arch", "n_conv=1,conv_channels=4"]
 LR = "1e-3"  # large enough that a wrong data order, mask or init moves weights far beyond 1e-5
 TOL = 1e-5
 
@@ -123,9 +123,10 @@ def test_stacked_stem_with_triton_convs_equals_single_runs(roots, tmp_path):
         assert_same_model(ckpt(tmp_path / "stack" / f"s{s}"), ckpt(tmp_path / f"one{s}"), drift=2 * float(LR) * 2)
 
 
-def test_stacked_run_interrupted_resumes_exactly_and_members_stand_alone(roots, singles, tmp_path, monkeypatch):
-    with pytest.raises(Interrupted) as e:
-        pretrain.main(mlm_args(roots, tmp_path / "b", "--seeds", "0,1", "--interrupt_at", "3"))
+def test_stacked_run_interrupted_resumes_exactly_and_members_stand_alone(roots, singles, tmp_path, monkeypatch,
+                                                                        interrupt):
+    with pytest.raises(Interrupted) as e, interrupt(3):
+        pretrain.main(mlm_args(roots, tmp_path / "b", "--seeds", "0,1"))
     assert f"--resume {tmp_path / 'b'}" in str(e.value)
     assert [ckpt(tmp_path / "b" / f"s{s}")["step"] for s in (0, 1)] == [3, 3]
     pretrain.main(["--resume", str(tmp_path / "b")])
@@ -169,10 +170,10 @@ def test_stacked_finetuning_equals_single_runs(roots, singles, tmp_path):
 NO_DROPOUT_CLS = []  # the classifier's dropout comes from the checkpoint (SMALL sets it to 0)
 
 
-def test_stacked_gap_with_a_stem_resumes(roots, singles, tmp_path):
+def test_stacked_gap_with_a_stem_resumes(roots, singles, tmp_path, interrupt):
     init = str(singles / "stem" / "s0")
-    with pytest.raises(Interrupted) as e:
-        finetune.main(cls_args(roots, tmp_path / "g", "--seeds", "0,1", "--init", init, "--gap", "--interrupt_at", "3"))
+    with pytest.raises(Interrupted) as e, interrupt(3):
+        finetune.main(cls_args(roots, tmp_path / "g", "--seeds", "0,1", "--init", init, "--gap"))
     assert f"--resume {tmp_path / 'g'}" in str(e.value)
     finetune.main(["--resume", str(tmp_path / "g")])
     finetune.main(cls_args(roots, tmp_path / "one", "--seed", "1", "--init", init, "--gap"))

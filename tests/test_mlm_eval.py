@@ -64,8 +64,8 @@ def test_evaluation_scores_fixed_masks_with_the_plain_loss(roots, tmp_path):
 def test_evaluation_changes_nothing_in_training_and_members_score_as_their_single_runs(roots, tmp_path):
     pretrain.main(mlm_args(roots, tmp_path / "off", "--val_every", "0"))
     pretrain.main(mlm_args(roots, tmp_path / "on"))
-    pretrain.main(mlm_args(roots, tmp_path / "stack", "--seeds", "0,1", "--dropout", "0", "--attn_dropout", "0"))
-    pretrain.main(mlm_args(roots, tmp_path / "one", "--seed", "1", "--dropout", "0", "--attn_dropout", "0"))
+    pretrain.main(mlm_args(roots, tmp_path / "stack", "--seeds", "0,1", "--arch", "dropout=0,attn_dropout=0"))
+    pretrain.main(mlm_args(roots, tmp_path / "one", "--seed", "1", "--arch", "dropout=0,attn_dropout=0"))
     a, b = load_checkpoint(tmp_path / "off"), load_checkpoint(tmp_path / "on")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bitwise: no random draws
     assert "val" not in a["extra"] and "val" in b["extra"]

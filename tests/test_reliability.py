@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinytlm import pretrain
+from tinytlm import pretrain, session
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.common import Interrupted, UserError
 from tests.test_engine import REPO, assert_one_line_error, mlm_args, run
@@ -49,7 +49,7 @@ def _nan_gradient_at(module, step: int, monkeypatch):
 
 @pytest.mark.parametrize("seeds", [[], ["--seeds", "0,1"]])
 def test_a_non_finite_gradient_stops_pretraining_at_its_own_step(roots, tmp_path, monkeypatch, seeds):
-    _nan_gradient_at(pretrain, 7, monkeypatch)
+    _nan_gradient_at(session, 7, monkeypatch)
     with pytest.raises(UserError) as e:
         pretrain.main(mlm_args(roots, tmp_path / "a", "--log_every", "3", *seeds))
     msg = str(e.value)
@@ -59,9 +59,9 @@ def test_a_non_finite_gradient_stops_pretraining_at_its_own_step(roots, tmp_path
 
 
 def test_a_non_finite_gradient_stops_fine_tuning_at_its_own_step(roots, tmp_path, monkeypatch):
-    from tinytlm import finetune, finetune_loop
+    from tinytlm import finetune
     raw, data = roots
-    _nan_gradient_at(finetune_loop, 3, monkeypatch)
+    _nan_gradient_at(session, 3, monkeypatch)
     argv = ["--task", "agnews", "--model", "tiny", "--train-per-label", "4", "--test-per-label", "2", "--epochs", "2",
             "--batch_size", "8", "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data)]
     with pytest.raises(UserError, match="non-finite at step 3;"):
@@ -74,14 +74,14 @@ def test_a_non_finite_gradient_stops_fine_tuning_at_its_own_step(roots, tmp_path
     (["train_mlm.py", "--lr", "0"], ["--lr 0"]),
     (["train_mlm.py", "--weight_decay", "-0.1"], ["--weight_decay -0.1"]),
     (["train_mlm.py", "--grad_clip", "inf"], ["--grad_clip inf"]),
-    (["train_mlm.py", "--dropout", "1.5"], ["--dropout", "[0, 1)"]),
-    (["train_mlm.py", "--attn_dropout", "nan"], ["--attn_dropout"]),
-    (["train_mlm.py", "--n_head", "0"], ["--n_head", ">= 1"]),
-    (["train_mlm.py", "--head_dim", "-4"], ["--head_dim"]),
-    (["train_mlm.py", "--conv_kernel", "0,3"], ["conv_kernel"]),
+    (["train_mlm.py", "--arch", "dropout=1.5"], ["dropout=1.5", "[0, 1)"]),
+    (["train_mlm.py", "--arch", "attn_dropout=nan"], ["attn_dropout"]),
+    (["train_mlm.py", "--arch", "n_head=0"], ["n_head=0", ">= 1"]),
+    (["train_mlm.py", "--arch", "head_dim=-4"], ["head_dim"]),
+    (["train_mlm.py", "--arch", "conv_kernel=0x3"], ["conv_kernel"]),
     (["train_cls.py", "--lr", "-1"], ["--lr -1"]),
-    (["train_cls.py", "--wd", "-2"], ["--wd -2"]),
-    (["train_cls.py", "--model", "tiny", "--ffn_mult", "0"], ["--ffn_mult"]),
+    (["train_cls.py", "--wd", "-2"], ["--weight_decay -2"]),  # (--wd: the deprecated alias)
+    (["train_cls.py", "--model", "tiny", "--arch", "ffn_mult=0"], ["ffn_mult"]),
     (["paper", "table5", "--seeds", "0"], ["--seeds 0"]),
 ])
 def test_out_of_range_numbers_are_one_line_errors(roots, tmp_path, argv, words):
@@ -94,10 +94,10 @@ def test_out_of_range_numbers_are_one_line_errors(roots, tmp_path, argv, words):
     assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
 
 
-def test_damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous(roots, tmp_path):
+def test_damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous(roots, tmp_path, interrupt):
     pretrain.main(mlm_args(roots, tmp_path / "a"))  # uninterrupted: 10 steps
-    with pytest.raises(Interrupted):  # checkpoints at step 5 (epoch end) and 8 (the Ctrl-C)
-        pretrain.main(mlm_args(roots, tmp_path / "b", "--interrupt_at", "8"))
+    with pytest.raises(Interrupted), interrupt(8):  # checkpoints at step 5 (epoch end) and 8 (the Ctrl-C)
+        pretrain.main(mlm_args(roots, tmp_path / "b"))
     ckpt, prev = tmp_path / "b" / "ckpt.pt", tmp_path / "b" / "ckpt.prev.pt"
     assert load_checkpoint(ckpt)["step"] == 8 and load_checkpoint(prev)["step"] == 5
     # altered contents: loads as a torch file, refused by the checksum
@@ -117,11 +117,11 @@ def test_damaged_checkpoints_are_refused_and_resume_falls_back_to_the_previous(r
     assert b["step"] == 10 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_a_stack_resumes_at_its_members_common_step(roots, tmp_path):
+def test_a_stack_resumes_at_its_members_common_step(roots, tmp_path, interrupt):
     """A kill between the members' renames leaves one member a save ahead: it resumes from its previous one."""
     pretrain.main(mlm_args(roots, tmp_path / "a", "--seeds", "0,1"))
-    with pytest.raises(Interrupted):
-        pretrain.main(mlm_args(roots, tmp_path / "b", "--seeds", "0,1", "--interrupt_at", "8"))
+    with pytest.raises(Interrupted), interrupt(8):
+        pretrain.main(mlm_args(roots, tmp_path / "b", "--seeds", "0,1"))
     s1 = tmp_path / "b" / "s1"
     os.replace(s1 / "ckpt.prev.pt", s1 / "ckpt.pt")  # member 1 as if the kill came before its rename: step 5
     err = io.StringIO()

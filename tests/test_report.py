@@ -15,7 +15,7 @@ from tinytlm import finetune, pretrain, report
 from tinytlm.common import UserError, cli
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "1", "--head_dim", "32", "--device", "cpu"]
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", "cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # matplotlib is optional (the [plot] extra): without it only the tests of its absence and of bad input run
 needs_mpl = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")

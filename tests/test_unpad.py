@@ -148,8 +148,8 @@ def test_attribute_default_and_dropout_draws():
 
 # ----------------------------------------------------------------------------- the training loops
 
-SMALL = ["--model", "tiny", "--n_layer", "1", "--n_head", "2", "--head_dim", "16", "--device", "cpu",
-         "--dropout", "0", "--attn_dropout", "0", "--lr", "1e-3"]
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=2,head_dim=16", "--device", "cpu",
+         "--arch", "dropout=0,attn_dropout=0", "--lr", "1e-3"]
 
 
 def step_losses(out):

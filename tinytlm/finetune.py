@@ -25,48 +25,35 @@ from tinytlm.common import UserError, cli, config_hash, home, read_json, write_j
 from tinytlm.dist import Dist
 from tinytlm.finetune_loop import run_arm, run_members
 from tinytlm.model import BertConfig
-from tinytlm.tasks import TaskSpec, parse_labels
-from tinytlm.train import member_seeds, parse_run_args, refuse_existing, resumed_config, switch
+from tinytlm.config import RunSwitches, from_saved, given_fields, option, parse_run_args, resumed_config, switch
+from tinytlm.tasks import TaskFields, TaskSpec
+from tinytlm.train import member_seeds, refuse_existing
 
 
 # -----------------------------------------------------------------------------
 # config
 
 @dataclass
-class ClsConfig:
-    task: str = "agnews"  # agnews | dbpedia | fewrel
-    labels: str = ""  # label indices of the source, comma-separated (default all)
-    train_per_label: int = 0  # train rows per label (0 = the paper's)
-    test_per_label: int = 0  # test rows per label (0 = the paper's)
-    fewrel_source: str = "val_wiki"  # val_wiki | train_wiki
-    entity_markers: bool = False  # FewRel: mark head and tail
-    init: str = ""  # train_mlm checkpoint or run directory, or hf:DIR (a HF BERT folder); empty = no pre-training
-    model: str = "bert6"  # preset for scratch runs (ignored with --init)
-    epochs: int = 50  # fine-tuning epochs
-    decay_epochs: int = 50  # the lr decays linearly to 0 over this many epochs (PAPER.md)
-    batch_size: int = 32  # sequences per step
-    lr: float = 0.0  # AdamW lr (0 = the task's default from PAPER.md)
-    wd: float = -1.0  # AdamW weight decay (-1 = the task's default)
-    seed: int = 0  # data order, head init, dropout
-    seeds: str = ""  # comma-separated seeds: one classifier per seed, trained stacked (excludes --seed)
-    gap: bool = False  # run both arms (pre-trained and scratch) with the same seed and print the gap
-    device: str = switch("auto")  # auto | cpu | cuda
-    compile: bool = switch(False)  # torch.compile the model
-    compile_mode: str = switch("default")  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    kernels: str = switch("torch")  # torch | triton
-    unpad: bool = switch(False)  # train and score on the packed real tokens, not the padding (tinytlm/unpad.py)
-    out: str = switch("")  # run directory (default runs/<name>)
-    data: str = switch("")  # prepared data root (default $TINYTLM_DATA or ./data)
-    raw: str = switch("")  # raw data root (default $TINYTLM_RAW, else ../shared/data if it exists, else data/raw)
-    quiet: bool = switch(False)  # no per-epoch lines (the paper runner)
-    resume: str = switch("")  # a run directory (one arm) or a --gap folder to continue exactly
-    save_every: int = switch(1)  # epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)
-    interrupt_at: int = switch(0)  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
+class ClsConfig(TaskFields, RunSwitches):
+    """train_cls's flags."""
+    entity_markers: bool = option(False, "FewRel: mark head and tail")
+    init: str = option("", "train_mlm checkpoint or run directory, or hf:DIR (a HF BERT folder); empty = no "
+                       "pre-training", kind="file")
+    model: str = option("bert6", "model preset for scratch runs (ignored with --init); --arch overrides its fields")
+    epochs: int = option(50, "fine-tuning epochs", low=1)
+    decay_epochs: int = option(0, "the lr decays linearly to 0 over this many epochs (0 = min(--epochs, 50): "
+                               "PAPER.md's decay over the first 50)", low=0)
+    batch_size: int = option(32, "sequences per step", low=1)
+    lr: float = option(0.0, "AdamW lr (0 = the task's default from PAPER.md)", low=0)
+    weight_decay: float = option(-1.0, "AdamW weight decay (-1 = the task's default)", low=0, also=(-1.0,),
+                                 aliases=("--wd",))
+    seed: int = option(0, "data order, head init, dropout", low=0)
+    seeds: str = option("", "comma-separated seeds: one classifier per seed, trained stacked (excludes --seed)")
+    gap: bool = option(False, "run both arms (pre-trained and scratch) with the same seed and print the gap")
+    quiet: bool = switch(False, "no per-epoch lines (the paper runner)")
 
     def spec(self) -> TaskSpec:
-        return TaskSpec(task=self.task, train_per_label=self.train_per_label, test_per_label=self.test_per_label,
-                        labels=parse_labels(self.labels), fewrel_source=self.fewrel_source,
-                        entity_markers=self.entity_markers).resolved()
+        return TaskFields.spec(self, entity_markers=self.entity_markers)
 
 
 def parse(argv=None):
@@ -163,18 +150,18 @@ def gap_members(cfgs: list, outs: list, init_states: list, resume_hint=None) -> 
     return gaps
 
 
-def resume(cfg: ClsConfig, overrides: dict) -> dict:
+def resume(cfg: ClsConfig, overrides: dict, given: set = ()) -> dict:
     """--resume DIR: a single arm's run directory, or a --gap folder (both arms, then the gap)."""
     where = Path(cfg.resume)
     if (where / "stack.json").is_file():
         m = read_json(where / "stack.json", "stack manifest")
-        saved = resumed_config(cfg, ClsConfig(**m["config"]), overrides)
+        saved = resumed_config(cfg, from_saved(ClsConfig, m["config"]), overrides, given)
         if all((Path(o) / ("gap.json" if saved.gap else "result.json")).is_file() for o in m["members"]):
             raise UserError(f"{where}: this stacked run has finished; nothing to resume")
         return run_stack(saved, m["overrides"], [Path(o) for o in m["members"]], where)
     gap_file = where / "gap_config.json"
     if gap_file.is_file():
-        saved = ClsConfig(**read_json(gap_file, "gap config"))
+        saved = from_saved(ClsConfig, read_json(gap_file, "gap config"))
     else:
         state = load_checkpoint(where, kind="cls", fallback=True)
         if state["optimizer"] is None and "result" in state["extra"] and not (where / "result.json").is_file():
@@ -185,8 +172,8 @@ def resume(cfg: ClsConfig, overrides: dict) -> dict:
             return r
         if state["optimizer"] is None:
             raise UserError(f"{state['path']}: this run has finished; nothing to resume")
-        saved = ClsConfig(**{k: v for k, v in state["train_config"].items() if k in ClsConfig.__dataclass_fields__})
-    saved = resumed_config(cfg, saved, overrides)
+        saved = from_saved(ClsConfig, state["train_config"])
+    saved = resumed_config(cfg, saved, overrides, given)
     if gap_file.is_file():
         if (where / "gap.json").is_file():
             raise UserError(f"{where}: this gap run has finished (gap.json); nothing to resume")
@@ -237,14 +224,14 @@ def run_stack(cfg: ClsConfig, overrides: dict, outs: list, where: Path):
 def main(argv=None):
     cfg, overrides = parse(argv)
     if cfg.resume:
-        return resume(cfg, overrides)
+        return resume(cfg, overrides, given_fields(ClsConfig, argv))
     seeds = member_seeds(cfg)
     init_state = load_init(member_inits(cfg.init, seeds)[0])
     if cfg.gap and init_state is None:
         raise UserError("--gap needs --init CKPT (the pre-trained arm)")
     if init_state is not None and overrides:
-        raise UserError(f"model flags ({', '.join('--' + k for k in overrides)}) conflict with --init: "
-                        f"the architecture comes from the checkpoint")
+        raise UserError(f"--arch ({', '.join(overrides)}) conflicts with --init: the architecture comes from the "
+                        f"checkpoint")
     if cfg.seeds:
         where = Path(cfg.out or home() / "runs" / run_name(replace(cfg, seed=cfg.seeds.replace(",", "+")),
                                                            overrides, init_state))
@@ -253,8 +240,8 @@ def main(argv=None):
                 home() / "runs" / run_name(replace(cfg, seed=s, seeds="", init=i), overrides, init_state)
                 for s, i in zip(seeds, inits)]
         refuse_existing(where, [d for o in outs for d in ([o / "pretrained", o / "scratch"] if cfg.gap else [o])])
-        # what --resume continues (a testing Ctrl-C is delivered once, not again on resume)
-        main_write(where / "stack.json", {"kind": "cls", "config": asdict(replace(cfg, interrupt_at=0)),
+        # what --resume continues
+        main_write(where / "stack.json", {"kind": "cls", "config": asdict(cfg),
                                           "overrides": overrides,
                                           "members": [str(o) for o in outs]})
         return run_stack(cfg, overrides, outs, where)

@@ -3,26 +3,22 @@
 tinytlm/finetune.py holds the config, the command line, the gap and resuming; this module trains.
 """
 import math
-import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinytlm.checkpoint import build_model, save_members, set_rng_state
 from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logits
-from tinytlm.common import Interrupted, UserError, write_json
+from tinytlm.common import UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
-from tinytlm.dist import Dist
-from tinytlm.members import member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForClassification
+from tinytlm.session import build_members, check_group, interruptible, open_device, save, setup, train_step
 from tinytlm.tasks import ensure_task, load_task
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
-from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, device_name,
-                           grad_norms, lr_at, make_optimizer, prepare_model, print_config, resolve_device, roots)
+from tinytlm.train import StopAtBoundary, check_rows, device_name, lr_at, print_config, roots
 
 # PAPER.md: Table 1 fine-tunes FewRel at 8e-5 / 1e-2; Tables 3-7 mostly 5e-5 with weight decay 1e-3..2e-2
 TASK_DEFAULTS = {"agnews": (5e-5, 1e-2), "dbpedia": (5e-5, 1e-2), "fewrel": (8e-5, 1e-2)}
@@ -49,198 +45,170 @@ def run_arm(cfg, overrides: dict, init_state, out: Path, resume_state=None) -> d
     return run_members([cfg], overrides, [init_state], [out], [resume_state] if resume_state else None)[0]
 
 
+@dataclass
+class TaskData:
+    """The task a fine-tuning trains on and scores, with the hyper-parameters it resolves to."""
+    spec: object  # the resolved TaskSpec
+    task_dir: Path  # its prepared folder
+    train: object  # the train Shard, and ytr its labels
+    ytr: np.ndarray
+    test: object  # the test Shard, and yte its labels
+    yte: np.ndarray
+    label_names: list
+    lr: float  # --lr, or the task's default
+    wd: float  # --weight_decay, or the task's default
+
+
+def load(cfg, d) -> TaskData:
+    """The task of cfg, prepared by rank 0 first under torchrun."""
+    raw, data_root = roots(cfg)
+    spec = cfg.spec()
+    with d.main_first():  # rank 0 prepares the task, the others read it
+        task_dir = ensure_task(spec, raw, data_root)
+        train, ytr, test, yte, meta = load_task(task_dir)
+    lr = cfg.lr or TASK_DEFAULTS[spec.task][0]
+    wd = cfg.weight_decay if cfg.weight_decay >= 0 else TASK_DEFAULTS[spec.task][1]
+    return TaskData(spec, task_dir, train, ytr, test, yte, meta["label_names"], lr, wd)
+
+
+def start(cfgs: list, overrides: dict, init_states: list, outs: list, resume_states) -> tuple:
+    """(session, task, progress, configs): the task, the members and the shared setup. progress: what each
+    member knew when it started and has done since (kept in its checkpoints' extra)."""
+    cfg = cfgs[0]
+    d, device = open_device(cfg)
+    task = load(cfg, d)
+    if resume_states:  # what each member knew when it started, kept in its checkpoint
+        check_group(resume_states, lambda st: "" if st["extra"]["test_fingerprint"] == task.test.checksum.hex() else
+                    f"{st['path']}: {task.test.path} is not the test set this run started with")
+        progress = [st["extra"] for st in resume_states]
+    else:
+        counts = task_counts(task.task_dir)
+        progress = [new_progress(task, ini, counts) for ini in init_states]
+    model, model_cfg = build_members(resume_states, lambda k: new_classifier(
+        cfgs[k].seed, init_states[k], cfg.model, overrides, len(task.label_names)), len(cfgs))
+    check_rows(max(int(task.train.ids.max(initial=0)), int(task.test.ids.max(initial=0))), task.train.row_len,
+               model_cfg, task.task_dir)
+    configs = [{**asdict(c), "lr": task.lr, "weight_decay": task.wd, "task_dir": task.task_dir.name,
+                "model_config": model_cfg.to_dict()} for c in cfgs]
+    if not cfg.quiet:
+        seeds = ",".join(str(c.seed) for c in cfgs)
+        print_config("config", {k: v for k, v in configs[0].items() if k not in ("model_config", "seed", "out")}
+                     | {"seeds" if len(cfgs) > 1 else "seed": seeds, "out": ", ".join(map(str, outs))})
+    s = setup(cfg, d, device, model, resume_states, task.lr, task.wd, outs, [c.seed for c in cfgs], configs)
+    return s, task, progress, configs
+
+
+def new_progress(task: TaskData, init_state, counts) -> dict:
+    """A member's progress record at its start: its arm, its initialisation and token statistics (computed
+    before training, so a late failure loses nothing), the test set's fingerprint; no epochs yet."""
+    return {"arm": "pretrained" if init_state else "scratch", "init": init_state["path"] if init_state else None,
+            "pretrain": init_state["data"] if init_state else None, "stats": token_stats(counts, init_state),
+            "task": task.spec.task, "spec": asdict(task.spec), "label_names": task.label_names,
+            "test_fingerprint": task.test.checksum.hex(), "accs": [], "loss_sum": 0.0, "train_s": 0.0, "eval_s": 0.0}
+
+
 def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resume_states: list = None,
                 resume_hint=None) -> list:
     """run_arm for K classifiers of one shape trained as one stacked model (tinytlm/members.py): member k
     has its own config (cfgs[k]: the seed differs), initialisation, run directory and checkpoint, exactly
     as run_arm writes them alone. resume_states: every member's unfinished checkpoint, all at one step.
     resume_hint: what --resume continues, for the message of an interrupted run."""
-    cfg, K = cfgs[0], len(cfgs)
-    for name in ("epochs", "decay_epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("save_every", "interrupt_at"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
-    if not 0.0 <= cfg.lr < float("inf"):  # also refuses nan; 0 = the task's default
-        raise UserError(f"--lr {cfg.lr}: must be positive and finite (0 = the task's default)")
-    if not (cfg.wd == -1.0 or 0.0 <= cfg.wd < float("inf")):
-        raise UserError(f"--wd {cfg.wd}: must be >= 0 and finite (-1 = the task's default)")
-    d = Dist()  # torchrun: this process's share of every batch (tinytlm/dist.py); else one process
-    device = d.setup(resolve_device(cfg.device))
-    raw, data_root = roots(cfg)
-    spec = cfg.spec()
-    with d.main_first():  # rank 0 prepares the task, the others read it
-        task_dir = ensure_task(spec, raw, data_root)
-        train, ytr, test, yte, meta = load_task(task_dir)
-    n_labels = len(meta["label_names"])
-    lr = cfg.lr or TASK_DEFAULTS[spec.task][0]
-    wd = cfg.wd if cfg.wd >= 0 else TASK_DEFAULTS[spec.task][1]
-    seeds = [c.seed for c in cfgs]
+    cfg, K, outs = cfgs[0], len(cfgs), [Path(o) for o in outs]
+    s, task, progress, configs = start(cfgs, overrides, init_states, outs, resume_states)
+    d, device, B = s.d, s.device, cfg.batch_size
+    steps_per_epoch = math.ceil(len(task.train) / B)
+    total = (cfg.decay_epochs or min(cfg.epochs, 50)) * steps_per_epoch  # PAPER.md: decay over the first 50
 
-    if resume_states:  # what each member knew when it started, kept in its checkpoint
-        progress = [st["extra"] for st in resume_states]
-        for st in resume_states:
-            if st["extra"]["test_fingerprint"] != test.checksum.hex():
-                raise UserError(f"{st['path']}: {test.path} is not the test set this run started with")
-        if len({st["step"] for st in resume_states}) > 1:
-            raise UserError(f"{resume_states[0]['path']}: the members' checkpoints are at different steps "
-                            f"({', '.join(str(st['step']) for st in resume_states)}); resume each alone")
-        singles = [build_model(st) for st in resume_states]
-    else:
-        counts = task_counts(task_dir)
-        progress = [{"arm": "pretrained" if ini else "scratch", "init": ini["path"] if ini else None,
-                     "pretrain": ini["data"] if ini else None,
-                     "stats": token_stats(counts, ini),  # before training: a late failure loses nothing
-                     "task": spec.task, "spec": asdict(spec), "label_names": meta["label_names"],
-                     "test_fingerprint": test.checksum.hex(), "accs": [], "loss_sum": 0.0, "train_s": 0.0,
-                     "eval_s": 0.0} for ini in init_states]
-        singles = [new_classifier(c.seed, ini, cfg.model, overrides, n_labels) for c, ini in zip(cfgs, init_states)]
-    model_cfg = singles[0].config
-    model = stack_models(singles)
-    del singles
-    check_rows(max(int(train.ids.max(initial=0)), int(test.ids.max(initial=0))), train.row_len, model_cfg, task_dir)
-    configs = [{**asdict(c), "lr": lr, "wd": wd, "task_dir": task_dir.name, "model_config": model_cfg.to_dict()}
-               for c in cfgs]
-    if not cfg.quiet:
-        print_config("config", {k: v for k, v in configs[0].items() if k not in ("model_config", "seed", "out")}
-                     | {"seeds" if K > 1 else "seed": ",".join(map(str, seeds)), "out": ", ".join(map(str, outs))})
-    raw_model = model
-    model = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
-                   cfg.compile_mode)
-    opt = make_optimizer(raw_model, lr, wd, device)
-    params = list(raw_model.parameters())
-    step = 0
-    if resume_states:
-        opt.load_state_dict(stack_optimizer_states(raw_model, [st["optimizer"] for st in resume_states]) if K > 1
-                            else resume_states[0]["optimizer"])
-        set_rng_state(resume_states[0]["rng"])
-        step = resume_states[0]["step"]
-        print(f"resuming {', '.join(st['path'] for st in resume_states)} at step {step}")
-    stack = {"seeds": seeds, "members": [str(o) for o in outs]} if K > 1 else None
-    logs = [RunLog(o, {**c, "world_size": d.world}, device, resume=bool(resume_states), stack=stack) if d.main
-            else QuietLog() for o, c in zip(outs, configs)]
-
-    n = len(train)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = cfg.decay_epochs * steps_per_epoch
-
-    nonfinite = NonFinite(outs, seeds, device, "try a lower --lr")
-
-    def save(results=None):  # each member's progress travels in its checkpoint's extra; finished: its result
-        nonfinite.check()
-        if d.main:  # (rank 0 alone writes)
-            save_members(raw_model, [(o / "ckpt.pt", dict(
-                kind="cls", optimizer=None if results else opt, step=step, epoch=step // steps_per_epoch,
-                train_config=c, data={"task_dir": task_dir.name, "spec": asdict(spec)},
-                extra={**p, "acc": p["accs"][-1] if p["accs"] else None, **({"result": results[k]} if results else {})}))
-                for k, (o, c, p) in enumerate(zip(outs, configs, progress))])
+    def save_now(results=None):  # each member's progress travels in its checkpoint's extra; finished: its result
+        data = {"task_dir": task.task_dir.name, "spec": asdict(task.spec)}
+        save(s, "cls", s.step // steps_per_epoch, [dict(train_config=c, data=data, extra={
+            **p, "acc": p["accs"][-1] if p["accs"] else None, **({"result": results[k]} if results else {})})
+            for k, (c, p) in enumerate(zip(configs, progress))], finished=bool(results))
 
     if not resume_states and cfg.save_every:
-        save()  # a kill before the first epoch ends can resume too
-    epoch0, first = divmod(step, steps_per_epoch)
-    arm = progress[0]["arm"] + (f" x{K}" if K > 1 else "")
+        save_now()  # a kill before the first epoch ends can resume too
+    epoch0, first = divmod(s.step, steps_per_epoch)
     d.own_dropout()
-    bar = tqdm(range(epoch0, cfg.epochs), desc=f"finetune {arm}", unit="epoch",
-               disable=cfg.quiet or not d.main or None)
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
-    try:
-        with deferred_sigint() as sigint:
-            for epoch in bar:
-                orders = [epoch_order(n, s, epoch) for s in seeds]  # each member's own data order
-                model.train()
-                if epoch > epoch0 or first == 0:
-                    for p in progress:
-                        p["loss_sum"] = 0.0
-                loss_sum = torch.tensor([p["loss_sum"] if d.main else 0.0 for p in progress],  # fp32, as saved
-                                        device=device)  # (torchrun: rank 0 holds what was saved)
-                t0 = time.perf_counter()
-                for b in range(first if epoch == epoch0 else 0, steps_per_epoch):
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(step, total, lr)
-                    xys = [get_batch(train.ids, o[b * cfg.batch_size:(b + 1) * cfg.batch_size], device, ytr)
-                           for o in orders]
-                    x, y = (torch.cat(t).to(device) for t in zip(*xys))  # (K*B, T) and (K*B,), member-major
-                    if d.on:  # this process's share of the batch
-                        x, y = d.rows(x, K), d.rows(y, K, fill=-100)
-                    with autocast(device):
-                        logits, loss = model(x, targets=y)
-                    if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
-                        signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
-                    if d.on:  # summed over this share's rows, / the global batch: DDP's mean is the loss
-                        loss = member_loss_sums(logits, y, K) / len(xys[0][1])
-                        (loss.sum() * d.world).backward()
-                    else:
-                        loss.sum().backward()  # K members: the sum of their mean losses, no coupling
-                    nonfinite.update(loss, step + 1, grad_norms(params, K))
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    loss_sum += loss.detach().float().view(K)
-                    step += 1
-                    # torchrun: every process is asked at the epoch's end (below), so all stop at the same step
-                    if sigint["set"] and not d.on and b < steps_per_epoch - 1:  # at an epoch's end: score it first
-                        dt = time.perf_counter() - t0
-                        for p, v in zip(progress, d.all_sum(loss_sum).tolist()):
-                            p["loss_sum"], p["train_s"] = v, p["train_s"] + dt
-                        raise StopAtBoundary
-                epoch_loss = (d.all_sum(loss_sum) / steps_per_epoch).tolist()  # syncs: the steps are done
-                nonfinite.check()
-                t1 = time.perf_counter()
-                logits = predict_member_logits(model.module if d.on else model, test.ids, device)  # (K, N, C); syncs
-                t2 = time.perf_counter()
-                for k, (p, log) in enumerate(zip(progress, logs)):
-                    p["train_s"] += t1 - t0
-                    p["eval_s"] += t2 - t1
-                    p["accs"].append(accuracy(logits[k], yte))
-                    p["loss_sum"] = 0.0
-                    log.write({"kind": "epoch", "epoch": epoch, "step": step, "train_loss": epoch_loss[k],
-                               "test_acc": p["accs"][-1]})
-                accs = [p["accs"][-1] for p in progress]
-                bar.set_postfix(loss=f"{epoch_loss[0]:.3f}", test_acc=f"{accs[0]:.4f}")
-                if not cfg.quiet:
-                    tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {', '.join(f'{v:.4f}' for v in epoch_loss)}, "
-                               f"test acc {', '.join(f'{a:.4f}' for a in accs)}")
-                if epoch + 1 < cfg.epochs:
-                    if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                        save()
-                    if d.any(sigint["set"], device):
-                        raise StopAtBoundary
-    except StopAtBoundary:
-        bar.close()
-        save()
-        raise Interrupted(f"interrupted at step {step}: checkpoint {outs[0] / 'ckpt.pt'}"
-                          f"{f' and {K - 1} more' if K > 1 else ''}; continue with --resume "
-                          f"{resume_hint or (outs[0].parent if cfg.gap else outs[0])}")
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(f"stopped in the middle of step {step + 1}; {outs[0] / 'ckpt.pt'} holds the last saved "
-                          f"state") from None
-    except (OSError, UserError):  # a full disk, a non-finite loss: the bar ends before the one-line error
-        bar.close()
-        raise
-
-    results = []
-    for k, (c, p, o) in enumerate(zip(cfgs, progress, outs)):
-        accs = p["accs"]
-        results.append({
-            "task": task_dir.name, "arm": p["arm"], "init": p["init"], "pretrain": p["pretrain"],
-            "acc": accs[-1], "acc_best_selected_on_test": max(accs), "best_epoch": int(np.argmax(accs)) + 1,
-            "acc_per_epoch": accs,
-            "per_label_acc": dict(zip(meta["label_names"], per_label_accuracy(logits[k], yte, n_labels))),
-            "token_stats": p["stats"], "n_train": n, "n_test": len(test), "seed": c.seed, "lr": lr, "wd": wd,
-            "epochs": cfg.epochs, "model_config": model_cfg.to_dict(), "params": raw_model.num_params(),
-            "device": device_name(device),
-            # wall time per sequence, first epoch (compilation) included; stacked: this member's share
-            "seq_per_s": round(n * cfg.epochs / max(p["train_s"], 1e-9), 1),
-            "eval_seq_per_s": round(len(test) * cfg.epochs / max(p["eval_s"], 1e-9), 1),
-            **({"stacked": K} if K > 1 else {}),
-        })
-    save(results)  # a kill before every result.json is written: arms() writes the rest from these checkpoints
+    bar = tqdm(range(epoch0, cfg.epochs), desc=f"finetune {progress[0]['arm']}" + (f" x{K}" if K > 1 else ""),
+               unit="epoch", disable=cfg.quiet or not d.main or None)
+    with interruptible(s, bar, save_now, resume_hint or (outs[0].parent if cfg.gap else outs[0])) as sigint:
+        for epoch in bar:
+            orders = [epoch_order(len(task.train), seed, epoch) for seed in s.seeds]  # each member's own order
+            s.model.train()
+            loss_sum = torch.tensor([0.0 if epoch > epoch0 or first == 0 or not d.main else p["loss_sum"]
+                                     for p in progress], device=device)  # fp32, as saved (torchrun: rank 0's)
+            t0 = time.perf_counter()
+            for b in range(first if epoch == epoch0 else 0, steps_per_epoch):
+                xys = [get_batch(task.train.ids, o[b * B:(b + 1) * B], device, task.ytr) for o in orders]
+                x, y = (torch.cat(t).to(device) for t in zip(*xys))  # (K*B, T) and (K*B,), member-major
+                if d.on:  # this process's share of the batch
+                    x, y = d.rows(x, K), d.rows(y, K, fill=-100)
+                # torchrun: summed over this share's rows, / the global batch: DDP's mean is the loss
+                _, loss = train_step(s, lr_at(s.step, total, task.lr), x, y, y, len(xys[0][1]))
+                loss_sum += loss.detach().float().view(K)
+                # torchrun: every process is asked at the epoch's end (below), so all stop at the same step
+                if sigint["set"] and not d.on and b < steps_per_epoch - 1:  # at an epoch's end: score it first
+                    keep(progress, d.all_sum(loss_sum).tolist(), time.perf_counter() - t0)
+                    raise StopAtBoundary
+            logits, losses = score_epoch(s, task, progress, epoch, d.all_sum(loss_sum) / steps_per_epoch, t0, cfg)
+            bar.set_postfix(loss=f"{losses[0]:.3f}", test_acc=f"{progress[0]['accs'][-1]:.4f}")
+            if epoch + 1 < cfg.epochs and cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                save_now()
+            if epoch + 1 < cfg.epochs and d.any(sigint["set"], device):
+                raise StopAtBoundary
+    results = [result(task, p, c, logits[k], s, cfg, len(cfgs)) for k, (c, p) in enumerate(zip(cfgs, progress))]
+    save_now(results)  # a kill before every result.json is written: arms() writes the rest from these checkpoints
     for o, r in zip(outs, results if d.main else []):
         write_json(o / "result.json", r)
     return results
+
+
+def keep(progress: list, loss_sums: list, seconds: float):
+    """An epoch stopped in its middle: each member's loss sum so far and the time it trained, kept in its
+    progress (its checkpoint) so the resumed epoch ends as the uninterrupted one."""
+    for p, v in zip(progress, loss_sums):
+        p["loss_sum"], p["train_s"] = v, p["train_s"] + seconds
+
+
+def score_epoch(s, task: TaskData, progress: list, epoch: int, epoch_loss, t0: float, cfg):
+    """The end of an epoch: every member scored on the test set, its progress and epoch record written, one
+    line printed. Returns the members' test logits (K, N, C) and their epoch losses."""
+    epoch_loss = epoch_loss.tolist()  # syncs: the steps are done
+    s.nonfinite.check()
+    t1 = time.perf_counter()
+    logits = predict_member_logits(s.model.module if s.d.on else s.model, task.test.ids, s.device)  # syncs
+    t2 = time.perf_counter()
+    for k, (p, log) in enumerate(zip(progress, s.logs)):
+        p["train_s"] += t1 - t0
+        p["eval_s"] += t2 - t1
+        p["accs"].append(accuracy(logits[k], task.yte))
+        p["loss_sum"] = 0.0
+        log.write({"kind": "epoch", "epoch": epoch, "step": s.step, "train_loss": epoch_loss[k],
+                   "test_acc": p["accs"][-1]})
+    accs = [p["accs"][-1] for p in progress]
+    if not cfg.quiet:
+        tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {', '.join(f'{v:.4f}' for v in epoch_loss)}, "
+                   f"test acc {', '.join(f'{a:.4f}' for a in accs)}")
+    return logits, epoch_loss
+
+
+def result(task: TaskData, p: dict, c, logits, s, cfg, K: int) -> dict:
+    """A member's result.json: final-epoch accuracy (and the best, selected on test), per label, token
+    statistics, hyper-parameters, speed."""
+    accs, n_labels = p["accs"], len(task.label_names)
+    return {
+        "task": task.task_dir.name, "arm": p["arm"], "init": p["init"], "pretrain": p["pretrain"],
+        "acc": accs[-1], "acc_best_selected_on_test": max(accs), "best_epoch": int(np.argmax(accs)) + 1,
+        "acc_per_epoch": accs,
+        "per_label_acc": dict(zip(task.label_names, per_label_accuracy(logits, task.yte, n_labels))),
+        "token_stats": p["stats"], "n_train": len(task.train), "n_test": len(task.test), "seed": c.seed,
+        "lr": task.lr, "wd": task.wd, "epochs": cfg.epochs, "model_config": s.raw_model.config.to_dict(),
+        "params": s.raw_model.num_params(), "device": device_name(s.device),
+        # wall time per sequence, first epoch (compilation) included; stacked: this member's share
+        "seq_per_s": round(len(task.train) * cfg.epochs / max(p["train_s"], 1e-9), 1),
+        "eval_seq_per_s": round(len(task.test) * cfg.epochs / max(p["eval_s"], 1e-9), 1),
+        **({"stacked": K} if K > 1 else {}),
+    }
 
 
 def new_classifier(seed: int, init_state, model: str, overrides: dict, n_labels: int):

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from tinytlm.common import ArgParser, UserError, cli, home
+from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
 from tinytlm.paper_report import summarize, write_report
@@ -101,14 +102,7 @@ def parse(argv=None):
     ap.add_argument("--results", type=Path, default=home() / "results",
                     help="reports go to RESULTS/<scale>/, cell records to RESULTS/cells/<scale>/")
     ap.add_argument("--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
-    ap.add_argument("--raw", default="",
-                    help="raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile every model (speed only)")
-    ap.add_argument("--compile_mode", default="default", help="default | reduce-overhead (CUDA graphs) | ...")
-    ap.add_argument("--kernels", default="torch", help="torch | triton (speed only)")
-    ap.add_argument("--unpad", action="store_true", help="train and score on the packed real tokens (speed only)")
+    add_dataclass_args(ap, Switches, "device, speed and data (train_mlm's and train_cls's switches)")
     ap.add_argument("--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
                     "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
     mode = ap.add_mutually_exclusive_group()
@@ -136,10 +130,12 @@ def main(argv=None):
 
 
 def runner_of(args) -> Runner:
-    """The runner of a command line: its mode, paths, device and speed switches."""
-    speed = {"compile": args.compile, "compile_mode": args.compile_mode, "kernels": args.kernels, "unpad": args.unpad}
+    """The runner of a command line: its mode, paths, device and speed switches (validated as the training
+    commands validate them: tinytlm.config.Switches)."""
+    sw = dataclass_from_args(Switches, args)
+    speed = {"compile": sw.compile, "compile_mode": sw.compile_mode, "kernels": sw.kernels, "unpad": sw.unpad}
     mode = "plan" if args.plan else "report" if args.report else "run"
-    return Runner(args.cache, args.device, args.data, args.raw, mode=mode, records=args.results / "cells" / args.scale,
+    return Runner(args.cache, sw.device, sw.data, sw.raw, mode=mode, records=args.results / "cells" / args.scale,
                   scale=args.scale, speed=speed, stack=not args.no_stack)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.committee import (accuracy, committee_logits, common_test_set, predict_member_logits, shape_groups,
                                stack_checkpoints)
+from tinytlm.config import RENAMED
 from tinytlm.finetune import ClsConfig, arms
 from tinytlm.pretrain import MLMConfig, train
 from tinytlm.tasks import TASKS
@@ -25,7 +26,8 @@ def mlm_config(row: dict, seed: int, switches: dict):
 
 def cls_config(row: dict, seed: int, switches: dict):
     """train_cls's config of a row's fine-tuning at this (run) seed, without its --init."""
-    return ClsConfig(model=row["model"], seed=seed, quiet=True, **row["finetune"], **switches)
+    fields = {RENAMED.get(k, k): v for k, v in row["finetune"].items()}  # (the grids' "wd": --weight_decay)
+    return ClsConfig(model=row["model"], seed=seed, quiet=True, **fields, **switches)
 
 
 def task_sequences(cfg) -> tuple:

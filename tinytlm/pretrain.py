@@ -2,7 +2,7 @@
 
     python train_mlm.py --ws 40000                                  # the paper's BERT-6 setup
     python train_mlm.py --model tiny --ws 2000 --epochs 2            # a CPU-sized run
-    python train_mlm.py --model bert1 --n_conv 2 --conv_kernel 16,3 --ws 40000
+    python train_mlm.py --model bert1 --arch n_conv=2,conv_kernel=16x3 --ws 40000
     python train_mlm.py --pretrain_set custom --task fewrel           # Tables 1-2's custom-made set
     python train_mlm.py --resume runs/mlm-tiny-random-ws2000-s0      # continue exactly
     python train_mlm.py --model bert1 --seeds 0,1,2,3,4 --out runs/b1  # 5 models as one stacked run
@@ -16,7 +16,6 @@ trained in one stacked model (tinytlm/members.py); member s is written to OUT/s<
 OUT/stack.json lets `--resume OUT` continue all members.
 """
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,56 +24,44 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tinytlm.checkpoint import build_model, load_checkpoint, load_group, save_members, set_rng_state
-from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_json, write_json
+from tinytlm.checkpoint import load_checkpoint, load_group
+from tinytlm.common import UserError, cli, config_hash, home, read_json
+from tinytlm.config import RunSwitches, from_saved, given_fields, option, parse_run_args, resumed_config, switch
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
-from tinytlm.dist import Dist
-from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForMLM, mlm_targets
-from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, grad_norms, lr_at,
-                           make_optimizer, member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
-                           resolve_device, resumed_config, roots, switch)
+from tinytlm.session import (build_members, check_group, interruptible, open_device, read_stack, save, setup,
+                             train_step, write_stack)
+from tinytlm.tasks import TASKS, TaskFields
+from tinytlm.train import StopAtBoundary, check_rows, lr_at, member_seeds, print_config, refuse_existing, roots
 
 
 # -----------------------------------------------------------------------------
 # config
 
 @dataclass
-class MLMConfig:
-    model: str = "bert6"  # preset name (see BertConfig.presets()); model flags below override it
-    ws: int = 40000  # W_s: rows of the shuffled Wikipedia shard (random set) or cap of a constructed set (0 = all)
-    pretrain_set: str = "random"  # random | custom | raised-tm
-    task: str = "fewrel"  # constructed sets: the task whose tokens define them
-    labels: str = ""  # constructed sets: the task's label indices (default all)
-    train_per_label: int = 0  # constructed sets: the task's sample size (0 = paper's)
-    test_per_label: int = 0  # constructed sets: the task's sample size (0 = paper's)
-    fewrel_source: str = "val_wiki"  # constructed sets on FewRel: val_wiki | train_wiki
-    epochs: int = 50  # passes over the pre-training rows
-    batch_size: int = 32  # sequences per optimizer step
-    lr: float = 5.5e-5  # peak AdamW learning rate, decayed linearly to 0
-    weight_decay: float = 1e-2  # AdamW weight decay
-    grad_clip: float = 0.0  # max gradient norm (0 = off; the paper's code does not clip)
-    mask_per_row: int = 0  # 0: Bernoulli 15% masking; k > 0: exactly k chosen per row (static shapes)
-    mask_cap: int = 0  # k > 0: Bernoulli 15% masking, at most k chosen per row (static shapes, the paper's masks)
-    seed: int = 0  # data order, masks, init and dropout all follow from it
-    seeds: str = ""  # comma-separated seeds: one model per seed, trained stacked (excludes --seed)
-    device: str = switch("auto")  # auto | cpu | cuda
-    compile: bool = switch(False)  # torch.compile the model
-    compile_mode: str = switch("default")  # default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs
-    kernels: str = switch("torch")  # torch | triton attention/conv-stem kernels
-    unpad: bool = switch(False)  # run on the packed real tokens, not the padding (tinytlm/unpad.py)
-    log_every: int = switch(50)  # optimizer steps between metric records
-    save_every: int = switch(1)  # epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)
-    val_every: int = switch(1)  # epochs between held-out MLM evaluations, and at the end (0 = never)
-    max_steps: int = switch(0)  # stop after this many steps (0 = all epochs); the schedule still spans all epochs
-    interrupt_at: int = switch(0)  # testing: deliver a Ctrl-C in the middle of this step (1-based; 0 = never)
-    out: str = switch("")  # run directory (default runs/<name>)
-    resume: str = switch("")  # run directory or checkpoint to continue exactly
-    data: str = switch("")  # prepared data root (default $TINYTLM_DATA or ./data)
-    raw: str = switch("")  # raw data root (default $TINYTLM_RAW, else ../shared/data if it exists, else data/raw)
+class MLMConfig(TaskFields, RunSwitches):
+    """train_mlm's flags: the task fields name the task of a constructed pre-training set."""
+    task: str = option("fewrel", "constructed sets: the task whose tokens define them", choices=tuple(TASKS))
+    model: str = option("bert6", "model preset (see BertConfig.presets()); --arch overrides its fields")
+    ws: int = option(40000, "W_s: rows of the shuffled Wikipedia shard (random set) or cap of a constructed set "
+                     "(0 = all)", low=0)
+    pretrain_set: str = option("random", "pre-training set", choices=("random", "custom", "raised-tm"))
+    epochs: int = option(50, "passes over the pre-training rows", low=1)
+    batch_size: int = option(32, "sequences per optimizer step", low=1)
+    lr: float = option(5.5e-5, "peak AdamW learning rate, decayed linearly to 0", above=0)
+    weight_decay: float = option(1e-2, "AdamW weight decay", low=0, aliases=("--wd",))
+    grad_clip: float = option(0.0, "max gradient norm (0 = off; the paper's code does not clip)", low=0)
+    mask_cap: int = option(0, "k > 0: Bernoulli 15%% masking, at most k chosen per row (static shapes, the "
+                           "paper's masks); 0: no cap", low=0)
+    seed: int = option(0, "data order, masks, init and dropout all follow from it", low=0)
+    seeds: str = option("", "comma-separated seeds: one model per seed, trained stacked (excludes --seed)")
+    log_every: int = switch(50, "optimizer steps between metric records", low=1)
+    val_every: int = switch(1, "epochs between held-out MLM evaluations, and at the end (0 = never)", low=0)
+    max_steps: int = switch(0, "stop after this many steps (0 = all epochs); the schedule still spans all epochs",
+                            low=0)
 
     def run_name(self, overrides=None) -> str:
-        extra = f"-{config_hash(overrides)}" if overrides else ""  # e.g. --n_conv 2 gets its own folder
+        extra = f"-{config_hash(overrides)}" if overrides else ""  # e.g. --arch n_conv=2 gets its own folder
         task = f"-{self.task}" if self.pretrain_set != "random" else ""
         seed = self.seeds.replace(",", "+") if self.seeds else self.seed
         return f"mlm-{self.model}{extra}-{self.pretrain_set}{task}-ws{self.ws}-s{seed}"
@@ -89,22 +76,17 @@ def parse(argv=None):
 
 def pretrain_rows(cfg: MLMConfig):
     """(ids array of the pre-training rows, data meta) for the chosen pre-training set."""
-    from tinytlm.tasks import TaskSpec, ensure_task, parse_labels
+    from tinytlm.tasks import ensure_task
     from tinytlm.wikipedia import ensure_wiki
     from tinytlm.data import Shard
     from tinytlm.tokstats import build_pretrain_set, pretrain_path
     raw, data = roots(cfg)
-    if cfg.ws < 0:
-        raise UserError(f"--ws {cfg.ws}: must be >= 0")
     if cfg.pretrain_set == "random":
         if cfg.ws == 0:
             raise UserError("--ws 0: nothing to pre-train on (the no-pre-training arm is train_cls.py without --init)")
         shard = ensure_wiki(cfg.ws, raw, data)
         return rows_meta(shard, shard.ids[:cfg.ws], data, {"pretrain_set": "random", "ws": cfg.ws})
-    if cfg.pretrain_set not in ("custom", "raised-tm"):
-        raise UserError(f"--pretrain_set {cfg.pretrain_set!r}: choose random, custom or raised-tm")
-    spec = TaskSpec(task=cfg.task, labels=parse_labels(cfg.labels), train_per_label=cfg.train_per_label,
-                    test_per_label=cfg.test_per_label, fewrel_source=cfg.fewrel_source).resolved()
+    spec = cfg.spec()
     task_dir = ensure_task(spec, raw, data)
     path = pretrain_path(data, cfg.pretrain_set, task_dir.name, cfg.ws if cfg.pretrain_set == "raised-tm" else 0)
     if not path.is_file() or "wiki_rows" not in read_json(path.with_suffix(".meta.json"), "pre-training set meta"):
@@ -140,21 +122,6 @@ def rows_meta(shard, ids, data_root: Path, meta: dict):
 # -----------------------------------------------------------------------------
 # training
 
-def validate(cfg: MLMConfig):
-    for name in ("epochs", "batch_size", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 1")
-    for name in ("mask_per_row", "mask_cap", "max_steps", "interrupt_at", "save_every", "val_every"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must be >= 0")
-    for name, low in (("lr", 0.0), ("weight_decay", 0.0), ("grad_clip", 0.0)):
-        v = getattr(cfg, name)
-        if not (low <= v < float("inf")) or (name == "lr" and v == 0):  # also refuses nan
-            raise UserError(f"--{name} {v}: must be {'positive' if name == 'lr' else '>= 0'} and finite")
-    if cfg.mask_per_row and cfg.mask_cap:
-        raise UserError("--mask_per_row and --mask_cap exclude each other (exact k per row, or Bernoulli capped at k)")
-
-
 def member_dirs(cfg: MLMConfig, overrides: dict) -> list:
     """Each member's run directory: OUT/s<seed> with --seeds and --out, else its single run's."""
     if not cfg.seeds:
@@ -168,177 +135,138 @@ def stack_dir(cfg: MLMConfig, overrides: dict) -> Path:
     return Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
 
 
-def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None):
-    """Pre-train one model (--seed) or one stacked model of one member per seed (--seeds). resume_state:
-    a checkpoint (one model) or a list of them (the members', in seed order). outs: the members' run
-    directories (default member_dirs)."""
-    validate(cfg)
-    d = Dist()  # torchrun: this process's share of every batch (tinytlm/dist.py); else one process
-    device = d.setup(resolve_device(cfg.device))
+def new_model(seed: int, model: str, overrides: dict):
+    """A member as its single run starts it: seeded, then built."""
+    torch.manual_seed(seed)
+    return BertForMLM(BertConfig.preset(model, **overrides))
+
+
+def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
+    """(session, ids, data meta, held-out set or None, member configs): data, members and the shared setup."""
+    d, device = open_device(cfg)
     seeds = member_seeds(cfg)
-    K = len(seeds)
-    outs = [Path(o) for o in outs] if outs else member_dirs(cfg, overrides)
-    states = resume_state if isinstance(resume_state, list) else [resume_state] if resume_state else None
     torch.manual_seed(seeds[0])
     with d.main_first():  # rank 0 prepares the data, the others read it
         ids, data_meta = pretrain_rows(cfg)
         held = held_out(cfg, data_meta) if cfg.val_every and d.main else None
     if states:
-        for st in states:
-            if st["data"].get("rows_checksum") != data_meta["rows_checksum"]:
-                raise UserError(f"{st['path']}: the pre-training rows differ from the ones this run started "
-                                f"with ({data_meta['shard']}); prepare the same data again to resume")
-        if len({st["step"] for st in states}) > 1:
-            raise UserError(f"{states[0]['path']}: the members' checkpoints are at different steps "
-                            f"({', '.join(str(st['step']) for st in states)}); resume each alone")
-        singles = [build_model(st) for st in states]
-    else:
-        singles = []
-        for s in seeds:  # each member's init is its single run's: seeded alike, built alike
-            torch.manual_seed(s)
-            singles.append(BertForMLM(BertConfig.preset(cfg.model, **overrides)))
-    model_cfg = singles[0].config
-    model = stack_models(singles)
-    del singles
+        check_group(states, lambda st: "" if st["data"].get("rows_checksum") == data_meta["rows_checksum"] else
+                    f"{st['path']}: the pre-training rows differ from the ones this run started with "
+                    f"({data_meta['shard']}); prepare the same data again to resume")
+    model, model_cfg = build_members(states, lambda k: new_model(seeds[k], cfg.model, overrides), len(seeds))
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
-    sp = data_meta["special_ids"]
     member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
-    configs = [{**asdict(c), "world_size": d.world, "model_config": model_cfg.to_dict(), "data": data_meta}
-               for c in member_cfgs]
+    configs = [{**asdict(c), "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
     print_config("config", {**asdict(cfg), "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
-          + (f"; {K} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
-    raw_model = model
-    model = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
-                   cfg.compile_mode)
-    opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
-    params = list(raw_model.parameters())
-    n = len(ids)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+          + (f"; {len(seeds)} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
+    s = setup(cfg, d, device, model, states, cfg.lr, cfg.weight_decay, outs, seeds, configs, cfg.grad_clip)
+    return s, ids, data_meta, held, member_cfgs
+
+
+class Window:
+    """The step records: per member, the loss, accuracy and speed of the log_every steps since the last
+    record (an epoch's last window may be shorter), accumulated on the device and synced only to write."""
+
+    def __init__(self, s):
+        self.s = s
+        self.sums = torch.zeros(s.members, 4, device=s.device)  # loss sum, correct, predictions, real tokens
+        self.t, self.steps, self.seqs = time.time(), 0, 0
+
+    def add(self, counts, real_tokens, seqs: int):
+        """counts: (K, 3) of this step (masked_counts); real_tokens: (K*B, T) bool, the non-padding."""
+        self.sums += torch.cat([counts, real_tokens.view(self.s.members, -1).sum(1, keepdim=True)], 1)
+        self.steps, self.seqs = self.steps + 1, self.seqs + seqs
+
+    def record(self, epoch: int, lr: float, bar):
+        w_all = self.s.d.all_sum(self.sums).tolist()  # syncs: the window's steps are done
+        self.s.nonfinite.check()
+        dt = max(1e-9, time.time() - self.t)
+        for log, w in zip(self.s.logs, w_all):
+            rec = {"kind": "step", "step": self.s.step, "epoch": epoch, "lr": lr, "loss": w[0] / max(1, w[2]),
+                   "mlm_acc": w[1] / max(1, w[2]), "masked": int(w[2]), "ms_per_step": 1e3 * dt / self.steps,
+                   "seq_per_s": self.seqs / dt, "tok_per_s": w[3] / dt}
+            log.write(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", ms=f"{rec['ms_per_step']:.0f}",
+                        tok_s=f"{rec['tok_per_s'] * self.s.members:.0f}")
+        self.sums.zero_()
+        self.t, self.steps, self.seqs = time.time(), 0, 0
+
+
+def masked_counts(logits, loss, targets, slots: int, K: int, n_global):
+    """(K, 3) per member: its loss times the masked tokens it averages over (torchrun: the global count
+    n_global), its correct predictions and its masked tokens (this process's)."""
+    with torch.no_grad():
+        y = mlm_targets(targets, slots, members=K).view(K, -1)
+        valid = y != -100
+        n_valid = valid.sum(1)
+        return torch.stack([loss.detach().float().view(K) * (n_global if n_global is not None else n_valid),
+                            ((logits.argmax(-1).view(K, -1) == y) & valid).sum(1), n_valid], 1)
+
+
+def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None):
+    """Pre-train one model (--seed) or one stacked model of one member per seed (--seeds). resume_state:
+    a checkpoint (one model) or a list of them (the members', in seed order). outs: the members' run
+    directories (default member_dirs)."""
+    outs = [Path(o) for o in outs] if outs else member_dirs(cfg, overrides)
+    states = resume_state if isinstance(resume_state, list) else [resume_state] if resume_state else None
+    s, ids, data_meta, held, member_cfgs = start(cfg, overrides, states, outs)
+    d, device, seeds, K, B = s.d, s.device, s.seeds, s.members, cfg.batch_size
+    sp, slots = data_meta["special_ids"], cfg.mask_cap  # slots: static sparse-head slots per row (0: as chosen)
+    vocab = s.raw_model.config.vocab_size
+    steps_per_epoch = math.ceil(len(ids) / B)
     total = cfg.epochs * steps_per_epoch
-    step = 0
-    if states:
-        opt.load_state_dict(stack_optimizer_states(raw_model, [st["optimizer"] for st in states]) if K > 1
-                            else states[0]["optimizer"])
-        set_rng_state(states[0]["rng"])
-        step = states[0]["step"]
-        print(f"resuming {', '.join(st['path'] for st in states)} at step {step} (epoch {step // steps_per_epoch})")
-    stack = {"seeds": seeds, "members": [str(o) for o in outs]} if cfg.seeds else None
-    logs = [RunLog(o, c, device, resume=bool(states), stack=stack) if d.main else QuietLog()
-            for o, c in zip(outs, configs)]
     last = min(total, cfg.max_steps) if cfg.max_steps else total
-    slots = cfg.mask_per_row or cfg.mask_cap  # static sparse-head slots per row (0: as many as chosen)
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
-
-    nonfinite = NonFinite(outs, seeds, device, "try a lower --lr, or --grad_clip")
-
     last_val = [st["extra"].get("val", {}) for st in states] if states else [{}] * K  # the latest evaluation
 
-    def save():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
-        nonfinite.check()
-        if d.main:  # (rank 0 alone writes)
-            save_members(raw_model, [(o / "ckpt.pt", dict(
-                kind="mlm", optimizer=None if step == total else opt, step=step, epoch=step // steps_per_epoch,
-                train_config=asdict(c), data=data_meta, extra={"val": v} if v else None))
-                for o, c, v in zip(outs, member_cfgs, last_val)])
+    def save_now():  # step // steps_per_epoch = completed epochs; a finished run drops the optimizer state
+        save(s, "mlm", s.step // steps_per_epoch, [dict(train_config=asdict(c), data=data_meta, extra={"val": v}
+                                                        if v else None) for c, v in zip(member_cfgs, last_val)],
+             finished=s.step == total)
 
     d.own_dropout()
-    bar = tqdm(total=last, initial=step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not d.main or None)
-    try:
-        with deferred_sigint() as sigint:
-            while step < last:
-                epoch, first = divmod(step, steps_per_epoch)
-                orders = [epoch_order(n, s, epoch) for s in seeds]  # each member's own data order
-                sums = torch.zeros(K, 3, device=device)  # this epoch: loss sum, correct predictions, predictions
-                win = torch.zeros(K, 4, device=device)  # since the last step record: the same, plus real tokens
-                t_win, win_steps, win_seqs = time.time(), 0, 0
-                for b in range(first, steps_per_epoch):
-                    if graphs:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
-                    lr = lr_at(step, total, cfg.lr)
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    xs = [get_batch(ids, o[b * cfg.batch_size:(b + 1) * cfg.batch_size], device) for o in orders]
-                    masked = [mask_tokens(x, mask_generator(device, s, step), vocab_size=model_cfg.vocab_size,
-                                          mask_id=sp["mask"], special_ids=tuple(sp.values()),
-                                          per_row=cfg.mask_per_row, cap=cfg.mask_cap) for x, s in zip(xs, seeds)]
-                    x = torch.cat(xs)  # (K*B, T), member-major
-                    inputs, targets = (torch.cat(t) for t in zip(*masked))
-                    n_global = (targets.view(K, -1) != -100).sum(1)  # the loss is the mean over these
-                    if d.on:  # this process's share of the batch
-                        x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
-                    with autocast(device):  # the key-padding mask comes from the original ids, as in HF
-                        logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
-                                             per_row=slots)
-                    if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
-                        signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
-                    if d.on:  # summed over this share's masked tokens, / the global count: DDP's mean is the loss
-                        loss = member_loss_sums(logits, mlm_targets(targets, slots, members=K), K) / n_global
-                        (loss.sum() * d.world).backward()
-                    else:
-                        loss.sum().backward()  # K members: the sum of their mean losses, no coupling
-                    norms = clip_grad_norm_members(params, cfg.grad_clip, K) if cfg.grad_clip > 0 else \
-                        grad_norms(params, K)
-                    nonfinite.update(loss, step + 1, norms)  # caught at this step, reported at the next sync
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    win_steps += 1
-                    win_seqs += len(xs[0])
-                    with torch.no_grad():  # accumulate on the device; synced only when logging
-                        y = mlm_targets(targets, slots, members=K).view(K, -1)
-                        valid = y != -100
-                        n_valid = valid.sum(1)
-                        now = torch.stack([loss.detach().float().view(K) * (n_global if d.on else n_valid),
-                                           ((logits.argmax(-1).view(K, -1) == y) & valid).sum(1), n_valid], 1)
-                        sums += now
-                        win += torch.cat([now, (x != sp["pad"]).view(K, -1).sum(1, keepdim=True)], 1)
-                    # a record per window of log_every steps (an epoch's last window may be shorter): the
-                    # window's loss and accuracy, not a running mean, and its speed (per member)
-                    boundary = step % cfg.log_every == 0 or step == last or b == steps_per_epoch - 1
-                    if boundary:
-                        ws = d.all_sum(win).tolist()  # syncs: the window's steps are done
-                        nonfinite.check()
-                        dt = max(1e-9, time.time() - t_win)
-                        for log, w in zip(logs, ws):
-                            rec = {"kind": "step", "step": step, "epoch": epoch, "lr": lr,
-                                   "loss": w[0] / max(1, w[2]), "mlm_acc": w[1] / max(1, w[2]), "masked": int(w[2]),
-                                   "ms_per_step": 1e3 * dt / win_steps, "seq_per_s": win_seqs / dt,
-                                   "tok_per_s": w[3] / dt}
-                            log.write(rec)
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", ms=f"{rec['ms_per_step']:.0f}",
-                                        tok_s=f"{rec['tok_per_s'] * K:.0f}")
-                        win.zero_()
-                        t_win, win_steps, win_seqs = time.time(), 0, 0
-                    bar.update(1)
-                    # torchrun: asked of every process at a record (a sync anyway), so all stop at the same step
-                    if d.any(sigint["set"], device) if d.on and boundary else sigint["set"] and not d.on:
-                        raise StopAtBoundary
-                    if step == last:
-                        break
-                vals = held.evaluate(raw_model, device, K) if held and ((epoch + 1) % cfg.val_every == 0 or
-                                                                       step == last) else [{}] * K
-                last_val = vals if any(vals) else last_val  # fixed masks; draws no random numbers
-                for log, s, v in zip(logs, d.all_sum(sums).tolist(), vals):
-                    log.write({"kind": "epoch", "epoch": epoch, "step": step, "partial": step % steps_per_epoch != 0,
-                               "loss": s[0] / max(1, s[2]), "mlm_acc": s[1] / max(1, s[2]), **v})
-                if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or step == last:
-                    save()  # every save_every epochs, at the end, and where --max_steps stops
-    except StopAtBoundary:
-        bar.close()
-        save()  # (not if the loss went non-finite: nonfinite.check() raises)
-        where = stack_dir(cfg, overrides) if cfg.seeds else outs[0]
-        raise Interrupted(f"interrupted at step {step}: checkpoint {outs[0] / 'ckpt.pt'}"
-                          f"{f' and {K - 1} more' if K > 1 else ''}; continue with --resume {where}")
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(f"stopped in the middle of step {step + 1}; {outs[0] / 'ckpt.pt'} holds the last saved "
-                          f"state") from None
-    except (OSError, UserError):  # a full disk, a non-finite loss: the bar ends before the one-line error
-        bar.close()
-        raise
-    bar.close()
-    print(f"done: {step} steps, checkpoint{'s' if K > 1 else ''} {', '.join(str(o / 'ckpt.pt') for o in outs)}")
+    bar = tqdm(total=last, initial=s.step, desc="pretrain", unit="step", dynamic_ncols=True, disable=not d.main or None)
+    with interruptible(s, bar, save_now, stack_dir(cfg, overrides) if cfg.seeds else outs[0]) as sigint:
+        while s.step < last:
+            epoch, first = divmod(s.step, steps_per_epoch)
+            orders = [epoch_order(len(ids), seed, epoch) for seed in seeds]  # each member's own data order
+            sums = torch.zeros(K, 3, device=device)  # this epoch: loss sum, correct predictions, predictions
+            window = Window(s)
+            for b in range(first, steps_per_epoch):
+                lr = lr_at(s.step, total, cfg.lr)
+                xs = [get_batch(ids, o[b * B:(b + 1) * B], device) for o in orders]
+                masked = [mask_tokens(x, mask_generator(device, seed, s.step), vocab_size=vocab,
+                                      mask_id=sp["mask"], special_ids=tuple(sp.values()), cap=cfg.mask_cap)
+                          for x, seed in zip(xs, seeds)]
+                x = torch.cat(xs)  # (K*B, T), member-major
+                inputs, targets = (torch.cat(t) for t in zip(*masked))
+                n_global = (targets.view(K, -1) != -100).sum(1)  # the loss is the mean over these
+                if d.on:  # this process's share of the batch
+                    x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
+                # (the key-padding mask comes from the original ids, as in HF)
+                logits, loss = train_step(s, lr, inputs, targets, mlm_targets(targets, slots, members=K) if d.on
+                                          else None, n_global, attention_mask=x != sp["pad"], per_row=slots)
+                counts = masked_counts(logits, loss, targets, slots, K, n_global if d.on else None)
+                sums += counts
+                window.add(counts, x != sp["pad"], len(xs[0]))
+                boundary = s.step % cfg.log_every == 0 or s.step == last or b == steps_per_epoch - 1
+                if boundary:
+                    window.record(epoch, lr, bar)
+                bar.update(1)
+                # torchrun: asked of every process at a record (a sync anyway), so all stop at the same step
+                if d.any(sigint["set"], device) if d.on and boundary else sigint["set"] and not d.on:
+                    raise StopAtBoundary
+                if s.step == last:
+                    break
+            vals = held.evaluate(s.raw_model, device, K) if held and ((epoch + 1) % cfg.val_every == 0 or
+                                                                     s.step == last) else [{}] * K
+            last_val = vals if any(vals) else last_val  # fixed masks; draws no random numbers
+            for log, m, v in zip(s.logs, d.all_sum(sums).tolist(), vals):
+                log.write({"kind": "epoch", "epoch": epoch, "step": s.step, "partial": s.step % steps_per_epoch != 0,
+                           "loss": m[0] / max(1, m[2]), "mlm_acc": m[1] / max(1, m[2]), **v})
+            if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or s.step == last:
+                save_now()  # every save_every epochs, at the end, and where --max_steps stops
+    print(f"done: {s.step} steps, checkpoint{'s' if K > 1 else ''} {', '.join(str(o / 'ckpt.pt') for o in outs)}")
     return outs[0] if not cfg.seeds else outs
 
 
@@ -347,29 +275,25 @@ def main(argv=None):
     if not cfg.resume:
         outs = member_dirs(cfg, overrides)
         refuse_existing(outs[0] if not cfg.seeds else stack_dir(cfg, overrides), outs)
-        if cfg.seeds and Dist().main:  # what --resume continues: the stack's config and its members' folders
-            write_json(stack_dir(cfg, overrides) / "stack.json", {"kind": "mlm",
-                                                                 "config": asdict(replace(cfg, interrupt_at=0)),
-                                                                 "overrides": overrides,
-                                                                 "members": [str(o) for o in outs]})
+        if cfg.seeds:  # what --resume continues: the stack's config and its members' folders
+            write_stack(stack_dir(cfg, overrides), "mlm", cfg, overrides, outs)
         return train(cfg, overrides, outs=outs)
-    manifest = Path(cfg.resume) / "stack.json"
-    if manifest.is_file():  # a stacked run: every member, from its own checkpoint
-        m = read_json(manifest, "stack manifest")
-        saved = resumed_config(cfg, MLMConfig(**m["config"]), overrides)
+    given = given_fields(MLMConfig, argv)
+    m = read_stack(cfg.resume)
+    if m:  # a stacked run: every member, from its own checkpoint
+        saved = resumed_config(cfg, from_saved(MLMConfig, m["config"]), overrides, given)
         missing = [o for o in m["members"] if not (Path(o) / "ckpt.pt").is_file()]
         if missing:  # killed before (or during) the members' first save: the stack starts again, exactly
             print(f"{missing[0]}: no checkpoint yet; the stack starts again from step 0", file=sys.stderr)
             return train(saved, m["overrides"], None, outs=m["members"])
         states = load_group(m["members"], kind="mlm")
         if all(st["optimizer"] is None for st in states):
-            raise UserError(f"{manifest.parent}: this stacked run has finished; nothing to resume")
+            raise UserError(f"{cfg.resume}: this stacked run has finished; nothing to resume")
         return train(saved, m["overrides"], states, outs=m["members"])
     resume_state = load_checkpoint(cfg.resume, kind="mlm", fallback=True)
-    saved = MLMConfig(**resume_state["train_config"])
     if resume_state["optimizer"] is None:
         raise UserError(f"{resume_state['path']}: this run has finished; nothing to resume")
-    saved = resumed_config(cfg, saved, overrides)
+    saved = resumed_config(cfg, from_saved(MLMConfig, resume_state["train_config"]), overrides, given)
     saved.out = saved.out or str(Path(resume_state["path"]).parent)
     return train(saved, {}, resume_state)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinytlm.config import add_dataclass_args, option
 from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
                             sha256_file, write_json)
 from tinytlm.data import Shard, checked_shard, write_labels, write_shard
@@ -50,6 +51,23 @@ TASKS = {
                                         "Village", "Animal", "Plant", "Album", "Film", "WrittenWork"]),
     "fewrel": ("fewrel", (630, 70), None),
 }
+
+
+@dataclass
+class TaskFields:
+    """The flags that name a classification task's sample, declared once: train_cls's config, train_mlm's
+    (its constructed pre-training sets are a task's) and the analysis commands share them."""
+    task: str = option("agnews", "agnews | dbpedia | fewrel", choices=tuple(TASKS))
+    labels: str = option("", "label indices of the source, comma-separated (default all)")
+    train_per_label: int = option(0, "train rows per label (0 = the paper's)", low=0)
+    test_per_label: int = option(0, "test rows per label (0 = the paper's)", low=0)
+    fewrel_source: str = option("val_wiki", "FewRel's pool of relations", choices=("val_wiki", "train_wiki"))
+
+    def spec(self, entity_markers: bool = False, max_len: int = 128) -> "TaskSpec":
+        """The resolved TaskSpec these fields name (the paper's sample sizes filled in)."""
+        return TaskSpec(task=self.task, train_per_label=self.train_per_label, test_per_label=self.test_per_label,
+                        labels=parse_labels(self.labels), fewrel_source=self.fewrel_source,
+                        entity_markers=entity_markers, max_len=max_len).resolved()
 
 
 @dataclass(frozen=True)
@@ -318,18 +336,15 @@ def parse_labels(s: str) -> tuple:
 
 
 def add_task_args(ap: argparse.ArgumentParser, task_default="agnews"):
-    ap.add_argument("--task", default=task_default, help="agnews | dbpedia | fewrel")
-    ap.add_argument("--labels", default="", help="comma-separated label indices of the source (default all)")
-    ap.add_argument("--train-per-label", type=int, default=0, help="train rows per label (0 = paper's)")
-    ap.add_argument("--test-per-label", type=int, default=0, help="test rows per label (0 = paper's)")
-    ap.add_argument("--fewrel-source", default="val_wiki", help="val_wiki | train_wiki")
+    """The TaskFields flags (--task, --labels, --train-per-label, ...) and --entity-markers."""
+    add_dataclass_args(ap, TaskFields, "task")
+    ap.set_defaults(task=task_default)
     ap.add_argument("--entity-markers", action="store_true", help="FewRel: mark head and tail entities")
 
 
 def spec_from_args(args) -> TaskSpec:
-    return TaskSpec(task=args.task, train_per_label=args.train_per_label, test_per_label=args.test_per_label,
-                    labels=parse_labels(args.labels), fewrel_source=args.fewrel_source,
-                    entity_markers=args.entity_markers, max_len=getattr(args, "max_len", 128)).resolved()
+    fields = TaskFields.__dataclass_fields__
+    return TaskFields(**{k: getattr(args, k) for k in fields}).spec(args.entity_markers, getattr(args, "max_len", 128))
 
 
 def main(argv=None):

@@ -1,10 +1,9 @@
-"""Helpers of the training scripts: config from the command line, device, schedule, logging.
+"""Helpers of the training loops (tinytlm/pretrain.py, tinytlm/finetune_loop.py): device, kernels and
+compile, optimizer and schedule, the non-finite guard, Ctrl-C at step boundaries, run logs.
 
-The loops themselves stay in train_mlm.py and train_cls.py, flat and visible.
+The configs and their command lines are tinytlm/config.py's.
 """
-import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -15,74 +14,14 @@ from pathlib import Path
 
 import torch
 
-from tinytlm.common import (ArgParser, UserError, default_data_root, default_raw_root, git_revision, read_json,
-                            write_json)
+from tinytlm.common import UserError, default_data_root, default_raw_root, git_revision, write_json
+# (re-exported: bench/ and the paper runner import these from here)
+from tinytlm.config import COMPILE_MODES, add_dataclass_args, dataclass_from_args, switch, switches  # noqa: F401
 from tinytlm.kernel_path import set_kernels
-from tinytlm.model import BertConfig
 
 
 # -----------------------------------------------------------------------------
-# config <-> command line
-
-def _parse_tuple(s):
-    try:
-        return tuple(int(x) for x in str(s).replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
-
-
-def _parse_bool(s):
-    v = str(s).lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _arg_type(field, default):
-    if isinstance(default, bool):
-        return _parse_bool
-    if isinstance(default, tuple):
-        return _parse_tuple
-    return type(default) if default is not None else str
-
-
-def add_dataclass_args(ap, cls, group_title=None, all_optional=False):
-    """One `--name value` flag per dataclass field; help = the field's comment-free name and default.
-    all_optional: every default becomes None, so only the flags given override (model overrides)."""
-    g = ap.add_argument_group(group_title or cls.__name__)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        flag = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--compile` = true
-        g.add_argument(*names, dest=f.name, type=_arg_type(f, default), **flag,
-                       default=None if all_optional else default, help=f"(default {default})")
-
-
-def switch(default):
-    """A config field that changes where or how fast a run goes, or what it prints, but not what it
-    computes: it may change when a run is resumed, and it is not part of a cell's identity in the
-    paper runner. Every other field must stay what the run started with."""
-    return dataclasses.field(default=default, metadata={"switch": True})
-
-
-def switches(cls) -> set:
-    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("switch")}
-
-
-def resumed_config(cfg, saved, overrides: dict):
-    """The saved config of a run being resumed, with the switches this command line gives; a flag
-    that would change what is computed is a one-line error."""
-    default, allowed = type(cfg)(), switches(type(cfg))
-    given = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)]
-    bad = [f for f in given if f not in allowed and getattr(cfg, f) != getattr(saved, f)] + list(overrides)
-    if bad:
-        raise UserError(f"--resume continues the saved configuration; --{bad[0]} cannot change "
-                        f"(only {', '.join('--' + f for f in sorted(allowed - {'resume'}))} can)")
-    once = {f: getattr(cfg, f) for f in ("interrupt_at",) if hasattr(cfg, f)}  # testing: not delivered again
-    return dataclasses.replace(saved, **{**{f: getattr(cfg, f) for f in given if f in allowed}, **once})
-
+# run helpers
 
 def roots(cfg) -> tuple:
     """(raw data root, prepared data root) of a run config: --raw and --data, else the defaults."""
@@ -105,39 +44,6 @@ def refuse_existing(out: Path, dirs: list):
             raise UserError(f"{d} already holds a checkpoint; continue it with --resume {out}, or choose another --out")
 
 
-def dataclass_from_args(cls, args):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def model_overrides(args) -> dict:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(BertConfig)
-            if getattr(args, f.name) is not None}
-
-
-def parse_run_args(cls, doc: str, title: str, argv=None):
-    """(script config, model overrides) from the command line: the script's dataclass flags plus
-    one optional flag per BertConfig field. Unknown flags and bad values are one-line errors."""
-    ap = ArgParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--config", default="", help="JSON file of flag values (command-line flags win)")
-    add_dataclass_args(ap, cls, title)
-    add_dataclass_args(ap, BertConfig, "model overrides", all_optional=True)
-    pre, _ = ap.parse_known_args(argv)
-    if pre.config:
-        values = read_json(pre.config, "config")
-        known = {f.name for f in dataclasses.fields(cls)} | {f.name for f in dataclasses.fields(BertConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"{pre.config}: unknown key {unknown[0]!r}")
-        ap.set_defaults(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-    args = ap.parse_args(argv)
-    given = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)]
-    if "--seeds" in given and "--seed" in given:
-        raise UserError("--seed and --seeds exclude each other (one run, or one stacked run per seed list)")
-    if "--seeds" in given and not str(args.seeds).strip():
-        raise UserError("--seeds: empty; give comma-separated seeds, e.g. --seeds 0,1,2")
-    return dataclass_from_args(cls, args), model_overrides(args)
-
-
 def member_seeds(cfg) -> list:
     """The seeds a run trains: [--seed] for one model, or the --seeds list (one stacked member per seed)."""
     if not cfg.seeds:
@@ -152,6 +58,15 @@ def member_seeds(cfg) -> list:
     if cfg.seed != 0:
         raise UserError("--seed and --seeds exclude each other (one run, or one stacked run per seed list)")
     return seeds
+
+
+def interrupt_step() -> int:
+    """Testing: the 1-based step in the middle of which a run delivers itself a Ctrl-C, from the environment
+    variable TINYTLM_INTERRUPT_AT (0 or unset = never). The tests of exact resumption use it."""
+    v = os.environ.get("TINYTLM_INTERRUPT_AT", "") or "0"
+    if not v.isdigit():
+        raise UserError(f"TINYTLM_INTERRUPT_AT={v!r}: expected a step number (0 = never)")
+    return int(v)
 
 
 # -----------------------------------------------------------------------------
@@ -172,9 +87,6 @@ def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def prepare_model(model, device, kernels="torch", compile=False, compile_mode="default", unpad=False):

@@ -1,0 +1,182 @@
+"""What the two training loops share: the setup before the loop, one optimizer step, the save, the
+interruption context, and the stack manifest of a --seeds run.
+
+tinytlm/pretrain.py (masked-language modelling) and tinytlm/finetune_loop.py (classification) each read
+their data, build their members and run their loop; everything else is here, once:
+
+    d, device = open_device(cfg)
+    ... data ...
+    check_group(states, mismatch)                          # resuming: same data, one common step
+    model = build_members(states, new, len(seeds))         # K members, one stacked model
+    s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs, hint)
+    with interruptible(s, bar, save, hint) as sigint:
+        while ...: logits, loss = train_step(s, lr, x, targets, ...)
+"""
+import contextlib
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tinytlm.checkpoint import build_model, save_members, set_rng_state
+from tinytlm.common import Interrupted, UserError, read_json, write_json
+from tinytlm.dist import Dist
+from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
+from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, deferred_sigint, grad_norms,
+                           interrupt_step, make_optimizer, prepare_model, resolve_device)
+
+
+@dataclass
+class Session:
+    """A training run once set up: where it runs, its K stacked members, their optimizer and logs, and the
+    optimizer steps taken (`step`, advanced by train_step)."""
+    d: Dist  # torchrun: this process's share (tinytlm/dist.py); else one process
+    device: torch.device
+    model: torch.nn.Module  # what the loop calls: prepared (kernels, compile) and wrapped (DDP)
+    raw_model: torch.nn.Module  # the stacked members, unwrapped: what is saved and evaluated
+    opt: torch.optim.Optimizer
+    params: list  # raw_model's parameters, for the per-member gradient norms
+    outs: list  # each member's run directory
+    seeds: list  # each member's seed
+    logs: list  # each member's RunLog (QuietLog on a torchrun process other than rank 0)
+    nonfinite: NonFinite  # the first non-finite step of each member, checked where the loop syncs
+    step: int = 0  # optimizer steps taken
+    graphs: bool = False  # CUDA graphs (compile mode reduce-overhead): mark each step's start
+    interrupt_at: int = 0  # testing: a Ctrl-C in the middle of this 1-based step (TINYTLM_INTERRUPT_AT)
+    grad_clip: float = 0.0  # max gradient norm per member (0 = off)
+
+    @property
+    def members(self) -> int:
+        return len(self.outs)
+
+
+# -----------------------------------------------------------------------------
+# setup
+
+def open_device(cfg):
+    """(Dist, device): torchrun's process group when there is one, and the device of --device."""
+    d = Dist()
+    return d, d.setup(resolve_device(cfg.device))
+
+
+def check_group(states: list, mismatch):
+    """Checkpoints a run resumes from: each made on this run's data (mismatch(state): "" or the one-line
+    error), all at one step (a stack's members resume together)."""
+    for st in states:
+        why = mismatch(st)
+        if why:
+            raise UserError(why)
+    if len({st["step"] for st in states}) > 1:
+        raise UserError(f"{states[0]['path']}: the members' checkpoints are at different steps "
+                        f"({', '.join(str(st['step']) for st in states)}); resume each alone")
+
+
+def build_members(states, new, members: int) -> tuple:
+    """(model, its BertConfig): K members as one stacked model (tinytlm/members.py; K = 1: the plain model),
+    from their checkpoints when resuming, else new(k) for member k (seeded and built as its single run is)."""
+    singles = [build_model(st) for st in states] if states else [new(k) for k in range(members)]
+    return stack_models(singles), singles[0].config
+
+
+def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds: list, configs: list,
+          grad_clip: float = 0.0) -> Session:
+    """The rest of the setup, alike for both loops: kernels, compile and DDP; AdamW; when resuming, the
+    optimizer, RNG and step of the checkpoints; each member's run log (header first)."""
+    outs = [Path(o) for o in outs]
+    prepared = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
+                      cfg.compile_mode)
+    opt = make_optimizer(model, lr, wd, device)
+    stack = {"seeds": seeds, "members": [str(o) for o in outs]} if len(outs) > 1 else None
+    logs = [RunLog(o, {**c, "world_size": d.world}, device, resume=bool(states), stack=stack) if d.main
+            else QuietLog() for o, c in zip(outs, configs)]
+    s = Session(d, device, prepared, model, opt, list(model.parameters()), outs, seeds, logs,
+                NonFinite(outs, seeds, device, "try a lower --lr, or --grad_clip" if hasattr(cfg, "grad_clip") else
+                          "try a lower --lr"),
+                graphs=cfg.compile and cfg.compile_mode == "reduce-overhead", interrupt_at=interrupt_step(),
+                grad_clip=grad_clip)
+    if states:
+        opt.load_state_dict(stack_optimizer_states(model, [st["optimizer"] for st in states]) if len(outs) > 1
+                            else states[0]["optimizer"])
+        set_rng_state(states[0]["rng"])
+        s.step = states[0]["step"]
+        print(f"resuming {', '.join(st['path'] for st in states)} at step {s.step}")
+    return s
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step, and the save
+
+def train_step(s: Session, lr: float, x, targets, loss_targets, global_rows, **model_kw):
+    """Forward (autocast), backward, clip, step, zero_grad; returns (logits, loss), loss the members' (K,).
+    torchrun: loss_targets (this share's targets as the model's loss reads them) summed and divided by the
+    global count global_rows, so that DDP's mean over processes is the loss a single process computes."""
+    K = s.members
+    if s.graphs:
+        torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
+    for g in s.opt.param_groups:
+        g["lr"] = lr
+    with autocast(s.device):
+        logits, loss = s.model(x, targets=targets, **model_kw)
+    if s.interrupt_at and s.step + 1 == s.interrupt_at:
+        signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
+    if s.d.on:
+        loss = member_loss_sums(logits, loss_targets, K) / global_rows
+        (loss.sum() * s.d.world).backward()
+    else:
+        loss.sum().backward()  # K members: the sum of their mean losses, no coupling
+    norms = clip_grad_norm_members(s.params, s.grad_clip, K) if s.grad_clip > 0 else grad_norms(s.params, K)
+    s.nonfinite.update(loss, s.step + 1, norms)  # caught at this step, reported at the next sync
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    s.step += 1
+    return logits, loss
+
+
+def save(s: Session, kind: str, epoch: int, members: list, finished=False):
+    """Every member's checkpoint (rank 0 writes; none if a loss went non-finite). members: per member, a
+    dict of train_config, data and extra; a finished run drops the optimizer state."""
+    s.nonfinite.check()
+    if s.d.main:
+        save_members(s.raw_model, [(o / "ckpt.pt", dict(kind=kind, optimizer=None if finished else s.opt, step=s.step,
+                                                        epoch=epoch, **m)) for o, m in zip(s.outs, members)])
+
+
+@contextlib.contextmanager
+def interruptible(s: Session, bar, save_now, resume_hint):
+    """The loop's body runs inside: the first Ctrl-C or SIGTERM sets the flag it yields (the loop raises
+    StopAtBoundary at a step boundary: save_now(), then Interrupted saying how to go on); a second one stops at
+    once; a full disk or a user error ends the progress bar before its one-line error."""
+    try:
+        with deferred_sigint() as sigint:
+            yield sigint
+    except StopAtBoundary:
+        bar.close()
+        save_now()  # (not if the loss went non-finite: nonfinite.check() raises)
+        more = f" and {s.members - 1} more" if s.members > 1 else ""
+        raise Interrupted(f"interrupted at step {s.step}: checkpoint {s.outs[0] / 'ckpt.pt'}{more}; continue with "
+                          f"--resume {resume_hint}")
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(f"stopped in the middle of step {s.step + 1}; {s.outs[0] / 'ckpt.pt'} holds the last "
+                          f"saved state") from None
+    except (OSError, UserError):
+        bar.close()
+        raise
+    bar.close()
+
+
+# -----------------------------------------------------------------------------
+# a --seeds run's manifest: what --resume DIR continues
+
+def write_stack(where: Path, kind: str, cfg, overrides: dict, outs: list):
+    """DIR/stack.json (rank 0 writes): the stack's config, its model overrides and its members' folders."""
+    if Dist().main:
+        write_json(Path(where) / "stack.json", {"kind": kind, "config": asdict(cfg), "overrides": overrides,
+                                                "members": [str(o) for o in outs]})
+
+
+def read_stack(where: Path):
+    """The manifest of the stacked run in `where`, or None when `where` is not one."""
+    manifest = Path(where) / "stack.json"
+    return read_json(manifest, "stack manifest") if manifest.is_file() else None
