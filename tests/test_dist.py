@@ -61,9 +61,10 @@ def test_pretraining_on_two_processes_equals_one_and_resumes_on_one(roots, tmp_p
 def test_stacked_fine_tuning_on_two_processes_with_an_empty_share_equals_one(roots, tmp_path):
     raw, data = roots
     # 20 rows in batches of 19: the last batch has 1 row, and one process has none of it
-    args = lambda out, *extra: ["--task", "agnews", "--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--train-per-label", "5", "--test-per-label", "3", "--epochs", "2", "--batch_size",
-                                "19", "--device", "cpu", "--quiet", "--seeds", "0,1", "--raw", str(raw), "--data",
-                                str(data), "--out", str(out), *NO_DROPOUT, *extra]
+    args = lambda out, *extra: ["--task", "agnews", "--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32",
+                                "--train-per-label", "5", "--test-per-label", "3", "--epochs", "2", "--batch_size", "19",
+                                "--device", "cpu", "--quiet", "--seeds", "0,1", "--raw", str(raw), "--data", str(data),
+                                "--out", str(out), *NO_DROPOUT, *extra]
     finetune.main(args(tmp_path / "one"))
     torchrun("train_cls.py", args(tmp_path / "two"))
     for s in ("s0", "s1"):

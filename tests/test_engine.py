@@ -14,7 +14,7 @@ import torch
 from tinytlm import ensemble, finetune, paper, pretrain
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.committee import accuracy, committee_logits
-from tinytlm.common import Interrupted, cli
+from tinytlm.common import Interrupted, UserError, cli
 
 REPO = Path(__file__).resolve().parents[1]
 # a very small model: 1 block, 1 head of 32 (the vocabulary stays 30,522 because the ids are real)
@@ -207,6 +207,26 @@ def test_committee_forward_sums_member_logits():
     with torch.no_grad():
         expect = sum(m(x)[0] for m in members)
         torch.testing.assert_close(committee_forward(members, x), expect)
+
+
+@pytest.mark.parametrize("script, config", [("train_mlm.py", "MLMConfig"), ("train_cls.py", "ClsConfig")])
+def test_every_flag_has_help_and_there_are_at_most_32(script, config):
+    from tinytlm.config import describe
+    cls = getattr(pretrain if config == "MLMConfig" else finetune, config)
+    assert all(f["help"] for f in describe(cls)), [f["flag"] for f in describe(cls) if not f["help"]]
+    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    options = [ln for ln in r.stdout.splitlines() if ln.startswith("  -")]  # one per option, aliases on its line
+    assert r.returncode == 0 and 20 <= len(options) <= 32, options
+    assert "--arch" in r.stdout and "--n_layer" not in r.stdout and "--mask_per_row" not in r.stdout
+
+
+def test_arch_flag_and_deprecated_wd():
+    cfg, over = pretrain.parse(["--model", "tiny", "--arch", "n_conv=2,conv_kernel=16x3", "--arch", "dropout=0"])
+    assert over == {"n_conv": 2, "conv_kernel": (16, 3), "dropout": 0.0}
+    with pytest.raises(UserError, match="--arch 'n_layers=2': unknown key 'n_layers'"):
+        pretrain.parse(["--arch", "n_layers=2"])
+    cfg, _ = finetune.parse(["--wd", "0.5"])
+    assert cfg.weight_decay == 0.5
 
 
 def test_config_file_and_flag_precedence(tmp_path):

@@ -63,6 +63,13 @@ def problem(f, v) -> str:
     return ""
 
 
+def describe(cls) -> list:
+    """Every flag of a config class as data, for tools that probe the command line (a bad-input fuzzer):
+    name, type, default, help and the constraints validate() applies."""
+    return [{"flag": f"--{f.name}", "type": type(f.default).__name__, "default": f.default,
+             **{k: v for k, v in f.metadata.items() if v not in (None, (), "")}} for f in dataclasses.fields(cls)]
+
+
 def validate(cfg):
     """Every field of cfg against its metadata: the first wrong one is a one-line error naming its flag."""
     for f in dataclasses.fields(cfg):

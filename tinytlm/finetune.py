@@ -9,7 +9,7 @@
     python train_cls.py --task agnews --seeds 0,1,2,3,4 --init runs/b1x5 --out runs/c  # 5 stacked, one run
 
 The architecture comes from the checkpoint when --init is given, else from --model
-and the model flags. Test accuracy is printed each epoch; the reported result is the
+and --arch. Test accuracy is printed each epoch; the reported result is the
 final epoch's accuracy (the best epoch's is also reported, labelled as selected on
 test). Outputs in --out (default runs/<name>): config.json, metrics.jsonl, ckpt.pt
 (a classifier checkpoint ensemble.py reads) and result.json. With --seeds, one classifier per seed
@@ -23,6 +23,7 @@ from pathlib import Path
 from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.common import UserError, cli, config_hash, home, read_json, write_json
 from tinytlm.dist import Dist
+from tinytlm.session import read_stack, write_stack
 from tinytlm.finetune_loop import run_arm, run_members
 from tinytlm.model import BertConfig
 from tinytlm.config import RunSwitches, from_saved, given_fields, option, parse_run_args, resumed_config, switch
@@ -65,7 +66,8 @@ def parse(argv=None):
 
 def report(r: dict):
     s = r["token_stats"]
-    ts = f"T_C {s['T_C']:,}  T_W {s['T_W']:,}  T_M {s['T_M']:,}" if s else "token stats unavailable (pre-training data unknown or gone)"
+    ts = f"T_C {s['T_C']:,}  T_W {s['T_W']:,}  T_M {s['T_M']:,}" if s else \
+        "token stats unavailable (pre-training data unknown or gone)"
     print(f"[{r['arm']}] {r['task']}: final-epoch test acc {r['acc']:.4f} "
           f"(best {r['acc_best_selected_on_test']:.4f} at epoch {r['best_epoch']}, selected on test); {ts}")
     print("  per label: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_label_acc"].items()))
@@ -153,8 +155,8 @@ def gap_members(cfgs: list, outs: list, init_states: list, resume_hint=None) -> 
 def resume(cfg: ClsConfig, overrides: dict, given: set = ()) -> dict:
     """--resume DIR: a single arm's run directory, or a --gap folder (both arms, then the gap)."""
     where = Path(cfg.resume)
-    if (where / "stack.json").is_file():
-        m = read_json(where / "stack.json", "stack manifest")
+    m = read_stack(where)
+    if m:
         saved = resumed_config(cfg, from_saved(ClsConfig, m["config"]), overrides, given)
         if all((Path(o) / ("gap.json" if saved.gap else "result.json")).is_file() for o in m["members"]):
             raise UserError(f"{where}: this stacked run has finished; nothing to resume")
@@ -240,10 +242,7 @@ def main(argv=None):
                 home() / "runs" / run_name(replace(cfg, seed=s, seeds="", init=i), overrides, init_state)
                 for s, i in zip(seeds, inits)]
         refuse_existing(where, [d for o in outs for d in ([o / "pretrained", o / "scratch"] if cfg.gap else [o])])
-        # what --resume continues
-        main_write(where / "stack.json", {"kind": "cls", "config": asdict(cfg),
-                                          "overrides": overrides,
-                                          "members": [str(o) for o in outs]})
+        write_stack(where, "cls", cfg, overrides, outs)  # what --resume continues
         return run_stack(cfg, overrides, outs, where)
     out = Path(cfg.out or home() / "runs" / run_name(cfg, overrides, init_state))
     refuse_existing(out, [out / "pretrained", out / "scratch"] if cfg.gap else [out])

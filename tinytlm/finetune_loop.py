@@ -1,6 +1,8 @@
 """The fine-tuning loop: K >= 1 classifiers of one shape, one stacked model (K = 1: one plain model).
 
-tinytlm/finetune.py holds the config, the command line, the gap and resuming; this module trains.
+tinytlm/finetune.py holds the command line, the gap and resuming; tinytlm/session.py the setup, the step,
+the save and the interruption context this loop shares with pre-training; this module reads the task,
+builds the classifiers, trains, scores every epoch and writes the results.
 """
 import math
 import time

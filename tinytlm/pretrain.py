@@ -49,7 +49,7 @@ class MLMConfig(TaskFields, RunSwitches):
     epochs: int = option(50, "passes over the pre-training rows", low=1)
     batch_size: int = option(32, "sequences per optimizer step", low=1)
     lr: float = option(5.5e-5, "peak AdamW learning rate, decayed linearly to 0", above=0)
-    weight_decay: float = option(1e-2, "AdamW weight decay", low=0, aliases=("--wd",))
+    weight_decay: float = option(1e-2, "AdamW weight decay", low=0)
     grad_clip: float = option(0.0, "max gradient norm (0 = off; the paper's code does not clip)", low=0)
     mask_cap: int = option(0, "k > 0: Bernoulli 15%% masking, at most k chosen per row (static shapes, the "
                            "paper's masks); 0: no cap", low=0)

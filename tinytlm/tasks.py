@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json,
+                            save_npy, sha256_file, write_json)
 from tinytlm.config import add_dataclass_args, option
-from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
-                            sha256_file, write_json)
 from tinytlm.data import Shard, checked_shard, write_labels, write_shard
 from tinytlm.download import fetch_missing
 from tinytlm.tokenizer import WordPieceTokenizer
@@ -213,7 +213,8 @@ def read_fewrel(source: str, raw: Path, markers: bool):
     else:  # HF few_rel rows: relation, tokens, head{indices}, tail{indices}
         data = {}
         for r in _read_records(path):
-            inst = {"tokens": r["tokens"], "h": [None, None, r["head"]["indices"]], "t": [None, None, r["tail"]["indices"]]}
+            inst = {"tokens": r["tokens"], "h": [None, None, r["head"]["indices"]],
+                    "t": [None, None, r["tail"]["indices"]]}
             data.setdefault(r["relation"], []).append(inst)
     pid2name = {}
     for pid_file in (raw / "fewrel" / "pid2name.json.xz", raw / "fewrel" / "pid2name.json"):  # shared, downloaded

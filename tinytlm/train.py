@@ -154,8 +154,8 @@ class NonFinite:
         if any(first):
             k = next(i for i, b in enumerate(first) if b)
             member = f" (member seed {self.seeds[k]})" if len(self.outs) > 1 else ""
-            raise UserError(f"the loss or gradients of {self.outs[k]} became non-finite at step {first[k]}{member}; its last good "
-                            f"checkpoint is {Path(self.outs[k]) / 'ckpt.pt'} ({self.hint})")
+            raise UserError(f"the loss or gradients of {self.outs[k]} became non-finite at step {first[k]}{member}; "
+                            f"its last good checkpoint is {Path(self.outs[k]) / 'ckpt.pt'} ({self.hint})")
 
 
 # -----------------------------------------------------------------------------
