@@ -16,6 +16,7 @@ as one `--arch key=value,...` (`arch_overrides`).
 import argparse
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass
 
@@ -26,12 +27,14 @@ from tinytlm.model import BertConfig
 # -----------------------------------------------------------------------------
 # one field: its default, its help and what it accepts
 
-def option(default, help: str, *, choices=None, low=None, above=None, also=(), kind=None, aliases=(), switch=False):
+def option(default, help: str, *, choices=None, pattern=None, low=None, above=None, also=(), kind=None, aliases=(),
+           switch=False):
     """A config field that is a flag. help: one line for --help. choices: the values allowed; low: the
-    smallest allowed (inclusive), above: a bound it must exceed; also: other values allowed besides (a
+    smallest allowed (inclusive), above: a bound it must exceed; pattern: a regular expression a string must
+    match whole; also: other values allowed besides (a
     sentinel such as -1 = "the task's default"); floats must be finite. kind: "file" | "dir" | "out" for
     a path. aliases: other flag names (a deprecated spelling). switch: see `switch`."""
-    meta = {"help": help, "choices": choices, "low": low, "above": above, "also": tuple(also), "kind": kind,
+    meta = {"help": help, "choices": choices, "pattern": pattern, "low": low, "above": above, "also": tuple(also), "kind": kind,
             "aliases": tuple(aliases), "switch": switch}
     return dataclasses.field(default=default, metadata=meta)
 
@@ -54,6 +57,8 @@ def problem(f, v) -> str:
         return ""
     if m.get("choices") and v not in m["choices"]:
         return f"choose {', '.join(map(str, m['choices']))}"
+    if m.get("pattern") and not re.fullmatch(m["pattern"], v):
+        return f"expected {m['help'].split(';')[0]}"
     if isinstance(v, float) and not math.isfinite(v):
         return "must be finite"
     if m.get("above") is not None and not v > m["above"]:
@@ -89,7 +94,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 class Switches:
     """What the training commands and the paper runner share: where a run goes and how fast, never what
     it computes (a run may change them on --resume; they are no part of a paper cell's identity)."""
-    device: str = switch("auto", "auto | cpu | cuda | cuda:N")
+    device: str = switch("auto", "auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
     compile: bool = switch(False, "torch.compile the model (speed only)")
     compile_mode: str = switch("default", "torch.compile mode; reduce-overhead records CUDA graphs",
                                choices=COMPILE_MODES)
