@@ -17,8 +17,8 @@ from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logit
 from tinytlm.common import Interrupted, UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.dist import Dist
-from tinytlm.members import member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.kernel_path import Impl
+from tinytlm.members import member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import ensure_task, load_task
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
