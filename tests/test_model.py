@@ -149,8 +149,10 @@ def test_config_errors():
         BertConfig.from_dict({**BertConfig().to_dict(), "hidden_size": 768})
     with pytest.raises(UserError):
         BertConfig.preset("tiny", n_head="2")
-    with pytest.raises(UserError, match="--kernels 'cuda'"):
+    with pytest.raises(UserError, match="--kernels 'cuda'"):  # validated once, where the Impl is made
         BertForMLM(BertConfig.preset("tiny", vocab_size=50), impl=Impl("cuda"))
+    with pytest.raises(UserError, match="--unpad"):
+        Impl(unpad="yes")
 
 
 def test_classifier_loads_pretrained_trunk():
