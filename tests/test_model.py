@@ -9,7 +9,6 @@ from tinytlm.common import UserError
 from tinytlm.kernel_path import Impl
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM, ConvStem
-from tinytlm.unpad import padded_positions
 
 
 def _batch(vocab, B=4, T=16, seed=0):
@@ -98,8 +97,7 @@ def test_conv_stem_sits_between_embeddings_and_encoder():
     model.bert.encoder.register_forward_pre_hook(lambda m, a: seen.update(enc_in=a[0]))
     with torch.no_grad():
         model(idx)
-    embedded = model.bert.embeddings(idx, torch.zeros_like(idx), padded_positions(idx))  # (B, T, H)
-    torch.testing.assert_close(seen["stem_in"], embedded)
+    torch.testing.assert_close(seen["stem_in"], model.bert.embeddings(idx, torch.zeros_like(idx)))
     assert seen["enc_in"] is seen["stem_out"]
 
 

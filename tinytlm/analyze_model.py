@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tinytlm.common import UserError
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertForClassification, BertForMLM
-from tinytlm.unpad import Padded, padded_positions
+from tinytlm.unpad import Padded
 
 
 def check_single(model):
@@ -50,9 +50,9 @@ def block_states(model, idx, attention_mask) -> list:
     """The hidden states (B, T, H) after the embeddings, the stem (if any) and each block, in that order.
     idx (B, T) token ids; attention_mask (B, T) True = real token. The last one is what the head reads."""
     bert = model.bert
-    x = bert.embeddings(idx, torch.zeros_like(idx), padded_positions(idx))  # (B, T, H): token type 0, as runs train
+    x = bert.embeddings(idx, torch.zeros_like(idx))  # (B, T, H): token type 0, as every run trains
     states = [x]
-    if bert.stem is not None:
+    if model.config.n_conv > 0:
         x = bert.stem(x)  # (B, T, H): the padded image, as the model runs it
         states.append(x)
     tokens = Padded(attention_mask.bool())  # every token attends to the real ones of its row

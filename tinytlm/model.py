@@ -31,7 +31,7 @@ from tinytlm.common import UserError
 from tinytlm.kernel_path import Impl
 from tinytlm.members import Embedding, LayerNorm, Linear, linear, member_loss
 from tinytlm.stem import ConvStem, fold_bn  # noqa: F401 (fold_bn: part of the model API)
-from tinytlm.unpad import layout, padded_positions
+from tinytlm.unpad import layout
 
 @dataclass
 class BertConfig:
@@ -141,9 +141,12 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.members = members
 
-    def forward(self, idx, token_type_ids, pos):
-        # idx (B, T) with pos (T,) (K members: (K*B, T)), or packed tokens (K*N,) with their positions (K*N,)
-        x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H) or (K*N, H)
+    def forward(self, idx, token_type_ids):
+        # idx (B, T)
+        pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+        if self.members > 1:
+            pos = pos.expand_as(idx)  # (K*B, T): each member reads its own position table
+        x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H)
         return self.drop(self.ln(x))
 
 
@@ -253,29 +256,29 @@ def _init_weights(module, std):
 
 
 class BertModel(nn.Module):
-    """The shared trunk: embeddings, optional conv stem, encoder. Returns hidden states (B, T, H)."""
+    """The shared trunk: embeddings, optional conv stem, encoder. Returns hidden states (B, T, H).
+
+    The embeddings and the stem run on the padded batch (the stem convolves the padded (T x H) image,
+    padding included, as the paper defines it); the encoder runs in the batch's layout: the padded rows,
+    or (unpad) the packed real tokens, put back in the padded layout at the end (0 at padding)."""
 
     def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
         self.config, self.members, self.unpad = cfg, members, impl.unpad
         self.embeddings = Embeddings(cfg, members)
-        self.stem = ConvStem(cfg, members, impl) if cfg.n_conv > 0 else None
+        self.stem = ConvStem(cfg, members, impl) if cfg.n_conv > 0 else nn.Identity()  # no weights, no keys
         self.encoder = Encoder(cfg, members, impl)
 
     def forward(self, idx, attention_mask=None, token_type_ids=None):
-        """idx (B, T) token ids; attention_mask (B, T) 1/True = real token (default: idx != pad_id).
-        Unpadded (impl.unpad), the encoder runs on the packed real tokens and its output is put back in
-        the padded layout: 0 at padding."""
+        """idx (B, T) token ids; attention_mask (B, T) 1/True = real token (default: idx != pad_id)."""
         if attention_mask is None:
             attention_mask = idx != self.config.pad_id
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(idx)
         tokens = layout(attention_mask, self.members, self.unpad)  # tinytlm.unpad.Padded or Packing
-        if self.stem is None:  # each token is embedded alone: only the rows the encoder runs on
-            x = self.embeddings(tokens.rows(idx), tokens.rows(token_type_ids), tokens.positions())
-        else:  # the stem convolves the padded (T x H) image, padding included, as the paper defines it
-            x = tokens.rows(self.stem(self.embeddings(idx, token_type_ids, padded_positions(idx, self.members))))
-        return tokens.padded(self.encoder(x, tokens))  # (B, T, H)
+        x = self.embeddings(idx, token_type_ids)  # (B, T, H)
+        x = self.stem(x)  # (B, T, H)
+        return tokens.padded(self.encoder(tokens.rows(x), tokens))  # (B, T, H)
 
 
 class _Pretrained(nn.Module):

@@ -2,12 +2,13 @@
 packed into one (N, ...) tensor (`Packing`); `layout` picks one as the model's Impl says (unpad).
 
 Pre-training rows average about 90 real tokens of 128 and task texts fewer, so a padded step spends about
-a quarter of its matmuls on padding. With `--unpad` the embeddings and the encoder run on the packed real
-tokens only (as MosaicBERT and ModernBERT do), attention per sequence (kernels/attention_varlen.py; with
-the torch kernels SDPA on the padded layout, packed again); the heads read real positions only anyway (the
-sparse MLM head its chosen tokens, the classifier [CLS]), from the trunk's output put back in the padded
-layout by one gather. A conv stem convolves the padded (T x H) image, padding included, as the paper
-defines it, so with a stem the embeddings and the stem run padded and the packing follows the stem.
+a quarter of its matmuls on padding. With `--unpad` the encoder runs on the packed real tokens only (as
+MosaicBERT and ModernBERT do), attention per sequence (kernels/attention_varlen.py; with the torch kernels
+SDPA on the padded layout, packed again); the heads read real positions only anyway (the sparse MLM head
+its chosen tokens, the classifier [CLS]), from the trunk's output put back in the padded layout by one
+gather. The embeddings (a lookup and a LayerNorm per token: cheap) and a conv stem run on the padded
+batch, the stem because it convolves the padded (T x H) image, padding included, as the paper defines it;
+the packing follows them.
 
     p = pack_plan(attention_mask, members=K)   # one host sync: the token budget; = layout(mask, K, unpad=True)
     x = pack(embeddings, p)                      # (B, T, H) -> (K*N, H), N = p.budget tokens per member
@@ -27,8 +28,8 @@ K > 1, the gap between each member's count and the largest (measured on the firs
 bench/train_throughput.py reports it per case). Computing the budget reads the token count on the host
 (`pack_plan` is kept out of torch.compile's graphs): one device sync per step.
 
-Exactness. Every token sees what it sees in the padded layout: its own position (its padded index
-mod T, so masks with holes work too), its sequence's real keys, the same weights. Only the order of the
+Exactness. Every token sees what it sees in the padded layout: its own embedding (position included, so
+masks with holes work too), its sequence's real keys, the same weights. Only the order of the
 rows in the matmuls changes, so losses and gradients equal the padded path's up to fp32 rounding
 (tests/test_unpad.py). With dropout on, the masks are other draws than the padded path's.
 """
@@ -45,31 +46,20 @@ BUCKET = 128  # tokens: a member's budget is its token count rounded up to a mul
 # Both layouts answer the same questions, so the trunk and the attention have one path each:
 #   rows(x)        a padded (B, T, ...) tensor -> the rows the encoder runs on
 #   padded(y)      those rows -> (B, T, ...) again (0 at padding when packed)
-#   positions()    each row's position in its sequence, for the position embeddings
 #   attend(attention, qkv, n_head, p)   attention over the rows, by the implementation's method for
 #                  this layout (tinytlm/kernel_path.py: `padded` or `packed`)
-
-def padded_positions(x, members=1):
-    """The position of every column of a padded (B, T, ...) batch: (T,), or (B, T) for K members (each
-    member reads its own position table, tinytlm/members.py's Embedding)."""
-    pos = torch.arange(x.size(1), device=x.device)  # (T,)
-    return pos.expand(x.shape[:2]) if members > 1 else pos
 
 
 @dataclass
 class Padded:
     """A padded (B, T) batch as it is: each row one sequence, attending to its real tokens."""
     key_mask: torch.Tensor  # (B, T) bool, True = a real token that may be attended to
-    members: int = 1  # K stacked members, member-major rows
 
     def rows(self, x):
         return x  # (B, T, ...)
 
     def padded(self, y):
         return y  # (B, T, ...)
-
-    def positions(self):
-        return padded_positions(self.key_mask, self.members)
 
     def attend(self, attention, qkv, n_head, p):
         return attention.padded(qkv, self.key_mask, n_head, p)  # (B, T, 3H) -> (B, T, H)
@@ -97,10 +87,6 @@ class Packing:
     def padded(self, y):
         return unpack(y, self)  # (K*N, ...) -> (B, T, ...)
 
-    def positions(self) -> torch.Tensor:
-        """(K*N,) each packed token's position within its own sequence (its padded column)."""
-        return self.index % self.T
-
     def attend(self, attention, qkv, n_head, p):
         return attention.packed(qkv, self, n_head, p)  # (K*N, 3H) -> (K*N, H)
 
@@ -109,7 +95,7 @@ def layout(attention_mask: torch.Tensor, members: int = 1, unpad: bool = False):
     """The layout a trunk runs a batch in: Padded, or (unpad) the Packing of its real tokens (one host sync).
     attention_mask (B, T) bool/0-1, True = real token."""
     mask = attention_mask.bool()
-    return pack_plan(mask, members) if unpad else Padded(mask, members)
+    return pack_plan(mask, members) if unpad else Padded(mask)
 
 
 @torch.compiler.disable  # a host sync: kept out of compiled graphs (a graph break under torch.compile)
