@@ -4,7 +4,7 @@
     model = BertForMLM(cfg, impl=impl)           # passed down to every SelfAttention and ConvStem
 
 kernels: "torch" (the plain-torch reference, any device) or "triton" (kernels/, CUDA or the interpreter).
-unpad: the trunk runs on the packed real tokens (tinytlm/unpad.py) instead of the padded (B, T) batch.
+unpad: the encoder runs on the packed real tokens (tinytlm/unpad.py) instead of the padded (B, T) batch.
 
 The attention implementations below have one method per token layout: `padded` (a (B, T) batch and its
 key-padding mask) and `packed` (the packed real tokens and their tinytlm.unpad.Packing). The layout
@@ -37,8 +37,9 @@ def kernel_module(name: str):
 
 @dataclass(frozen=True)
 class Impl:
+    """The implementations a model runs (frozen: chosen once, when the model is built)."""
     kernels: str = "torch"  # attention and conv stem: "torch" (reference) or "triton" (kernels/)
-    unpad: bool = False  # the trunk runs on the packed real tokens (tinytlm/unpad.py), not the padding
+    unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
