@@ -15,10 +15,10 @@ Every module takes `members` (default 1): K > 1 builds K independent models of t
 stacked model (weights with a leading member dimension, the members folded into the batch, see
 tinytlm/members.py). Read the code with K = 1 and it is plain BERT.
 Implementations are chosen when a model is built (tinytlm/kernel_path.py's `Impl`) and passed down:
-the attention and conv stem kernels (torch reference or Triton), and unpad: the trunk runs on the packed
+the attention and conv stem kernels (torch reference or Triton), and unpad: the encoder runs on the packed
 real tokens (K*N, H) instead of (B, T, H), attention per sequence; the same results (tinytlm/unpad.py).
-Every forward has one path: the trunk runs in the batch's token layout (`Padded` or `Packing`), whose
-methods the attention calls, and returns (B, T, H) either way.
+Every forward has one path: the encoder runs in the batch's token layout (`Padded` or `Packing`), whose
+methods the attention calls, and the trunk returns (B, T, H) either way.
 """
 import dataclasses
 from dataclasses import dataclass
