@@ -17,6 +17,7 @@ from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logit
 from tinytlm.common import Interrupted, UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.dist import Dist
+from tinytlm.kernel_path import Impl
 from tinytlm.members import member_loss_sums, stack_models, stack_optimizer_states
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import ensure_task, load_task
@@ -78,6 +79,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
     wd = cfg.wd if cfg.wd >= 0 else TASK_DEFAULTS[spec.task][1]
     seeds = [c.seed for c in cfgs]
 
+    impl = Impl(cfg.kernels, cfg.unpad)  # the implementations every forward runs on
     if resume_states:  # what each member knew when it started, kept in its checkpoint
         progress = [st["extra"] for st in resume_states]
         for st in resume_states:
@@ -86,7 +88,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
         if len({st["step"] for st in resume_states}) > 1:
             raise UserError(f"{resume_states[0]['path']}: the members' checkpoints are at different steps "
                             f"({', '.join(str(st['step']) for st in resume_states)}); resume each alone")
-        singles = [build_model(st) for st in resume_states]
+        singles = [build_model(st, impl) for st in resume_states]
     else:
         counts = task_counts(task_dir)
         progress = [{"arm": "pretrained" if ini else "scratch", "init": ini["path"] if ini else None,
@@ -95,7 +97,8 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                      "task": spec.task, "spec": asdict(spec), "label_names": meta["label_names"],
                      "test_fingerprint": test.checksum.hex(), "accs": [], "loss_sum": 0.0, "train_s": 0.0,
                      "eval_s": 0.0} for ini in init_states]
-        singles = [new_classifier(c.seed, ini, cfg.model, overrides, n_labels) for c, ini in zip(cfgs, init_states)]
+        singles = [new_classifier(c.seed, ini, cfg.model, overrides, n_labels, impl)
+                   for c, ini in zip(cfgs, init_states)]
     model_cfg = singles[0].config
     model = stack_models(singles)
     del singles
@@ -106,7 +109,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
         print_config("config", {k: v for k, v in configs[0].items() if k not in ("model_config", "seed", "out")}
                      | {"seeds" if K > 1 else "seed": ",".join(map(str, seeds)), "out": ", ".join(map(str, outs))})
     raw_model = model
-    model = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
+    model = d.wrap(prepare_model(model, device, cfg.compile, cfg.compile_mode), device,
                    cfg.compile_mode)
     opt = make_optimizer(raw_model, lr, wd, device)
     params = list(raw_model.parameters())
@@ -244,13 +247,13 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
     return results
 
 
-def new_classifier(seed: int, init_state, model: str, overrides: dict, n_labels: int):
+def new_classifier(seed: int, init_state, model: str, overrides: dict, n_labels: int, impl=Impl()):
     """A classifier as a run with this seed starts it: seeded, then the trunk from init_state (or a fresh
     `model` preset with overrides), the head freshly initialised."""
     torch.manual_seed(seed)
     if init_state is None:
-        return BertForClassification(BertConfig.preset(model, **overrides), n_labels)
-    m = BertForClassification(BertConfig.from_dict(init_state["model_config"]), n_labels)
+        return BertForClassification(BertConfig.preset(model, **overrides), n_labels, impl=impl)
+    m = BertForClassification(BertConfig.from_dict(init_state["model_config"]), n_labels, impl=impl)
     trunk = {k[len("bert."):]: v for k, v in init_state["model"].items() if k.startswith("bert.")}
     try:
         m.bert.load_state_dict(trunk)  # strict: the trunk must match exactly

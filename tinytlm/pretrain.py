@@ -30,7 +30,9 @@ from tinytlm.common import Interrupted, UserError, cli, config_hash, home, read_
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.dist import Dist
 from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
-from tinytlm.model import BertConfig, BertForMLM, mlm_targets
+from tinytlm.kernel_path import Impl
+from tinytlm.mlm_rows import mlm_rows
+from tinytlm.model import BertConfig, BertForMLM
 from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, check_rows, deferred_sigint, grad_norms, lr_at,
                            make_optimizer, member_seeds, parse_run_args, prepare_model, print_config, refuse_existing,
                            resolve_device, resumed_config, roots, switch)
@@ -183,6 +185,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
     with d.main_first():  # rank 0 prepares the data, the others read it
         ids, data_meta = pretrain_rows(cfg)
         held = held_out(cfg, data_meta) if cfg.val_every and d.main else None
+    impl = Impl(cfg.kernels, cfg.unpad)  # the implementations every forward runs on
     if states:
         for st in states:
             if st["data"].get("rows_checksum") != data_meta["rows_checksum"]:
@@ -191,12 +194,12 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
         if len({st["step"] for st in states}) > 1:
             raise UserError(f"{states[0]['path']}: the members' checkpoints are at different steps "
                             f"({', '.join(str(st['step']) for st in states)}); resume each alone")
-        singles = [build_model(st) for st in states]
+        singles = [build_model(st, impl) for st in states]
     else:
         singles = []
         for s in seeds:  # each member's init is its single run's: seeded alike, built alike
             torch.manual_seed(s)
-            singles.append(BertForMLM(BertConfig.preset(cfg.model, **overrides)))
+            singles.append(BertForMLM(BertConfig.preset(cfg.model, **overrides), impl=impl))
     model_cfg = singles[0].config
     model = stack_models(singles)
     del singles
@@ -209,7 +212,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
           + (f"; {K} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
     raw_model = model
-    model = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
+    model = d.wrap(prepare_model(model, device, cfg.compile, cfg.compile_mode), device,
                    cfg.compile_mode)
     opt = make_optimizer(raw_model, cfg.lr, cfg.weight_decay, device)
     params = list(raw_model.parameters())
@@ -267,13 +270,13 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     n_global = (targets.view(K, -1) != -100).sum(1)  # the loss is the mean over these
                     if d.on:  # this process's share of the batch
                         x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
+                    rows, y = mlm_rows(targets, slots, K)  # the sparse head's rows and their targets
                     with autocast(device):  # the key-padding mask comes from the original ids, as in HF
-                        logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=targets,
-                                             per_row=slots)
+                        logits, loss = model(inputs, attention_mask=x != sp["pad"], targets=y, rows=rows)
                     if cfg.interrupt_at and step + 1 == cfg.interrupt_at:
                         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
                     if d.on:  # summed over this share's masked tokens, / the global count: DDP's mean is the loss
-                        loss = member_loss_sums(logits, mlm_targets(targets, slots, members=K), K) / n_global
+                        loss = member_loss_sums(logits, y, K) / n_global
                         (loss.sum() * d.world).backward()
                     else:
                         loss.sum().backward()  # K members: the sum of their mean losses, no coupling
@@ -286,7 +289,7 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     win_steps += 1
                     win_seqs += len(xs[0])
                     with torch.no_grad():  # accumulate on the device; synced only when logging
-                        y = mlm_targets(targets, slots, members=K).view(K, -1)
+                        y = y.view(K, -1)
                         valid = y != -100
                         n_valid = valid.sum(1)
                         now = torch.stack([loss.detach().float().view(K) * (n_global if d.on else n_valid),
