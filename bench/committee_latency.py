@@ -10,6 +10,7 @@ import torch
 
 from bench.common import free_memory, interleaved_ms, token_batch
 from tinytlm.committee import member_logits
+from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
 from tinytlm.model import BertForClassification
 from tinytlm.train import autocast, prepare_model
@@ -24,13 +25,14 @@ def committee_latency(ccfg, scfg, bc, device) -> dict:
     free_memory(device)
     torch.manual_seed(bc.seed)
     with torch.device(device):
-        singles = [BertForClassification(ccfg, bc.n_labels) for _ in range(n)]
-        stack = BertForClassification(ccfg, bc.n_labels, members=n)
-        single = BertForClassification(scfg, bc.n_labels)
+        impl = Impl(bc.kernels)
+        singles = [BertForClassification(ccfg, bc.n_labels, impl=impl) for _ in range(n)]
+        stack = BertForClassification(ccfg, bc.n_labels, members=n, impl=impl)
+        single = BertForClassification(scfg, bc.n_labels, impl=impl)
     load_members(stack, [m.state_dict() for m in singles])
-    singles, stack, single = ([prepare_model(m.eval(), device, bc.kernels, bc.compile) for m in singles],
-                              prepare_model(stack.eval(), device, bc.kernels, bc.compile),
-                              prepare_model(single.eval(), device, bc.kernels, bc.compile))
+    singles, stack, single = ([prepare_model(m.eval(), device, bc.compile) for m in singles],
+                              prepare_model(stack.eval(), device, bc.compile),
+                              prepare_model(single.eval(), device, bc.compile))
     x = token_batch(1, bc.seq_len, torch.Generator().manual_seed(bc.seed)).to(device)  # (1, T), a full row
     calls = {"committee stacked": lambda: member_logits(stack, x).float().sum(0),  # (K, 1, C) -> (1, C)
              "committee one by one": lambda: sum(member_logits(m, x).float().sum(0) for m in singles),

@@ -29,7 +29,7 @@ import torch
 from bench.common import (free_memory, latency_ms, markdown_table, result_path, run_header, smoke_config,
                           token_batch, write_report)
 from tinytlm.common import ArgParser, UserError, cli
-from tinytlm.kernel_path import set_kernels
+from tinytlm.kernel_path import Impl
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device
 
@@ -129,7 +129,7 @@ def build_models(names, lc, device):
     for name in names:
         cfg = BertConfig.preset(name)
         cfg = smoke_config(cfg) if lc.smoke else cfg
-        models.append(set_kernels(BertForClassification(cfg, lc.n_labels), lc.kernels).to(device).eval())
+        models.append(BertForClassification(cfg, lc.n_labels, impl=Impl(lc.kernels)).to(device).eval())
     return models
 
 

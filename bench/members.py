@@ -33,7 +33,9 @@ from bench.common import (CLS, MASK, PAD, SEP, device_label, error_note, free_me
 from bench.members_report import goal_lines, largest_k, md_train, sections
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.data import mask_generator, mask_tokens
+from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
 from tinytlm.train import (add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model,
                            resolve_device)
@@ -118,8 +120,9 @@ def state_bytes(model) -> int:
 
 
 def train_step(model, opt, x, am, y, bc, device):
+    rows, y = mlm_rows(y, bc.per_row, getattr(model, "members", 1))  # the sparse head's static slots
     with autocast(device):
-        _, loss = model(x, am, y, per_row=bc.per_row)  # loss: a scalar, or the K members' losses (K,)
+        _, loss = model(x, am, y, rows=rows)  # loss: a scalar, or the K members' losses (K,)
     loss.sum().backward()  # members are uncoupled: each gets its own loss's gradient
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -136,8 +139,8 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(bc.seed)
     with torch.device(device):  # initialised where they run (a bert6 init on the CPU takes seconds)
-        raws = [BertForMLM(cfg) for _ in range(K)]
-    singles = [prepare_model(m, device, bc.kernels, bc.compile).train() for m in raws]
+        raws = [BertForMLM(cfg, impl=Impl(bc.kernels)) for _ in range(K)]
+    singles = [prepare_model(m, device, bc.compile).train() for m in raws]
     opts = [make_optimizer(m, bc.lr, 0.01, device) for m in raws]
     count = {"seq": 0, "stk": 0}
 
@@ -159,9 +162,9 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
         singles_bytes = torch.cuda.memory_allocated(device) - sum(t.nbytes for b in batches for t in b) \
             if device.type == "cuda" else 0
         with torch.device(device):
-            raw = BertForMLM(cfg, members=K)
+            raw = BertForMLM(cfg, members=K, impl=Impl(bc.kernels))
         load_members(raw, [m.state_dict() for m in raws])  # the same K models, stacked
-        stacked = prepare_model(raw, device, bc.kernels, bc.compile).train()
+        stacked = prepare_model(raw, device, bc.compile).train()
         opt = make_optimizer(raw, bc.lr, 0.01, device)
 
         def stacked_step():

@@ -24,6 +24,8 @@ from bench.common import CLS, MASK, PAD, SEP, check_matmul_params
 from tinytlm.common import UserError
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.hf import hf_config
+from tinytlm.kernel_path import Impl
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
 from tinytlm.train import autocast, make_optimizer, prepare_model
 from tinytlm.wikipedia import ensure_wiki
@@ -110,11 +112,10 @@ def hf_stack(cfg, batches, bc, device, path):
 
 def tinytlm_stack(cfg, batches, bc, device, path):
     """train_mlm.py's step for this path: prepare_model (kernels, torch.compile), AdamW, sparse head."""
-    model = BertForMLM(cfg)
+    model = BertForMLM(cfg, impl=Impl(path["kernels"], path.get("unpad", False)))
     check_matmul_params(model)  # the FLOP formula describes this model
     raw = model
-    model = prepare_model(model, device, path["kernels"], path["compile"], path["compile_mode"],
-                          path.get("unpad", False)).train()
+    model = prepare_model(model, device, path["compile"], path["compile_mode"]).train()
     opt = make_optimizer(raw, bc.lr, 0.01, device)  # fused AdamW on CUDA
     graphs, slots = path["compile_mode"] == "reduce-overhead", path["mask_cap"]
 
@@ -122,8 +123,9 @@ def tinytlm_stack(cfg, batches, bc, device, path):
         x, am, y = batches[i % len(batches)]
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be reused
+        rows, y = mlm_rows(y, slots)  # the sparse head's rows: B * slots (static), or the n chosen if 0
         with autocast(device):
-            _, loss = model(x, am, y, per_row=slots)  # sparse head on (B * slots, V), or (n chosen, V) if 0
+            _, loss = model(x, am, y, rows=rows)  # sparse head on (B * slots, V), or (n chosen, V)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -6,6 +6,7 @@ transformers = pytest.importorskip("transformers")
 
 from tinytlm.common import UserError
 from tinytlm.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 
 N_LABELS = 5
@@ -80,8 +81,9 @@ def test_parity_losses():
     hf.load_state_dict(to_hf_state_dict(ours))
     targets = torch.full_like(idx, -100)
     targets[0, 3], targets[1, 5], targets[1, 7] = idx[0, 3], idx[1, 5], idx[1, 7]
+    rows, y = mlm_rows(targets)  # our sparse head on the three chosen positions
     with torch.no_grad():
-        _, loss = ours(idx, mask, targets)
+        _, loss = ours(idx, mask, y, rows=rows)
         ref = hf(input_ids=idx, attention_mask=mask, labels=targets).loss
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
 
@@ -127,7 +129,8 @@ def test_training_steps_match_hf():
         idx[1, 11] = 102
         inputs, targets = mask_tokens(idx, mask_generator("cpu", 0, step), vocab_size=30522, mask_id=103,
                                       special_ids=(0, 100, 101, 102, 103))
-        _, la = ours(inputs, attention_mask=idx != 0, targets=targets)
+        rows, y = mlm_rows(targets)  # our sparse head against HF's dense one
+        _, la = ours(inputs, attention_mask=idx != 0, targets=y, rows=rows)
         lb = hf(input_ids=inputs, attention_mask=(idx != 0).long(), labels=targets).loss
         torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
         for opt, loss in ((opt_a, la), (opt_b, lb)):

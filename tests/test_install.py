@@ -26,9 +26,9 @@ def test_installed_layout(tmp_path):
     env.update(PYTHONPATH=str(site), TRITON_INTERPRET="1")
     probe = ("import torch, tinytlm\n"
              "from tinytlm.common import default_data_root, git_revision\n"
-             "from tinytlm.kernel_path import kernel_module, set_kernels\n"
+             "from tinytlm.kernel_path import Impl, kernel_module\n"
              "from tinytlm.model import BertConfig, BertForMLM\n"
-             "m = set_kernels(BertForMLM(BertConfig.preset('tiny', n_layer=1, n_head=1, head_dim=16)), 'triton')\n"
+             "m = BertForMLM(BertConfig.preset('tiny', n_layer=1, n_head=1, head_dim=16), impl=Impl('triton'))\n"
              "logits, _ = m(torch.randint(1000, 2000, (2, 8)))\n"
              "print(tinytlm.__file__, default_data_root().resolve(), kernel_module('attention').__name__,\n"
              "      tuple(logits.shape), git_revision(), sep='\\n')\n")

@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 
 from tests.test_kernels import DEVICE, _grads, assert_close  # noqa: E402 (sets up the interpreter or skips without CUDA)
 from kernels.conv_stem import conv2d_same, conv_stem_infer, conv_stem_infer_ref  # noqa: E402
+from tinytlm.kernel_path import Impl  # noqa: E402
 from tinytlm.model import BertConfig, ConvStem, fold_bn  # noqa: E402
 
 # PyTorch warns that 'same' with an even kernel (16 x 3) pads a copy: expected, in the references
@@ -16,11 +17,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 
 # ----------------------------------------------------------------------------- conv stem
 
-def _stem(n_conv, d, kernel, seed=0):
+def _stem(n_conv, d, kernel, seed=0, kernels="torch"):
     """The model's ConvStem (kernels 'torch': the reference) with non-trivial BatchNorm parameters
-    and running statistics."""
+    and running statistics (the same for either kernels: seeded alike)."""
     torch.manual_seed(seed)
-    stem = ConvStem(BertConfig(n_conv=n_conv, conv_channels=d, conv_kernel=kernel))
+    stem = ConvStem(BertConfig(n_conv=n_conv, conv_channels=d, conv_kernel=kernel), impl=Impl(kernels))
     with torch.no_grad():
         for bn in list(stem.bns) + [stem.proj_bn]:
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -71,8 +72,7 @@ def test_conv_stem_infer_matches_eval_reference(case):
     with torch.no_grad():
         ref = stem(x)
         folded = conv_stem_infer_ref(x, stem.fold())  # the op's own plain-torch reference
-        stem.kernels = "triton"
-        via_model = stem(x)  # eval without autograd: the model takes the fused op
+        via_model = _stem(n_conv, d, kernel, kernels="triton").eval()(x)  # eval without autograd: the fused op
     y = conv_stem_infer(x, stem.fold())
     assert y.shape == (2, T, H)
     assert_close(folded, ref, torch.float32, "fold")
@@ -96,8 +96,8 @@ def test_conv_stem_train_matches_reference(case):
     # train-mode BatchNorm (batch statistics): outputs, gradients of the input and of every
     # parameter, and the running statistics updated by the step
     n_conv, d, kernel, T, H = case
-    stem, stem_ref = _stem(n_conv, d, kernel).train(), _stem(n_conv, d, kernel).train()
-    stem.kernels = "triton"  # the Triton convs inside the model's stem; stem_ref stays on torch
+    # the Triton convs inside the model's stem; stem_ref stays on torch
+    stem, stem_ref = _stem(n_conv, d, kernel, kernels="triton").train(), _stem(n_conv, d, kernel).train()
     x = torch.randn(3, T, H, device=DEVICE, requires_grad=True)
     y, ref = stem(x), stem_ref(x)
     assert_close(y, ref, torch.float32, "forward")

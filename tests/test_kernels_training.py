@@ -1,6 +1,5 @@
 """The training loop with --kernels triton tracks the torch path (CPU: Triton interpreter); autocast
 parity of the model's Triton stem and attention; the attention dropout seed as device-side state."""
-import copy
 import json
 import os
 
@@ -11,8 +10,10 @@ import torch  # noqa: E402
 
 from tinytlm import pretrain  # noqa: E402
 from tinytlm.checkpoint import rng_state, set_rng_state  # noqa: E402
-from tinytlm.kernel_path import set_kernels  # noqa: E402
+from tinytlm.kernel_path import Impl  # noqa: E402
+from tinytlm.mlm_rows import mlm_rows  # noqa: E402
 from tinytlm.model import BertConfig, ConvStem, SelfAttention  # noqa: E402
+from tinytlm.unpad import Padded  # noqa: E402
 
 # CPU: the Triton interpreter (conftest); on a GPU the same tests run natively on CUDA
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET", "0") == "1" else "cuda"
@@ -46,17 +47,18 @@ def test_training_step_with_triton_kernels_has_no_graph_break(n_conv):
     import torch._dynamo
     from tinytlm.model import BertForMLM
     torch.manual_seed(0)
-    m = BertForMLM(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=32, n_conv=n_conv, conv_channels=8))
-    set_kernels(m, "triton").to(DEVICE)
+    m = BertForMLM(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=32, n_conv=n_conv, conv_channels=8),
+                   impl=Impl("triton")).to(DEVICE)
     x = torch.randint(1000, 30000, (2, 32), device=DEVICE)
     t = torch.full_like(x, -100)
     t[:, 3] = x[:, 3]
+    rows, y = mlm_rows(t, 2)  # the sparse head's static slots, chosen outside the model as the loop does
     # stem: conv kernels / folded BN; under autocast the kernel wrappers' casts must trace too
     for mode, grad, amp in (("train", True, False), ("eval", True, False), ("eval", False, False),
                             ("train", True, True), ("eval", False, True)):
         getattr(m, mode)()
         with torch.set_grad_enabled(grad), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=amp):
-            exp = torch._dynamo.explain(lambda x, t: m(x, targets=t, per_row=2)[1])(x, t)
+            exp = torch._dynamo.explain(lambda x, y, rows: m(x, targets=y, rows=rows)[1])(x, y, rows)
         assert exp.graph_break_count == 0, [str(b.reason) for b in exp.break_reasons]
         assert exp.graph_count == 1
 
@@ -83,9 +85,9 @@ def test_conv_stem_under_autocast_matches_torch(mode):
     """bf16 autocast runs the torch stem's convs in bf16; the Triton stem must too (train: conv
     kernels with gradients; eval without autograd: the fused, BN-folded inference op)."""
     torch.manual_seed(0)
-    stems = [getattr(ConvStem(BertConfig.preset("tiny", n_conv=2, conv_channels=8)), mode)().to(DEVICE)]
-    stems.append(copy.deepcopy(stems[0]))
-    stems[1].kernels = "triton"
+    cfg = BertConfig.preset("tiny", n_conv=2, conv_channels=8)
+    stems = [getattr(ConvStem(cfg, impl=Impl(k)), mode)().to(DEVICE) for k in ("torch", "triton")]
+    stems[1].load_state_dict(stems[0].state_dict())
     x = torch.randn(2, 12, 20, device=DEVICE, requires_grad=True)  # (B, T, H): the stem works on any H
     dout = torch.randn(2, 12, 20, device=DEVICE)
     outs, grads = [], []
@@ -107,15 +109,16 @@ def test_self_attention_under_autocast_matches_torch():
     # here q, k, v already come out of the autocast Linear in bf16; the kernel-level check with
     # fp32 inputs is test_kernels.py::test_attention_autocast_matches_sdpa
     torch.manual_seed(0)
-    attn = SelfAttention(BertConfig.preset("tiny", n_head=2, head_dim=16, attn_dropout=0.0)).to(DEVICE)
+    cfg = BertConfig.preset("tiny", n_head=2, head_dim=16, attn_dropout=0.0)
+    attns = [SelfAttention(cfg, impl=Impl(name)).to(DEVICE) for name in ("torch", "triton")]
+    attns[1].load_state_dict(attns[0].state_dict())
     x = torch.randn(2, 24, 32, device=DEVICE, requires_grad=True)
     mask = torch.arange(24, device=DEVICE) < torch.tensor([[24], [15]], device=DEVICE)  # (B, T): row 1 padded
     dout = torch.randn(2, 24, 32, device=DEVICE)
     outs, grads = [], []
-    for name in ("torch", "triton"):
-        set_kernels(attn, name)
+    for attn in attns:
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            outs.append(attn(x, mask))
+            outs.append(attn(x, Padded(mask)))
         grads.append(torch.autograd.grad(outs[-1], [x, attn.qkv.weight], dout))
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16
     _close(outs[1], outs[0], "forward")
@@ -127,11 +130,11 @@ def test_self_attention_under_autocast_matches_torch():
 
 def _dropout_attention():
     """A SelfAttention on Triton kernels with attention dropout 0.5, an input x (B, T, H) and its
-    key-padding mask (B, T)."""
+    layout (a key-padding mask (B, T))."""
     torch.manual_seed(0)
-    attn = SelfAttention(BertConfig.preset("tiny", n_head=1, head_dim=16, attn_dropout=0.5))
+    attn = SelfAttention(BertConfig.preset("tiny", n_head=1, head_dim=16, attn_dropout=0.5), impl=Impl("triton"))
     x = torch.randn(2, 16, 16, device=DEVICE, requires_grad=True)
-    return set_kernels(attn, "triton").to(DEVICE), x, torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
+    return attn.to(DEVICE), x, Padded(torch.ones(2, 16, dtype=torch.bool, device=DEVICE))
 
 
 # inductor on CPU imports torch.utils.mkldnn, which warns about its own use of torch.jit

@@ -20,6 +20,7 @@ from tinytlm.checkpoint import build_model, load_checkpoint
 from tinytlm.common import Interrupted
 from tinytlm.members import (clip_grad_norm_members, load_members, member_optimizer_state, member_state,
                              stack_models, stack_optimizer_states)
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 from tests.test_engine import assert_one_line_error, run
 
@@ -232,10 +233,12 @@ def test_clip_grad_norm_is_per_member():
     t = torch.where(torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.3, x, -100)
     t[..., 0] = x[..., 0]
     x[1] = x[1] * 0 + 1500  # member 1 sees other data: its gradient norm differs from member 0's
-    st(x.view(4, 16), targets=t.view(4, 16))[1].sum().backward()
+    rows, y = mlm_rows(t.view(4, 16), 0, 2)  # the sparse head: each member's chosen positions
+    st(x.view(4, 16), targets=y, rows=rows)[1].sum().backward()
     norms = clip_grad_norm_members(list(st.parameters()), 0.5, 2)
     for k, m in enumerate(ms):
-        m(x[k], targets=t[k])[1].backward()
+        rows, y = mlm_rows(t[k])
+        m(x[k], targets=y, rows=rows)[1].backward()
         ref = torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
         assert norms[k].item() == pytest.approx(ref.item(), rel=1e-5)
         sg = {n: p.grad for n, p in st.named_parameters()}

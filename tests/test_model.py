@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tinytlm.common import UserError
-from tinytlm.kernel_path import set_kernels
+from tinytlm.kernel_path import Impl
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM, ConvStem
 
 
@@ -27,8 +28,9 @@ def test_loss_at_init_is_ln_vocab():
     cfg = BertConfig.preset("tiny")
     model = BertForMLM(cfg).eval()
     idx, targets = _batch(cfg.vocab_size)
+    rows, y = mlm_rows(targets)
     with torch.no_grad():
-        logits, loss = model(idx, targets=targets)
+        logits, loss = model(idx, targets=y, rows=rows)
     assert logits.shape == ((targets != -100).sum().item(), cfg.vocab_size)
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5
 
@@ -38,9 +40,10 @@ def test_sparse_head_equals_dense_head():
     cfg = BertConfig.preset("tiny", vocab_size=500)
     model = BertForMLM(cfg).eval()
     idx, targets = _batch(cfg.vocab_size)
+    rows, y = mlm_rows(targets)
     with torch.no_grad():
-        sparse_logits, sparse_loss = model(idx, targets=targets)
-        dense_logits, dense_loss = model(idx, targets=targets, sparse=False)
+        sparse_logits, sparse_loss = model(idx, targets=y, rows=rows)
+        dense_logits, dense_loss = model(idx, targets=targets)
         all_logits, none = model(idx)
     sel = targets != -100
     assert dense_logits.shape == (*idx.shape, cfg.vocab_size) and none is None
@@ -57,8 +60,9 @@ def test_overfits_one_batch():
     idx, targets = _batch(cfg.vocab_size, B=4, T=16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
+    rows, y = mlm_rows(targets)
     for _ in range(15):
-        _, loss = model(idx, targets=targets)
+        _, loss = model(idx, targets=y, rows=rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -143,8 +147,10 @@ def test_config_errors():
         BertConfig.from_dict({**BertConfig().to_dict(), "hidden_size": 768})
     with pytest.raises(UserError):
         BertConfig.preset("tiny", n_head="2")
-    with pytest.raises(UserError):
-        set_kernels(BertForMLM(BertConfig.preset("tiny", vocab_size=50)), "cuda")
+    with pytest.raises(UserError, match="--kernels 'cuda'"):  # validated once, where the Impl is made
+        BertForMLM(BertConfig.preset("tiny", vocab_size=50), impl=Impl("cuda"))
+    with pytest.raises(UserError, match="--unpad"):
+        Impl(unpad="yes")
 
 
 def test_classifier_loads_pretrained_trunk():
@@ -188,25 +194,25 @@ def test_triton_kernels_match_torch_path(train):
     cfg = BertConfig(n_layer=1, n_head=2, head_dim=16, vocab_size=60, max_pos=16, n_conv=1, conv_channels=4,
                      dropout=0.0, attn_dropout=0.0)
     model = BertForClassification(cfg, 3).to(device).train(train)
+    triton = BertForClassification(cfg, 3, impl=Impl("triton")).to(device).train(train)
+    triton.load_state_dict(model.state_dict())  # the same weights, on the Triton kernels
     idx = torch.randint(1, 60, (2, 12), device=device)
     idx[1, 8:] = 0
     y = torch.tensor([0, 2], device=device)
     ref, ref_loss = model(idx, targets=y)
     ref_loss.backward()
     ref_grad = model.bert.encoder.blocks[0].attn.qkv.weight.grad.clone()
-    model.zero_grad()
-    set_kernels(model, "triton")
-    assert {m.kernels for m in model.modules() if hasattr(m, "kernels")} == {"triton"}
-    out, loss = model(idx, targets=y)
+    assert type(triton.bert.encoder.blocks[0].attn.attention).__name__ == "TritonAttention"
+    assert triton.bert.stem.infer is not None and model.bert.stem.infer is None
+    out, loss = triton(idx, targets=y)
     loss.backward()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(model.bert.encoder.blocks[0].attn.qkv.weight.grad, ref_grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(triton.bert.encoder.blocks[0].attn.qkv.weight.grad, ref_grad, atol=1e-4, rtol=1e-4)
 
 
 def test_static_sparse_head_equals_dynamic():
-    """per_row=k gathers a fixed (B, k) set of positions; loss and logits equal the dynamic and dense heads."""
+    """slots=k gathers a fixed (B, k) set of positions; loss and logits equal the dynamic and dense heads."""
     from tinytlm.data import mask_generator, mask_tokens
-    from tinytlm.model import mlm_positions, mlm_targets
     torch.manual_seed(0)
     model = BertForMLM(BertConfig.preset("tiny", n_layer=1)).eval()
     idx = torch.randint(1000, 30000, (4, 32))
@@ -216,13 +222,14 @@ def test_static_sparse_head_equals_dynamic():
     k = 5
     inputs, targets = mask_tokens(idx, mask_generator("cpu", 0, 0), vocab_size=30522, mask_id=103,
                                   special_ids=(0, 101, 102), per_row=k)
-    _, dyn_loss = model(inputs, targets=targets)
-    dense_logits, _ = model(inputs, targets=targets, sparse=False)  # (B, T, V)
-    st_logits, st_loss = model(inputs, targets=targets, per_row=k)
+    rows, y = mlm_rows(targets)
+    _, dyn_loss = model(inputs, targets=y, rows=rows)
+    dense_logits, _ = model(inputs, targets=targets)  # (B, T, V)
+    rows_st, y_st = mlm_rows(targets, k)
+    st_logits, st_loss = model(inputs, targets=y_st, rows=rows_st)
     assert st_logits.shape == (4 * k, 30522)
-    y_st = mlm_targets(targets, k)
-    assert (y_st != -100).sum() == len(mlm_targets(targets)) == 2 + 3 * k  # the short row leaves 3 slots unused
+    assert (y_st != -100).sum() == len(y) == 2 + 3 * k  # the short row leaves 3 slots unused
     torch.testing.assert_close(st_loss, dyn_loss)
-    pos = mlm_positions(targets, k)  # (B, k)
+    pos = rows_st.view(4, k) % 32  # (B, k): each slot's column in its row
     expect = dense_logits.gather(1, pos[..., None].expand(-1, -1, dense_logits.size(-1))).reshape(4 * k, -1)
     torch.testing.assert_close(st_logits, expect, atol=1e-4, rtol=1e-4)

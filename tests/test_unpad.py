@@ -9,8 +9,9 @@ import torch
 
 from tinytlm import finetune, pretrain
 from tinytlm.checkpoint import load_checkpoint
-from tinytlm.kernel_path import set_kernels
+from tinytlm.kernel_path import Impl
 from tinytlm.members import stack_models
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 from tinytlm.unpad import pack, pack_plan, unpack
 
@@ -34,31 +35,43 @@ def batch(B, T, seed, vocab=512):
     return x, mask, targets
 
 
-def build(kind, K, n_conv, kernels="torch"):
+@pytest.fixture
+def small_bucket(monkeypatch):
+    monkeypatch.setattr("tinytlm.unpad.BUCKET", 16)  # small batches: a small bucket, so the packing saves rows
+
+
+def build(kind, K, n_conv, unpad, kernels="torch"):
+    """The model of this kind (the same weights for any unpad and kernels: seeded alike)."""
     cfg = BertConfig.preset("tiny", n_layer=2, n_head=2, head_dim=16, vocab_size=512, dropout=0.0, attn_dropout=0.0,
                             n_conv=n_conv, conv_channels=4)
+    impl = Impl(kernels, unpad)
     singles = []
     for s in range(K):
         torch.manual_seed(s)
-        singles.append(BertForMLM(cfg) if kind.startswith("mlm") else BertForClassification(cfg, 3))
-    model = set_kernels(stack_models(singles), kernels)
-    if model.bert.stem is not None:
-        model.bert.stem.kernels = "torch"  # the stem runs on the padded layout either way; keeps the interpreter fast
+        singles.append(BertForMLM(cfg, impl=impl) if kind.startswith("mlm")
+                       else BertForClassification(cfg, 3, impl=impl))
+    model = stack_models(singles)
+    if n_conv:  # the stem runs on the padded layout either way: torch keeps the interpreter fast
+        stem = type(model.bert.stem)(cfg, K)
+        stem.load_state_dict(model.bert.stem.state_dict())
+        model.bert.stem = stem
     return model
 
 
-def run(model, kind, x, mask, targets, unpad):
-    """(loss, {name: grad}) of one forward + backward; checks that the unpadded encoder saw packed rows."""
+def run(model, kind, x, mask, targets):
+    """(loss, {name: grad}) of one forward + backward; checks that an unpadded encoder saw packed rows."""
     seen = []
-    unpad = pack_plan(mask, model.members, bucket=16) if unpad else False  # small batches: a small bucket
+    unpad = model.bert.unpad
     hook = model.bert.encoder.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
     model.zero_grad(set_to_none=True)
     if kind == "cls":
         y = torch.arange(x.size(0)) % 3
-        _, loss = model(x, mask, targets=y, unpad=unpad)
+        _, loss = model(x, mask, targets=y)
+    elif kind == "mlm-dense":
+        _, loss = model(x, mask, targets=targets)
     else:
-        _, loss = model(x, mask, targets=targets, per_row=4 if kind == "mlm-static" else 0,
-                        sparse=kind != "mlm-dense", unpad=unpad)
+        rows, y = mlm_rows(targets, 4 if kind == "mlm-static" else 0, model.members)
+        _, loss = model(x, mask, targets=y, rows=rows)
     loss.sum().backward()
     hook.remove()
     assert len(seen[0]) == (2 if unpad else 3) and (not unpad or seen[0][0] < x.numel()), seen  # (K*N, H), K*N < B*T
@@ -85,7 +98,7 @@ def test_pack_plan_layout_and_round_trip():
     assert p.index.tolist() == [0, 1, 2, 5, 6, 3, 4, 7,  10, 11, 12, 13, 14, 15, 17, 18]
     assert p.valid.tolist() == [True] * 5 + [False] * 3 + [True] * 8  # member 0's fillers: its own padding
     assert p.seq_start.tolist() == [0, 3, 8, 13] and p.seq_len.tolist() == [3, 2, 5, 3]
-    assert p.positions().tolist()[8:] == [0, 1, 2, 3, 4, 0, 2, 3]  # the padded column: a hole keeps positions
+    assert (p.index % p.T).tolist()[8:] == [0, 1, 2, 3, 4, 0, 2, 3]  # the padded column: a hole keeps positions
     x = torch.randn(4, 5, 3)
     y = pack(x, p)  # (16, 3)
     assert torch.equal(y[p.valid], x[mask]) and torch.equal(unpack(y, p), x * mask[..., None])
@@ -102,47 +115,53 @@ def test_budgets_round_to_buckets():
 
 # ----------------------------------------------------------------------------- the model
 
+@pytest.mark.usefixtures("small_bucket")
 @pytest.mark.parametrize("K", [1, 2], ids=["single", "stacked2"])
 @pytest.mark.parametrize("n_conv", [0, 1], ids=["nostem", "stem"])
 @pytest.mark.parametrize("kind", ["mlm", "mlm-static", "cls"])
 def test_unpadded_equals_padded(kind, n_conv, K):
-    model = build(kind, K, n_conv)
     x, mask, targets = batch(4 * K, 24, seed=K + 2 * n_conv)
-    assert_same(run(model, kind, x, mask, targets, True), run(model, kind, x, mask, targets, False))
+    assert_same(*(run(build(kind, K, n_conv, unpad), kind, x, mask, targets) for unpad in (True, False)))
 
 
+@pytest.mark.usefixtures("small_bucket")
 def test_dense_head_and_logits_without_targets():
-    model = build("mlm", 2, 0)
     x, mask, targets = batch(6, 24, seed=5)
-    assert_same(run(model, "mlm-dense", x, mask, targets, True), run(model, "mlm-dense", x, mask, targets, False))
+    models = [build("mlm", 2, 0, unpad) for unpad in (True, False)]
+    assert_same(*(run(m, "mlm-dense", x, mask, targets) for m in models))
     with torch.no_grad():  # logits equal at real tokens; the unpadded head read 0 at padding
-        a, b = model(x, mask, unpad=True)[0], model(x, mask)[0]
+        a, b = models[0](x, mask)[0], models[1](x, mask)[0]
     assert (a - b)[mask].abs().max() <= TOL * b.abs().max()
 
 
+@pytest.mark.usefixtures("small_bucket")
 @pytest.mark.parametrize("kind, K, n_conv", [("mlm", 2, 0), ("cls", 1, 1)], ids=["mlm-stacked2", "cls-stem"])
 def test_unpadded_equals_padded_triton(kind, K, n_conv):
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build(kind, K, n_conv, "triton").to(device)
     x, mask, targets = (t.to(device) for t in batch(3 * K, 40, seed=7))
-    assert_same(run(model, kind, x, mask, targets, True), run(model, kind, x, mask, targets, False))
+    assert_same(*(run(build(kind, K, n_conv, unpad, "triton").to(device), kind, x, mask, targets)
+                  for unpad in (True, False)))
 
 
-def test_attribute_default_and_dropout_draws():
-    """model.unpad is the default of every forward (evaluation included); with dropout on the unpadded
+def test_built_unpadded_and_dropout_draws():
+    """A model built unpadded runs every forward unpadded (evaluation included); with dropout on the unpadded
     path trains (finite, masks redrawn per call), from other draws than the padded one."""
-    torch.manual_seed(0)
-    model = BertForMLM(BertConfig.preset("tiny", n_layer=1, vocab_size=512))
+    cfg = BertConfig.preset("tiny", n_layer=1, vocab_size=512)
+    models = []
+    for unpad in (True, False):
+        torch.manual_seed(0)
+        models.append(BertForMLM(cfg, impl=Impl(unpad=unpad)))
+    model, padded = models
     x, mask, targets = batch(4, 24, seed=1)
-    model.unpad = True
-    a, b = (model(x, mask, targets=targets)[1] for _ in range(2))
+    rows, y = mlm_rows(targets)
+    a, b = (model(x, mask, targets=y, rows=rows)[1] for _ in range(2))
     assert torch.isfinite(a) and a != b
-    model.eval()
+    model.eval(), padded.eval()
     with torch.no_grad():
-        assert torch.allclose(model(x, mask, targets=targets)[1], model(x, mask, targets=targets, unpad=False)[1],
+        assert torch.allclose(model(x, mask, targets=y, rows=rows)[1], padded(x, mask, targets=y, rows=rows)[1],
                               rtol=TOL)
 
 
@@ -182,20 +201,21 @@ def test_training_loops_unpadded_equal_padded(roots, tmp_path):
         assert_same_weights(*(load_checkpoint(tmp_path / f"cls-{n}" / f"s{s}") for n in ("unpad", "padded")))
 
 
+@pytest.mark.usefixtures("small_bucket")
 @pytest.mark.slow  # ~20 s of dynamo on this CPU
-def test_compiled_unpadded_forward_equals_eager(monkeypatch):
+def test_compiled_unpadded_forward_equals_eager():
     """torch.compile (aot_eager: the graphs inductor would compile) around the one graph break, pack_plan's
     host sync: two batches of different token budgets (a new shape: recompiled) give the eager losses."""
-    monkeypatch.setattr("tinytlm.unpad.BUCKET", 16)
     torch.manual_seed(0)
-    model = BertForMLM(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=16, vocab_size=512, dropout=0.0))
-    model.unpad = True
+    model = BertForMLM(BertConfig.preset("tiny", n_layer=1, n_head=1, head_dim=16, vocab_size=512, dropout=0.0),
+                       impl=Impl(unpad=True))
     compiled = torch.compile(model, backend="aot_eager")
     budgets = []
     for seed in (0, 1):
         x, mask, targets = batch(4, 24, seed=seed)
         budgets.append(pack_plan(mask).budget)
+        rows, y = mlm_rows(targets)
         with torch.no_grad():
-            got, want = compiled(x, mask, targets=targets)[1], model(x, mask, targets=targets)[1]
+            got, want = compiled(x, mask, targets=y, rows=rows)[1], model(x, mask, targets=y, rows=rows)[1]
         assert (got - want).abs() <= TOL * want.abs()
     assert budgets[0] != budgets[1] and max(budgets) < 4 * 24

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from tinytlm.common import UserError
-from tinytlm.model import BertForClassification, BertForMLM, mlm_targets
+from tinytlm.mlm_rows import mlm_rows
+from tinytlm.model import BertForClassification, BertForMLM
+from tinytlm.unpad import Padded
 
 
 def check_single(model):
@@ -50,12 +52,12 @@ def block_states(model, idx, attention_mask) -> list:
     bert = model.bert
     x = bert.embeddings(idx, torch.zeros_like(idx))  # (B, T, H): token type 0, as every run trains
     states = [x]
-    if bert.stem is not None:
+    if model.config.n_conv > 0:
         x = bert.stem(x)  # (B, T, H): the padded image, as the model runs it
         states.append(x)
-    mask = attention_mask.bool()
+    tokens = Padded(attention_mask.bool())  # every token attends to the real ones of its row
     for block in bert.encoder.blocks:
-        x = block(x, mask)  # (B, T, H)
+        x = block(x, tokens)  # (B, T, H)
         states.append(x)
     return states
 
@@ -66,8 +68,9 @@ def block_states(model, idx, attention_mask) -> list:
 def mlm_logits(model, inputs, attention_mask, targets):
     """The model's own sparse-head forward, exactly as tinytlm/mlm_eval.py calls it: (logits (N, V) at the
     chosen positions in row-major order, their targets (N,))."""
-    logits, _ = model(inputs, attention_mask=attention_mask, targets=targets)
-    return logits, mlm_targets(targets, 0)
+    rows, y = mlm_rows(targets)
+    logits, _ = model(inputs, attention_mask=attention_mask, rows=rows)
+    return logits, y
 
 
 def word_weight(model):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from tinytlm.common import UserError, atomic_path
+from tinytlm.kernel_path import Impl
 from tinytlm.members import member_optimizer_state, member_state
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 
@@ -211,10 +212,12 @@ def load_group(paths: list, kind: str) -> list:
     return states
 
 
-def build_model(state: dict):
-    """The model a checkpoint describes, with its weights loaded (strict: names what does not match)."""
+def build_model(state: dict, impl: Impl = Impl()):
+    """The model a checkpoint describes, with its weights loaded (strict: names what does not match), running
+    on the implementations `impl` chooses (tinytlm/kernel_path.py)."""
     cfg = BertConfig.from_dict(state["model_config"])
-    model = BertForMLM(cfg) if state["kind"] == "mlm" else BertForClassification(cfg, state["n_labels"])
+    model = BertForMLM(cfg, impl=impl) if state["kind"] == "mlm" else BertForClassification(cfg, state["n_labels"],
+                                                                                        impl=impl)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -15,6 +15,7 @@ import torch
 
 from tinytlm.checkpoint import build_model
 from tinytlm.common import UserError
+from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import TaskSpec, ensure_task, load_task
@@ -51,13 +52,14 @@ def shape_groups(states: list) -> list:
     return list(groups.values())
 
 
-def stack_checkpoints(states: list):
+def stack_checkpoints(states: list, impl: Impl = Impl()):
     """One BertForClassification holding these classifier checkpoints (all of one shape) as its members,
-    in order; one checkpoint gives the plain model."""
+    in order, on the implementations `impl` chooses; one checkpoint gives the plain model."""
     if len(states) == 1:
-        return build_model(states[0])
+        return build_model(states[0], impl)
     ref = states[0]
-    model = BertForClassification(BertConfig.from_dict(ref["model_config"]), ref["n_labels"], members=len(states))
+    model = BertForClassification(BertConfig.from_dict(ref["model_config"]), ref["n_labels"], members=len(states),
+                                  impl=impl)
     try:
         return load_members(model, [s["model"] for s in states])
     except ValueError as e:  # a checkpoint whose weights do not match its own config

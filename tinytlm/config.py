@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json
+from tinytlm.kernel_path import Impl
 from tinytlm.model import BertConfig
 
 
@@ -107,6 +108,10 @@ class Switches:
 
     def __post_init__(self):
         validate(self)
+
+    def impl(self) -> Impl:
+        """The implementations every forward of the run's model uses, chosen when it is built."""
+        return Impl(self.kernels, self.unpad)
 
 
 @dataclass

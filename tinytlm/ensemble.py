@@ -23,6 +23,7 @@ from tinytlm.checkpoint import build_model, load_checkpoint
 from tinytlm.committee import (accuracy, batch1_latency_ms, committee_logits, common_test_set,
                                predict_member_logits, shape_groups, stack_checkpoints)
 from tinytlm.common import ArgParser, cli, default_data_root, default_raw_root, write_json
+from tinytlm.kernel_path import Impl
 from tinytlm.train import prepare_model, resolve_device
 
 
@@ -44,20 +45,21 @@ def main(argv=None):
     ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
+    impl = Impl(args.kernels)
 
     states = [load_checkpoint(p, kind="cls") for p in args.ckpts]
     task_dir, test, yte = common_test_set(states, args.raw, args.data)
 
     # one stacked model per shape: its forward gives every member's logits (K, N, C)
     groups = shape_groups(states)
-    stacks = [prepare_model(stack_checkpoints([states[i] for i in g]), device, args.kernels) for g in groups]
+    stacks = [prepare_model(stack_checkpoints([states[i] for i in g], impl), device) for g in groups]
     logits = [None] * len(states)
     for g, stack in zip(groups, stacks):
         for i, lg in zip(g, predict_member_logits(stack, test.ids, device)):
             logits[i] = lg  # (N, C), in the order the checkpoints were given
     group_of = {i: n for n, g in enumerate(groups) for i in g}
 
-    models = [prepare_model(build_model(s), device, args.kernels) for s in states]  # alone, for the latency
+    models = [prepare_model(build_model(s, impl), device) for s in states]  # alone, for the latency
     rows = []
     for i, (s, m) in enumerate(zip(states, models)):
         cfg = m.config

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from tinytlm.committee import accuracy, per_label_accuracy, predict_member_logits
 from tinytlm.common import UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
+from tinytlm.kernel_path import Impl
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.session import build_members, check_group, interruptible, open_device, save, setup, train_step
 from tinytlm.tasks import ensure_task, load_task
@@ -86,8 +87,9 @@ def start(cfgs: list, overrides: dict, init_states: list, outs: list, resume_sta
     else:
         counts = task_counts(task.task_dir)
         progress = [new_progress(task, ini, counts) for ini in init_states]
+    impl = cfg.impl()  # the implementations every forward runs on, chosen at construction
     model, model_cfg = build_members(resume_states, lambda k: new_classifier(
-        cfgs[k].seed, init_states[k], cfg.model, overrides, len(task.label_names)), len(cfgs))
+        cfgs[k].seed, init_states[k], cfg.model, overrides, len(task.label_names), impl), len(cfgs), impl)
     check_rows(max(int(task.train.ids.max(initial=0)), int(task.test.ids.max(initial=0))), task.train.row_len,
                model_cfg, task.task_dir)
     configs = [{**asdict(c), "lr": task.lr, "weight_decay": task.wd, "task_dir": task.task_dir.name,
@@ -213,13 +215,13 @@ def result(task: TaskData, p: dict, c, logits, s, cfg, K: int) -> dict:
     }
 
 
-def new_classifier(seed: int, init_state, model: str, overrides: dict, n_labels: int):
+def new_classifier(seed: int, init_state, model: str, overrides: dict, n_labels: int, impl=Impl()):
     """A classifier as a run with this seed starts it: seeded, then the trunk from init_state (or a fresh
     `model` preset with overrides), the head freshly initialised."""
     torch.manual_seed(seed)
     if init_state is None:
-        return BertForClassification(BertConfig.preset(model, **overrides), n_labels)
-    m = BertForClassification(BertConfig.from_dict(init_state["model_config"]), n_labels)
+        return BertForClassification(BertConfig.preset(model, **overrides), n_labels, impl=impl)
+    m = BertForClassification(BertConfig.from_dict(init_state["model_config"]), n_labels, impl=impl)
     trunk = {k[len("bert."):]: v for k, v in init_state["model"].items() if k.startswith("bert.")}
     try:
         m.bert.load_state_dict(trunk)  # strict: the trunk must match exactly

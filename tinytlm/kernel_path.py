@@ -1,39 +1,108 @@
-"""Which implementation a model runs: the plain-torch reference or the Triton kernels of kernels/."""
+"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad)`.
+
+    impl = Impl(kernels="triton", unpad=True)    # validated here, once: a bad name is a one-line UserError
+    model = BertForMLM(cfg, impl=impl)           # passed down to every SelfAttention and ConvStem
+
+kernels: "torch" (the plain-torch reference, any device) or "triton" (kernels/, CUDA or the interpreter).
+unpad: the encoder runs on the packed real tokens (tinytlm/unpad.py) instead of the padded (B, T) batch.
+
+The attention implementations below have one method per token layout: `padded` (a (B, T) batch and its
+key-padding mask) and `packed` (the packed real tokens and their tinytlm.unpad.Packing). The layout
+object calls the method that fits it (`Padded.attend`, `Packing.attend`), so neither the attention
+module nor these classes branch on what they were handed. The Triton modules are imported when the
+model is built: torch.compile does not trace importlib, and a forward only calls what is stored.
+"""
 import importlib
 import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
 
 from tinytlm.common import UserError
+from tinytlm.unpad import pack, unpack
 
 KERNELS = ("torch", "triton")
 
 
-_MODULES = {}  # name -> module, filled by set_kernels before any forward runs
-
-
 def kernel_module(name: str):
-    """kernels/<name>.py, imported on first use (Triton is optional): the checkout's top-level `kernels`
-    package, or `tinytlm.kernels` where tinytlm is installed (setup.py puts kernels/ there). Inside a
-    torch.compile'd forward this is a dict lookup (torch.compile will not trace importlib), which is
-    why set_kernels imports the modules first."""
-    if name not in _MODULES:
-        try:
-            _MODULES[name] = importlib.import_module(f"kernels.{name}")
-        except ModuleNotFoundError:
-            _MODULES[name] = importlib.import_module(f"tinytlm.kernels.{name}")
-    return _MODULES[name]
+    """kernels/<name>.py (Triton is optional, so imported on demand): the checkout's top-level `kernels`
+    package, or `tinytlm.kernels` where tinytlm is installed (setup.py puts kernels/ there)."""
+    try:
+        return importlib.import_module(f"kernels.{name}")
+    except ModuleNotFoundError:
+        return importlib.import_module(f"tinytlm.kernels.{name}")
 
 
-def set_kernels(model, name: str):
-    """Choose the attention/stem implementation of every layer: "torch" (reference) or "triton"."""
-    from tinytlm.model import ConvStem, SelfAttention
-    if name not in KERNELS:
-        raise UserError(f"unknown kernels {name!r}; valid: {', '.join(KERNELS)}")
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            raise UserError("kernels='triton' needs the triton package; use --kernels torch")
-        for module in ("attention", "attention_varlen", "conv_stem"):
-            kernel_module(module)
-    for m in model.modules():
-        if isinstance(m, (SelfAttention, ConvStem)):
-            m.kernels = name
-    return model
+@dataclass(frozen=True)
+class Impl:
+    """The implementations a model runs (frozen: chosen once, when the model is built)."""
+    kernels: str = "torch"  # attention and conv stem: "torch" (reference) or "triton" (kernels/)
+    unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
+
+    def __post_init__(self):
+        if self.kernels not in KERNELS:
+            raise UserError(f"--kernels {self.kernels!r}: choose {' or '.join(KERNELS)}")
+        if self.kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise UserError("--kernels triton needs the triton package; use --kernels torch")
+        if type(self.unpad) is not bool:
+            raise UserError(f"--unpad {self.unpad!r}: expected true or false")
+
+    def check_device(self, device):
+        """Triton kernels run on CUDA, or on the CPU under the (slow) interpreter only."""
+        if self.kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+
+    def attention(self):
+        """The attention implementation every SelfAttention of the model calls."""
+        return TritonAttention() if self.kernels == "triton" else TorchAttention()
+
+    def conv_stem_kernels(self):
+        """kernels/conv_stem.py for the Triton stem, or None for the torch reference."""
+        return kernel_module("conv_stem") if self.kernels == "triton" else None
+
+
+def _heads(qkv, n_head):
+    """(B, T, 3H) fused projections -> q, k, v (B, nh, T, D)."""
+    B, T, _ = qkv.shape
+    q, k, v = qkv.view(B, T, 3, n_head, -1).unbind(2)  # 3 x (B, T, nh, D)
+    return (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, D)
+
+
+def _merge(y):
+    """(B, nh, T, D) -> (B, T, H)."""
+    B, _, T, _ = y.shape
+    return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
+
+
+class TorchAttention:
+    """The reference: F.scaled_dot_product_attention on the padded layout (any device)."""
+
+    def padded(self, qkv, key_mask, n_head, p):
+        # qkv (B, T, 3H), key_mask (B, T) bool, True = a real token that may be attended to -> (B, T, H)
+        q, k, v = _heads(qkv, n_head)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+        return _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p))
+
+    def packed(self, qkv, packing, n_head, p):
+        # qkv (K*N, 3H): SDPA on the padded layout, packed again; the fillers' output is 0 -> (K*N, H)
+        y = pack(self.padded(unpack(qkv, packing), packing.key_mask, n_head, p), packing)
+        return torch.where(packing.valid[:, None], y, 0.0)
+
+
+class TritonAttention:
+    """kernels/attention.py on the padded layout, kernels/attention_varlen.py on the packed one."""
+
+    def __init__(self):
+        self._attention = kernel_module("attention").attention
+        self._varlen = kernel_module("attention_varlen").attention_varlen
+
+    def padded(self, qkv, key_mask, n_head, p):
+        # seed None: a fresh dropout seed drawn on qkv's device from its torch generator per call
+        return _merge(self._attention(*_heads(qkv, n_head), key_mask, p))  # (B, T, H)
+
+    def packed(self, qkv, packing, n_head, p):
+        q, k, v = qkv.view(qkv.size(0), 3, n_head, -1).unbind(1)  # 3 x (K*N, nh, D)
+        y = self._varlen(q, k, v, packing.seq_start, packing.seq_len, packing.T, p)  # (K*N, nh, D)
+        return y.flatten(1)  # (K*N, H)

@@ -10,7 +10,7 @@ import torch
 
 from tinytlm.data import mask_tokens
 from tinytlm.members import member_loss_sums
-from tinytlm.model import mlm_targets
+from tinytlm.mlm_rows import mlm_rows
 from tinytlm.train import autocast
 
 VAL_SEED = 20260101  # the validation masks' seed: the same for every run
@@ -42,9 +42,9 @@ class HeldOut:
             for i in range(0, len(self), self.batch_size):
                 x, inp, tgt = (t[i:i + self.batch_size].repeat(members, 1).to(device)  # member-major
                                for t in (self.ids, self.inputs, self.targets))
+                rows, y = mlm_rows(tgt, 0, members)  # the chosen positions, N per member
                 with autocast(device):
-                    logits, _ = model(inp, attention_mask=x != self.pad, targets=tgt)
-                y = mlm_targets(tgt, 0, members=members)
+                    logits, _ = model(inp, attention_mask=x != self.pad, rows=rows)
                 loss_sum = member_loss_sums(logits, y, members)  # (a batch without masks adds 0, not nan)
                 y = y.view(members, -1)
                 valid = y != -100

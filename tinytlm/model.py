@@ -6,14 +6,19 @@ BERT-1 variants of the paper (Table 8) put a small conv stem between the embeddi
 encoder: the (B, T, H) embedding output is treated as a one-channel (T x H) image.
 
     cfg = BertConfig.preset("tiny")
-    model = BertForMLM(cfg)
-    logits, loss = model(idx, attention_mask, targets)   # sparse head: logits (N_sel, V)
+    model = BertForMLM(cfg)                         # impl=Impl(kernels="triton", unpad=True) for the fast paths
+    logits, loss = model(idx, attention_mask)       # the head on every position: logits (B, T, V)
+    rows, y = mlm_rows(targets)                     # tinytlm/mlm_rows.py: the chosen positions
+    logits, loss = model(idx, attention_mask, y, rows=rows)   # the sparse head: logits (N, V), the MLM loss
 
 Every module takes `members` (default 1): K > 1 builds K independent models of this shape as one
 stacked model (weights with a leading member dimension, the members folded into the batch, see
 tinytlm/members.py). Read the code with K = 1 and it is plain BERT.
-Unpadded (`model.unpad = True`, or `unpad=True` per call): the trunk runs on the packed real tokens
-(K*N, H) instead of (B, T, H), attention per sequence; the same results, see tinytlm/unpad.py.
+Implementations are chosen when a model is built (tinytlm/kernel_path.py's `Impl`) and passed down:
+the attention and conv stem kernels (torch reference or Triton), and unpad: the encoder runs on the packed
+real tokens (K*N, H) instead of (B, T, H), attention per sequence; the same results (tinytlm/unpad.py).
+Every forward has one path: the encoder runs in the batch's token layout (`Padded` or `Packing`), whose
+methods the attention calls, and the trunk returns (B, T, H) either way.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -23,10 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinytlm.common import UserError
-from tinytlm.kernel_path import kernel_module
+from tinytlm.kernel_path import Impl
 from tinytlm.members import Embedding, LayerNorm, Linear, linear, member_loss
 from tinytlm.stem import ConvStem, fold_bn  # noqa: F401 (fold_bn: part of the model API)
-from tinytlm.unpad import Packing, mlm_positions, mlm_targets, pack, pack_plan, unpack  # noqa: F401 (mlm_: model API)
+from tinytlm.unpad import layout
 
 @dataclass
 class BertConfig:
@@ -136,52 +141,31 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.members = members
 
-    def forward(self, idx, token_type_ids, pos=None):
-        # idx (B, T), or packed tokens (K*N,) with their positions pos (K*N,)
-        if pos is None:
-            pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
-            if self.members > 1:
-                pos = pos.expand_as(idx)  # (K*B, T): each member reads its own position table
-        x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H) or (K*N, H)
+    def forward(self, idx, token_type_ids):
+        # idx (B, T)
+        pos = torch.arange(idx.size(1), device=idx.device)  # (T,)
+        if self.members > 1:
+            pos = pos.expand_as(idx)  # (K*B, T): each member reads its own position table
+        x = self.word(idx) + self.token_type(token_type_ids) + self.pos(pos)  # (B, T, H)
         return self.drop(self.ln(x))
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with a key-padding mask; q, k, v from one fused Linear(H, 3H)."""
+    """Multi-head self-attention over the real tokens of each sequence; q, k, v from one fused Linear(H, 3H)."""
 
-    def __init__(self, cfg: BertConfig, members=1):
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head = cfg.n_head
         self.qkv = Linear(cfg.hidden, 3 * cfg.hidden, members)  # rows: [query; key; value]
         self.proj = Linear(cfg.hidden, cfg.hidden, members)
         self.attn_dropout = cfg.attn_dropout
-        self.kernels = "torch"  # "torch" (reference, any device) or "triton"; see set_kernels
+        self.attention = impl.attention()  # SDPA (the reference) or the Triton kernels, kernel_path.py
 
-    def forward(self, x, mask):
-        # x (B, T, H) and mask (B, T) bool, True = real token that may be attended to; or packed
-        # tokens x (K*N, H) and their tinytlm.unpad.Packing: attention per sequence, fillers get 0
+    def forward(self, x, tokens):
+        # x (B, T, H) padded or (K*N, H) packed, and its layout (tinytlm.unpad.Padded or Packing): who
+        # attends to whom (a sequence's real tokens); packed fillers get 0
         p = self.attn_dropout if self.training else 0.0
-        qkv = self.qkv(x)  # (B, T, 3H) or (K*N, 3H)
-        if not isinstance(mask, Packing):
-            return self.proj(self._padded(qkv, mask, p))
-        if self.kernels == "triton":
-            q, k, v = qkv.view(-1, 3, self.n_head, self.head_dim).unbind(1)  # 3 x (K*N, nh, D)
-            y = kernel_module("attention_varlen").attention_varlen(q, k, v, mask.seq_start, mask.seq_len, mask.T, p)
-            return self.proj(y.flatten(1))  # (K*N, H)
-        y = pack(self._padded(unpack(qkv, mask), mask.real.view(-1, mask.T), p), mask)  # torch: SDPA, padded
-        return self.proj(torch.where(mask.valid[:, None], y, 0.0))  # (K*N, H)
-
-    def _padded(self, qkv, key_padding_mask, p):
-        B, T, _ = qkv.shape
-        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # 3 x (B, T, nh, D)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, D)
-        if self.kernels == "triton":
-            # seed None: a fresh dropout seed drawn on x's device from its torch generator per call
-            y = kernel_module("attention").attention(q, k, v, key_padding_mask, p)
-        else:
-            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
+        return self.proj(tokens.attend(self.attention, self.qkv(x), self.n_head, p))  # as x
 
 
 class MLP(nn.Module):
@@ -197,28 +181,28 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Post-LN transformer block, as BERT: LayerNorm after each residual sum."""
 
-    def __init__(self, cfg: BertConfig, members=1):
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
-        self.attn = SelfAttention(cfg, members)
+        self.attn = SelfAttention(cfg, members, impl)
         self.ln1 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.mlp = MLP(cfg, members)
         self.ln2 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask):  # mask: (B, T) key-padding mask, or the Packing of packed x (K*N, H)
-        x = self.ln1(x + self.drop(self.attn(x, mask)))
+    def forward(self, x, tokens):  # tokens: the layout of x, tinytlm.unpad.Padded or Packing
+        x = self.ln1(x + self.drop(self.attn(x, tokens)))
         x = self.ln2(x + self.drop(self.mlp(x)))
         return x
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: BertConfig, members=1):
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg, members) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, members, impl) for _ in range(cfg.n_layer))
 
-    def forward(self, x, mask):
+    def forward(self, x, tokens):
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, tokens)
         return x
 
 
@@ -272,43 +256,34 @@ def _init_weights(module, std):
 
 
 class BertModel(nn.Module):
-    """The shared trunk: embeddings, optional conv stem, encoder. Returns hidden states (B, T, H)."""
+    """The shared trunk: embeddings, optional conv stem, encoder. Returns hidden states (B, T, H).
 
-    def __init__(self, cfg: BertConfig, members=1):
+    The embeddings and the stem run on the padded batch (the stem convolves the padded (T x H) image,
+    padding included, as the paper defines it); the encoder runs in the batch's layout: the padded rows,
+    or (unpad) the packed real tokens, put back in the padded layout at the end (0 at padding)."""
+
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
-        self.config = cfg
+        self.config, self.members, self.unpad = cfg, members, impl.unpad
         self.embeddings = Embeddings(cfg, members)
-        self.stem = ConvStem(cfg, members) if cfg.n_conv > 0 else None
-        self.encoder = Encoder(cfg, members)
+        self.stem = ConvStem(cfg, members, impl) if cfg.n_conv > 0 else nn.Identity()  # no weights, no keys
+        self.encoder = Encoder(cfg, members, impl)
 
-    def forward(self, idx, attention_mask=None, token_type_ids=None, packing=None):
-        """idx (B, T) token ids; attention_mask (B, T) 1/True = real token (default: idx != pad_id).
-        packing: a tinytlm.unpad.Packing of attention_mask: the packed hidden states (K*N, H) instead."""
+    def forward(self, idx, attention_mask=None, token_type_ids=None):
+        """idx (B, T) token ids; attention_mask (B, T) 1/True = real token (default: idx != pad_id)."""
         if attention_mask is None:
             attention_mask = idx != self.config.pad_id
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(idx)
-        p = packing
-        if p is not None and self.stem is None:  # the real tokens only, each at its position in its sequence
-            return self.encoder(self.embeddings(pack(idx, p), pack(token_type_ids, p), pos=p.positions()), p)
+        tokens = layout(attention_mask, self.members, self.unpad)  # tinytlm.unpad.Padded or Packing
         x = self.embeddings(idx, token_type_ids)  # (B, T, H)
-        if self.stem is not None:  # on the padded (T x H) image, padding included, as the paper defines it
-            x = self.stem(x)
-        return self.encoder(x, attention_mask.bool()) if p is None else self.encoder(pack(x, p), p)  # (K*N, H)
+        x = self.stem(x)  # (B, T, H)
+        return tokens.padded(self.encoder(tokens.rows(x), tokens))  # (B, T, H)
 
 
 class _Pretrained(nn.Module):
-    unpad = False  # run on the packed real tokens (tinytlm/unpad.py); a forward's unpad= overrides it
-
     def _init(self):
         self.apply(lambda m: _init_weights(m, self.config.init_std))
-
-    def _packing(self, idx, attention_mask, unpad):
-        """The batch's Packing when unpadded (unpad: None = self.unpad, a bool, or a ready Packing), else None."""
-        unpad = self.unpad if unpad is None else unpad
-        if isinstance(unpad, Packing) or not unpad:
-            return unpad or None
-        return pack_plan(idx != self.config.pad_id if attention_mask is None else attention_mask, self.members)
 
     def num_params(self) -> int:
         """Parameter count (of one member); a tied weight is one parameter and counted once."""
@@ -323,70 +298,49 @@ class _Pretrained(nn.Module):
 
 
 class BertForMLM(_Pretrained):
-    def __init__(self, cfg: BertConfig, members=1):
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
-        self.config, self.members = cfg, members
-        self.bert = BertModel(cfg, members)
+        self.config, self.members, self.impl = cfg, members, impl
+        self.bert = BertModel(cfg, members, impl)
         self.head = MLMHead(cfg, members)
         self._init()
 
     def with_members(self, k: int):
         """A new model of this shape with k members (the stacking helpers build it on the meta device)."""
-        return BertForMLM(self.config, members=k)
+        return BertForMLM(self.config, members=k, impl=self.impl)
 
-    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, sparse=True, per_row=0,
-                unpad=None):
-        """targets (B, T): original id at the chosen positions, -100 elsewhere (HF convention).
-
-        Without targets: logits (B, T, V), loss None. With targets and sparse=True (default): the
-        head runs only on the chosen positions, logits (N, V) aligned with mlm_targets(targets,
-        per_row), loss = the mean cross-entropy over the chosen positions. per_row=0: N = number
-        chosen (a dynamic shape); per_row=k: N = B*k (a static shape, see mlm_positions).
-        sparse=False: the dense head over all positions, logits (B, T, V), the same loss.
-        K members: B = K*B' rows, member-major; the loss is the members' mean losses, shape (K,).
-        unpad (default self.unpad): the trunk runs on the packed real tokens; the same outputs, except
-        logits at padding (the head reads hidden states 0 there).
-        """
-        p = self._packing(idx, attention_mask, unpad)
-        h = self.bert(idx, attention_mask, token_type_ids, packing=p)  # (B, T, H), or packed (K*N, H)
-        if p is not None:
-            h = unpack(h, p)  # (B, T, H): one gather; the sparse head reads real (chosen) positions only
-        word_weight = self.bert.embeddings.word.weight
+    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, rows=None):
+        """rows (N,): the flat positions in (B*T) the head reads (the sparse head: tinytlm/mlm_rows.py
+        chooses them), logits (N, V); None: every position, logits (B, T, V). targets: the ids at those
+        positions, -100 = ignored ((N,) with rows, (B, T) without); loss = their mean cross-entropy, or None.
+        K members: B = K*B' rows, member-major, rows N/K per member; the loss is the members' mean losses (K,).
+        Unpadded, the logits at padding are the head's on hidden states 0 (a sparse head never reads them)."""
+        h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
+        if rows is not None:
+            h = h.reshape(-1, h.size(-1)).index_select(0, rows)  # (N, H)
+        logits = self.head(h, self.bert.embeddings.word.weight)  # (N, V) or (B, T, V)
         if targets is None:
-            return self.head(h, word_weight), None
-        if sparse:
-            pos = mlm_positions(targets, per_row, self.members)
-            if per_row:
-                h = h.gather(1, pos[..., None].expand(-1, -1, h.size(-1)))  # (B, k, H)
-                logits = self.head(h.reshape(-1, h.size(-1)), word_weight)  # (B*k, V)
-            elif self.members > 1:  # pos (K, N): N slots in every member
-                h = h.view(self.members, -1, h.size(-1)).gather(1, pos[..., None].expand(-1, -1, h.size(-1)))
-                logits = self.head(h.view(-1, h.size(-1)), word_weight)  # (K*N, V)
-            else:
-                logits = self.head(h[pos], word_weight)  # (N_sel, V); boolean indexing syncs once
-            return logits, self.loss(logits, mlm_targets(targets, per_row, pos, self.members))
-        logits = self.head(h, word_weight)  # (B, T, V)
-        return logits, self.loss(logits.view(-1, logits.size(-1)), targets.view(-1))  # (B*T, V)
+            return logits, None
+        return logits, self.loss(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 class BertForClassification(_Pretrained):
-    def __init__(self, cfg: BertConfig, n_labels: int, members=1):
+    def __init__(self, cfg: BertConfig, n_labels: int, members=1, impl=Impl()):
         super().__init__()
-        self.config, self.members = cfg, members
+        self.config, self.members, self.impl = cfg, members, impl
         self.n_labels = n_labels
-        self.bert = BertModel(cfg, members)
+        self.bert = BertModel(cfg, members, impl)
         self.head = ClassifierHead(cfg, n_labels, members)
         self._init()
 
     def with_members(self, k: int):
         """A new model of this shape with k members (the stacking helpers build it on the meta device)."""
-        return BertForClassification(self.config, self.n_labels, members=k)
+        return BertForClassification(self.config, self.n_labels, members=k, impl=self.impl)
 
-    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, unpad=None):
+    def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None):
         """targets (B,) label indices. Returns logits (B, n_labels) and the mean cross-entropy or None
-        (K members: B = K*B' rows, member-major, and the members' mean losses (K,)). unpad (default
-        self.unpad): the trunk runs on the packed real tokens ([CLS], read at position 0, must be one)."""
-        p = self._packing(idx, attention_mask, unpad)
-        h = self.bert(idx, attention_mask, token_type_ids, packing=p)  # (B, T, H), or packed (K*N, H)
-        logits = self.head(h if p is None else unpack(h, p))  # (B, n_labels)
+        (K members: B = K*B' rows, member-major, and the members' mean losses (K,)). Unpadded, [CLS]
+        (read at position 0) must be a real token."""
+        h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
+        logits = self.head(h)  # (B, n_labels)
         return logits, self.loss(logits, targets) if targets is not None else None

@@ -28,7 +28,8 @@ from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.common import UserError, cli, config_hash, home, read_json
 from tinytlm.config import RunSwitches, from_saved, given_fields, option, parse_run_args, resumed_config, switch
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
-from tinytlm.model import BertConfig, BertForMLM, mlm_targets
+from tinytlm.mlm_rows import mlm_rows
+from tinytlm.model import BertConfig, BertForMLM
 from tinytlm.session import (build_members, check_group, interruptible, open_device, read_stack, save, setup,
                              train_step, write_stack)
 from tinytlm.tasks import TASKS, TaskFields
@@ -135,10 +136,10 @@ def stack_dir(cfg: MLMConfig, overrides: dict) -> Path:
     return Path(cfg.out or home() / "runs" / cfg.run_name(overrides))
 
 
-def new_model(seed: int, model: str, overrides: dict):
+def new_model(seed: int, model: str, overrides: dict, impl):
     """A member as its single run starts it: seeded, then built."""
     torch.manual_seed(seed)
-    return BertForMLM(BertConfig.preset(model, **overrides))
+    return BertForMLM(BertConfig.preset(model, **overrides), impl=impl)
 
 
 def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
@@ -153,7 +154,9 @@ def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
         check_group(states, lambda st: "" if st["data"].get("rows_checksum") == data_meta["rows_checksum"] else
                     f"{st['path']}: the pre-training rows differ from the ones this run started with "
                     f"({data_meta['shard']}); prepare the same data again to resume")
-    model, model_cfg = build_members(states, lambda k: new_model(seeds[k], cfg.model, overrides), len(seeds))
+    impl = cfg.impl()  # the implementations every forward runs on, chosen at construction
+    model, model_cfg = build_members(states, lambda k: new_model(seeds[k], cfg.model, overrides, impl), len(seeds),
+                                     impl)
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
     member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
     configs = [{**asdict(c), "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
@@ -193,11 +196,11 @@ class Window:
         self.t, self.steps, self.seqs = time.time(), 0, 0
 
 
-def masked_counts(logits, loss, targets, slots: int, K: int, n_global):
+def masked_counts(logits, loss, y, K: int, n_global):
     """(K, 3) per member: its loss times the masked tokens it averages over (torchrun: the global count
-    n_global), its correct predictions and its masked tokens (this process's)."""
+    n_global), its correct predictions and its masked tokens (this process's). y: the head rows' targets."""
     with torch.no_grad():
-        y = mlm_targets(targets, slots, members=K).view(K, -1)
+        y = y.view(K, -1)
         valid = y != -100
         n_valid = valid.sum(1)
         return torch.stack([loss.detach().float().view(K) * (n_global if n_global is not None else n_valid),
@@ -244,9 +247,9 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                 if d.on:  # this process's share of the batch
                     x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
                 # (the key-padding mask comes from the original ids, as in HF)
-                logits, loss = train_step(s, lr, inputs, targets, mlm_targets(targets, slots, members=K) if d.on
-                                          else None, n_global, attention_mask=x != sp["pad"], per_row=slots)
-                counts = masked_counts(logits, loss, targets, slots, K, n_global if d.on else None)
+                rows, y = mlm_rows(targets, slots, K)  # the sparse head's rows and their targets
+                logits, loss = train_step(s, lr, inputs, y, y, n_global, attention_mask=x != sp["pad"], rows=rows)
+                counts = masked_counts(logits, loss, y, K, n_global if d.on else None)
                 sums += counts
                 window.add(counts, x != sp["pad"], len(xs[0]))
                 boundary = s.step % cfg.log_every == 0 or s.step == last or b == steps_per_epoch - 1

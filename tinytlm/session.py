@@ -7,7 +7,7 @@ their data, build their members and run their loop; everything else is here, onc
     d, device = open_device(cfg)
     ... data ...
     check_group(states, mismatch)                          # resuming: same data, one common step
-    model = build_members(states, new, len(seeds))         # K members, one stacked model
+    model = build_members(states, new, len(seeds), impl)   # K members, one stacked model
     s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs, hint)
     with interruptible(s, bar, save, hint) as sigint:
         while ...: logits, loss = train_step(s, lr, x, targets, ...)
@@ -72,20 +72,20 @@ def check_group(states: list, mismatch):
                         f"({', '.join(str(st['step']) for st in states)}); resume each alone")
 
 
-def build_members(states, new, members: int) -> tuple:
+def build_members(states, new, members: int, impl) -> tuple:
     """(model, its BertConfig): K members as one stacked model (tinytlm/members.py; K = 1: the plain model),
-    from their checkpoints when resuming, else new(k) for member k (seeded and built as its single run is)."""
-    singles = [build_model(st) for st in states] if states else [new(k) for k in range(members)]
+    from their checkpoints when resuming, else new(k) for member k (seeded and built as its single run is);
+    impl: the implementations its forwards use (tinytlm/kernel_path.py), new(k) builds with it too."""
+    singles = [build_model(st, impl) for st in states] if states else [new(k) for k in range(members)]
     return stack_models(singles), singles[0].config
 
 
 def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds: list, configs: list,
           grad_clip: float = 0.0) -> Session:
-    """The rest of the setup, alike for both loops: kernels, compile and DDP; AdamW; when resuming, the
+    """The rest of the setup, alike for both loops: device, compile and DDP; AdamW; when resuming, the
     optimizer, RNG and step of the checkpoints; each member's run log (header first)."""
     outs = [Path(o) for o in outs]
-    prepared = d.wrap(prepare_model(model, device, cfg.kernels, cfg.compile, cfg.compile_mode, cfg.unpad), device,
-                      cfg.compile_mode)
+    prepared = d.wrap(prepare_model(model, device, cfg.compile, cfg.compile_mode), device, cfg.compile_mode)
     opt = make_optimizer(model, lr, wd, device)
     stack = {"seeds": seeds, "members": [str(o) for o in outs]} if len(outs) > 1 else None
     logs = [RunLog(o, {**c, "world_size": d.world}, device, resume=bool(states), stack=stack) if d.main

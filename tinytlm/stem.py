@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinytlm.kernel_path import kernel_module
+from tinytlm.kernel_path import Impl
 
 
 class ConvStem(nn.Module):
@@ -18,9 +18,12 @@ class ConvStem(nn.Module):
     so outputs near the end of a text depend on how much padding follows (texts are always 128).
     K members: grouped convolutions (groups = K), member k's image is input channel k and its
     channels are the k-th group of every layer; BatchNorm is per channel, hence per member.
+    impl.kernels "triton": the convs are kernels/conv_stem.py's; pure inference folds BN into the convs (one
+    fused op); with autograd on (training, or gradients in eval mode) only the convs are kernels and BN runs
+    as a module (batch statistics in train mode, running statistics in eval mode).
     """
 
-    def __init__(self, cfg, members=1):  # cfg: tinytlm.model.BertConfig
+    def __init__(self, cfg, members=1, impl=Impl()):  # cfg: tinytlm.model.BertConfig
         super().__init__()
         d, k, K = cfg.conv_channels, cfg.conv_kernel, members
         self.convs = nn.ModuleList(nn.Conv2d(K * (1 if i == 0 else d), K * d, k, padding="same", groups=K)
@@ -28,21 +31,18 @@ class ConvStem(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm2d(K * d) for _ in range(cfg.n_conv))
         self.proj = nn.Conv2d(K * d, K, 1, groups=K)
         self.proj_bn = nn.BatchNorm2d(K)
-        self.kernels = "torch"  # "torch" (reference) or "triton"; see set_kernels
         self.members = K
+        ks = impl.conv_stem_kernels()  # kernels/conv_stem.py, or None for the torch reference
+        # conv(x, weight, bias, groups): what nn.Conv2d(padding="same") calls, or the Triton forward (torch backward)
+        self.conv = ks.conv2d_same if ks else functools.partial(F.conv2d, padding="same")
+        self.infer = ks.conv_stem_infer if ks else None  # the fused BN-folded inference op, Triton only
 
     def forward(self, x):
         # x (K*B, T, H)
         K = self.members
-        conv = functools.partial(F.conv2d, padding="same", groups=K)  # what nn.Conv2d(padding="same") calls
-        if self.kernels == "triton":
-            ks = kernel_module("conv_stem")
-            # pure inference folds BN into the convs (one fused op); with autograd on (training, or
-            # gradients in eval mode) only the convs are kernels and BN runs as a module (batch
-            # statistics in train mode, running statistics in eval mode)
-            if not self.training and not torch.is_grad_enabled():
-                return ks.conv_stem_infer(x, self.fold(), members=K)
-            conv = functools.partial(ks.conv2d_same, groups=K)  # Triton forward, torch backward
+        if self.infer is not None and not self.training and not torch.is_grad_enabled():
+            return self.infer(x, self.fold(), members=K)
+        conv = functools.partial(self.conv, groups=K)
         h = x.view(K, -1, *x.shape[1:]).transpose(0, 1)  # (B, K, T, H); K = 1: x.unsqueeze(1)
         for c, bn in zip(self.convs, self.bns):
             h = F.gelu(bn(conv(h, c.weight, c.bias)))  # (B, K*d, T, H)

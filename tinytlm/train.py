@@ -5,7 +5,6 @@ The configs and their command lines are tinytlm/config.py's.
 """
 import contextlib
 import json
-import os
 import platform
 import signal
 import sys
@@ -17,7 +16,6 @@ import torch
 from tinytlm.common import UserError, default_data_root, default_raw_root, git_revision, write_json
 # (re-exported: bench/ and the paper runner import these from here)
 from tinytlm.config import COMPILE_MODES, add_dataclass_args, dataclass_from_args, switch, switches  # noqa: F401
-from tinytlm.kernel_path import set_kernels
 
 
 # -----------------------------------------------------------------------------
@@ -89,20 +87,15 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def prepare_model(model, device, kernels="torch", compile=False, compile_mode="default", unpad=False):
-    """Move to device, pick the kernels, optionally torch.compile. compile_mode "reduce-overhead"
-    records CUDA graphs: the batch-32 regime is launch-bound, and with static shapes
-    (--mask_per_row k) one graph is replayed every step. unpad: every forward (training and evaluation)
-    runs on the packed real tokens (tinytlm/unpad.py)."""
-    if kernels not in ("torch", "triton"):
-        raise UserError(f"--kernels {kernels!r}: choose torch or triton")
+def prepare_model(model, device, compile=False, compile_mode="default"):
+    """Move to device, optionally torch.compile. The implementations (kernels, unpad) are the model's own,
+    chosen when it was built (tinytlm/kernel_path.py's Impl). compile_mode "reduce-overhead" records CUDA
+    graphs: the batch-32 regime is launch-bound, and with static shapes (--mask_cap k: the sparse head's
+    slots) one graph is replayed every step."""
     if compile_mode not in COMPILE_MODES:
         raise UserError(f"--compile_mode {compile_mode!r}: choose {', '.join(COMPILE_MODES)}")
-    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    model.impl.check_device(device)
     model.to(device)
-    set_kernels(model, kernels)
-    model.unpad = unpad
     return torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
 
 

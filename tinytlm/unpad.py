@@ -1,15 +1,16 @@
-"""Rows that matter: the real tokens of a padded (B, T) batch packed into one (N, ...) tensor, and the
-chosen positions the sparse MLM head reads (`mlm_positions`, `mlm_targets`).
+"""The token layouts a trunk runs in: the padded (B, T) batch as it is (`Padded`), or its real tokens
+packed into one (N, ...) tensor (`Packing`); `layout` picks one as the model's Impl says (unpad).
 
 Pre-training rows average about 90 real tokens of 128 and task texts fewer, so a padded step spends about
-a quarter of its matmuls on padding. With `--unpad` the embeddings and the encoder run on the packed real
-tokens only (as MosaicBERT and ModernBERT do), attention per sequence (kernels/attention_varlen.py; with
-the torch kernels SDPA on the padded layout, packed again); the heads read real positions only anyway (the
-sparse MLM head its chosen tokens, the classifier [CLS]), from the trunk's output put back in the padded
-layout by one gather. A conv stem convolves the padded (T x H) image, padding included, as the paper
-defines it, so with a stem the embeddings and the stem run padded and the packing follows the stem.
+a quarter of its matmuls on padding. With `--unpad` the encoder runs on the packed real tokens only (as
+MosaicBERT and ModernBERT do), attention per sequence (kernels/attention_varlen.py; with the torch kernels
+SDPA on the padded layout, packed again); the heads read real positions only anyway (the sparse MLM head
+its chosen tokens, the classifier [CLS]), from the trunk's output put back in the padded layout by one
+gather. The embeddings (a lookup and a LayerNorm per token: cheap) and a conv stem run on the padded
+batch, the stem because it convolves the padded (T x H) image, padding included, as the paper defines it;
+the packing follows them.
 
-    p = pack_plan(attention_mask, members=K)   # one host sync: the token budget
+    p = pack_plan(attention_mask, members=K)   # one host sync: the token budget; = layout(mask, K, unpad=True)
     x = pack(embeddings, p)                      # (B, T, H) -> (K*N, H), N = p.budget tokens per member
     y = unpack(x, p)                             # back to (B, T, H), 0 at padding
 
@@ -24,11 +25,11 @@ Static shapes. A budget rounded up to a bucket (128 tokens, or a 32nd of a membe
 batches) gives a few distinct shapes over a run (one graph or CUDA graph each; at most 32) instead of one
 per batch. The waste is budget - real tokens, on average half a bucket per member per step, plus, with
 K > 1, the gap between each member's count and the largest (measured on the first 40,000 Wikipedia rows:
-bench/train_throughput.py reports it per case). Computing the budget reads the token count on the host (`pack_plan` is kept out of
-torch.compile's graphs): one device sync per step.
+bench/train_throughput.py reports it per case). Computing the budget reads the token count on the host
+(`pack_plan` is kept out of torch.compile's graphs): one device sync per step.
 
-Exactness. Every token sees what it sees in the padded layout: its own position (its padded index
-mod T, so masks with holes work too), its sequence's real keys, the same weights. Only the order of the
+Exactness. Every token sees what it sees in the padded layout: its own embedding (position included, so
+masks with holes work too), its sequence's real keys, the same weights. Only the order of the
 rows in the matmuls changes, so losses and gradients equal the padded path's up to fp32 rounding
 (tests/test_unpad.py). With dropout on, the masks are other draws than the padded path's.
 """
@@ -37,6 +38,31 @@ from dataclasses import dataclass
 import torch
 
 BUCKET = 128  # tokens: a member's budget is its token count rounded up to a multiple of this (or of B'*T / 32)
+
+
+# -----------------------------------------------------------------------------
+# the token layouts: which tokens attend to which
+#
+# Both layouts answer the same questions, so the trunk and the attention have one path each:
+#   rows(x)        a padded (B, T, ...) tensor -> the rows the encoder runs on
+#   padded(y)      those rows -> (B, T, ...) again (0 at padding when packed)
+#   attend(attention, qkv, n_head, p)   attention over the rows, by the implementation's method for
+#                  this layout (tinytlm/kernel_path.py: `padded` or `packed`)
+
+
+@dataclass
+class Padded:
+    """A padded (B, T) batch as it is: each row one sequence, attending to its real tokens."""
+    key_mask: torch.Tensor  # (B, T) bool, True = a real token that may be attended to
+
+    def rows(self, x):
+        return x  # (B, T, ...)
+
+    def padded(self, y):
+        return y  # (B, T, ...)
+
+    def attend(self, attention, qkv, n_head, p):
+        return attention.padded(qkv, self.key_mask, n_head, p)  # (B, T, 3H) -> (B, T, H)
 
 
 @dataclass
@@ -51,9 +77,25 @@ class Packing:
     T: int  # padded row length, the longest a sequence can be (max_seqlen)
     budget: int  # N: packed rows per member (the static shape)
 
-    def positions(self) -> torch.Tensor:
-        """(K*N,) each packed token's position within its own sequence (its padded column)."""
-        return self.index % self.T
+    @property
+    def key_mask(self) -> torch.Tensor:
+        return self.real.view(-1, self.T)  # (B, T) bool: the padded layout's attention mask
+
+    def rows(self, x):
+        return pack(x, self)  # (B, T, ...) -> (K*N, ...)
+
+    def padded(self, y):
+        return unpack(y, self)  # (K*N, ...) -> (B, T, ...)
+
+    def attend(self, attention, qkv, n_head, p):
+        return attention.packed(qkv, self, n_head, p)  # (K*N, 3H) -> (K*N, H)
+
+
+def layout(attention_mask: torch.Tensor, members: int = 1, unpad: bool = False):
+    """The layout a trunk runs a batch in: Padded, or (unpad) the Packing of its real tokens (one host sync).
+    attention_mask (B, T) bool/0-1, True = real token."""
+    mask = attention_mask.bool()
+    return pack_plan(mask, members) if unpad else Padded(mask)
 
 
 @torch.compiler.disable  # a host sync: kept out of compiled graphs (a graph break under torch.compile)
@@ -95,31 +137,3 @@ def unpack(y: torch.Tensor, p: Packing) -> torch.Tensor:
     out = y.index_select(0, p.slot)  # (B*T, ...)
     real = p.real.view(-1, *([1] * (y.dim() - 1)))
     return torch.where(real, out, out.new_zeros(())).view(B, p.T, *y.shape[1:])
-
-
-# -----------------------------------------------------------------------------
-# the sparse MLM head: the rows it reads
-
-def mlm_positions(targets, per_row=0, members=1):
-    """Where the sparse MLM head runs. per_row=0: the (B, T) bool mask of chosen positions.
-    per_row=k: (B, k) indices, chosen positions first; a row with fewer than k chosen is filled
-    with unchosen positions whose target is -100 (ignored by the loss), so the shape is static:
-    no host sync, and CUDA graphs can replay the step.
-    per_row=0 with K members: (K, N) indices into each member's B'*T positions, its chosen ones first
-    in row order, N = the most any member chose (the others are filled as above; one host sync)."""
-    chosen = targets != -100  # (B, T)
-    if per_row:
-        return chosen.float().topk(per_row, dim=1, sorted=False).indices  # (B, k)
-    if members == 1:
-        return chosen
-    chosen = chosen.view(members, -1)  # (K, B'*T)
-    n = int(chosen.sum(1).max())
-    return chosen.float().sort(dim=1, descending=True, stable=True).indices[:, :n]  # (K, N)
-
-
-def mlm_targets(targets, per_row=0, pos=None, members=1):
-    """Targets aligned with the sparse head's logits (-100 where a static slot is unused), member-major."""
-    pos = mlm_positions(targets, per_row, members) if pos is None else pos
-    if per_row:
-        return targets.gather(1, pos).reshape(-1)  # (B*k,)
-    return targets.view(members, -1).gather(1, pos).reshape(-1) if members > 1 else targets[pos]  # (N,)
