@@ -5,6 +5,7 @@ The configs and their command lines are tinytlm/config.py's.
 """
 import contextlib
 import json
+import os
 import platform
 import signal
 import sys
