@@ -52,7 +52,9 @@ def switches(cls) -> set:
 
 def problem(f, v) -> str:
     """What is wrong with value v of field f ("" when nothing is): the constraints of its metadata."""
-    m = f.metadata
+    m, want = f.metadata, type(f.default)
+    if type(v) is not want and not (want is float and type(v) is int):  # (e.g. a config file's 2.5 epochs)
+        return f"expected {want.__name__}"
     if v in m.get("also", ()):
         return ""
     if m.get("choices") and v not in m["choices"]:
