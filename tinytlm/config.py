@@ -35,8 +35,7 @@ def option(default, help: str, *, choices=None, pattern=None, low=None, above=No
     sentinel such as -1 = "the task's default"); floats must be finite. kind: "file" | "dir" | "out" for
     a path. aliases: other flag names (a deprecated spelling). switch: see `switch`."""
     meta = {"help": help, "choices": choices, "pattern": pattern, "low": low, "above": above, "also": tuple(also),
-            "kind": kind,
-            "aliases": tuple(aliases), "switch": switch}
+            "kind": kind, "aliases": tuple(aliases), "switch": switch}
     return dataclasses.field(default=default, metadata=meta)
 
 
