@@ -117,7 +117,7 @@ def estimate(table, row, seed, args, rates) -> tuple:
 def prep(args):
     """Prepare every shard the tables' cells read (run on the CPU machine: the GPU one has no raw data):
     the longest Wikipedia prefix any row pre-trains on, and each distinct fine-tuning task."""
-    from tinytlm.finetune import ClsConfig
+    from tinytlm.paper_calls import cls_config
     from tinytlm.tasks import ensure_task
     from tinytlm.train import roots
     from tinytlm.wikipedia import ensure_wiki
@@ -125,7 +125,7 @@ def prep(args):
     rows = [r for t in args.tables.split(",") for r in grid(t, args.scale)["rows"] if r["kind"] == "train"]
     ws = max(r["pretrain"]["ws"] for r in rows if r["pretrain"])
     print(f"Wikipedia: first {ws:,} rows -> {ensure_wiki(ws, raw, data).path}")
-    specs = {ClsConfig(**r["finetune"]).spec() for r in rows}
+    specs = {cls_config(r, 0, {}).spec() for r in rows}  # (the runner's own train_cls configs)
     for spec in sorted(specs, key=lambda s: s.dirname()):
         print(f"task: {ensure_task(spec, raw, data)}")
     return 0

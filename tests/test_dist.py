@@ -62,7 +62,8 @@ def test_stacked_fine_tuning_on_two_processes_with_an_empty_share_equals_one(roo
     raw, data = roots
     # 20 rows in batches of 19: the last batch has 1 row, and one process has none of it
     args = lambda out, *extra: ["--task", "agnews", "--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32",
-                                "--train-per-label", "5", "--test-per-label", "3", "--epochs", "2", "--batch_size", "19",
+                                "--train-per-label", "5", "--test-per-label", "3", "--epochs", "2",
+                                "--batch_size", "19",
                                 "--device", "cpu", "--quiet", "--seeds", "0,1", "--raw", str(raw), "--data", str(data),
                                 "--out", str(out), *NO_DROPOUT, *extra]
     finetune.main(args(tmp_path / "one"))

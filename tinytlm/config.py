@@ -35,8 +35,8 @@ def option(default, help: str, *, choices=None, pattern=None, low=None, above=No
     match whole; also: other values allowed besides (a
     sentinel such as -1 = "the task's default"); floats must be finite. kind: "file" | "dir" | "out" for
     a path. aliases: other flag names (a deprecated spelling). switch: see `switch`."""
-    meta = {"help": help, "choices": choices, "pattern": pattern, "low": low, "above": above, "also": tuple(also), "kind": kind,
-            "aliases": tuple(aliases), "switch": switch}
+    meta = {"help": help, "choices": choices, "pattern": pattern, "low": low, "above": above, "also": tuple(also),
+            "kind": kind, "aliases": tuple(aliases), "switch": switch}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -53,7 +53,9 @@ def switches(cls) -> set:
 
 def problem(f, v) -> str:
     """What is wrong with value v of field f ("" when nothing is): the constraints of its metadata."""
-    m = f.metadata
+    m, want = f.metadata, type(f.default)
+    if type(v) is not want and not (want is float and type(v) is int):  # (e.g. a config file's 2.5 epochs)
+        return f"expected {want.__name__}"
     if v in m.get("also", ()):
         return ""
     if m.get("choices") and v not in m["choices"]:

@@ -6,11 +6,12 @@ their data, build their members and run their loop; everything else is here, onc
 
     d, device = open_device(cfg)
     ... data ...
-    check_group(states, mismatch)                          # resuming: same data, one common step
-    model = build_members(states, new, len(seeds), impl)   # K members, one stacked model
-    s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs, hint)
-    with interruptible(s, bar, save, hint) as sigint:
-        while ...: logits, loss = train_step(s, lr, x, targets, ...)
+    check_group(states, mismatch)                           # resuming: same data, one common step
+    model, model_cfg = build_members(states, new, K, impl)  # K members, one stacked model
+    s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs)
+    with interruptible(s, bar, save_now, resume_hint) as sigint:
+        ... logits, loss = train_step(s, lr, x, targets, loss_targets, global_rows, **model_kw) ...
+        ... save(s, kind, epoch, members) ...
 """
 import contextlib
 import signal
