@@ -65,16 +65,17 @@ class BertConfig:
         for name in ("n_layer", "n_head", "head_dim", "ffn_mult", "max_pos", "vocab_size", "type_vocab",
                      "conv_channels"):
             if getattr(self, name) < 1:
-                raise UserError(f"model config {name}={getattr(self, name)} (--{name}): must be >= 1")
+                raise UserError(f"model config {name}={getattr(self, name)} (--arch {name}=...): must be >= 1")
         if self.n_conv < 0 or not 0 <= self.pad_id < self.vocab_size:
             bad = "n_conv" if self.n_conv < 0 else "pad_id"
-            raise UserError(f"model config {bad}={getattr(self, bad)} (--{bad}): out of range")
+            raise UserError(f"model config {bad}={getattr(self, bad)} (--arch {bad}=...): out of range")
         for name in ("dropout", "attn_dropout"):  # `not 0 <= v < 1` is also true for nan
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"model config {name}={getattr(self, name)} (--{name}): must be in [0, 1)")
+                raise UserError(f"model config {name}={getattr(self, name)} (--arch {name}=...): must be in [0, 1)")
         for name in ("ln_eps", "init_std"):
             if not 0.0 < getattr(self, name) < float("inf"):
-                raise UserError(f"model config {name}={getattr(self, name)} (--{name}): must be positive and finite")
+                raise UserError(f"model config {name}={getattr(self, name)} (--arch {name}=...): "
+                                "must be positive and finite")
 
     @property
     def hidden(self) -> int:
