@@ -23,6 +23,63 @@ class ArgParser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def violation(meta: dict, v) -> str:
+    """What is wrong with value v under a flag's constraints ("" when nothing is). meta: choices (the values
+    allowed), pattern (a regular expression a string must match whole), low (smallest allowed, inclusive),
+    above (a bound it must exceed), also (other values allowed besides, a sentinel such as -1); floats must
+    be finite. The one rule set: run configs (tinytlm.config) and every other command's flags use it."""
+    import math
+    import re
+    if v in meta.get("also", ()):
+        return ""
+    if meta.get("choices") and v not in meta["choices"]:
+        return f"choose {', '.join(map(str, meta['choices']))}"
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], v):
+        return f"expected {meta['help'].split(';')[0]}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "must be finite"
+    if meta.get("above") is not None and not v > meta["above"]:
+        return "must be positive and finite" if meta["above"] == 0 else f"must be > {meta['above']}"
+    if meta.get("low") is not None and v < meta["low"]:
+        return f"must be >= {meta['low']}" + (f" (or {', '.join(map(str, meta['also']))})" if meta.get("also") else "")
+    return ""
+
+
+class Checked:
+    """An argparse `type` that converts a value and checks it against its flag's constraints (`violation`):
+    a wrong value is a one-line UserError naming the flag (as tinytlm.config.validate words it), raised
+    where the value enters."""
+
+    def __init__(self, convert, meta: dict, flag: str):
+        self.convert, self.meta, self.flag = convert, meta, flag
+        self.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its own errors
+
+    def __call__(self, text):
+        try:
+            v = self.convert(text)
+        except ValueError:
+            raise UserError(f"{self.flag} {text!r}: expected {self.__name__}")
+        why = violation(self.meta, v)
+        if why:
+            raise UserError(f"{self.flag} {v!r}: {why}" if isinstance(v, str) else f"{self.flag} {v}: {why}")
+        return v
+
+
+def add_option(ap, *names, type=str, help: str = "", kind=None, **constraints):
+    """ap.add_argument with the flag's constraints declared beside it (see `violation`; kind: "file" | "dir"
+    | "out" | "path" for a path, "url"): argparse checks them as it reads the value, and a bad-input fuzzer
+    reads the same table from the action's `constraint`. Other keywords go to add_argument."""
+    keys = ("choices", "pattern", "low", "above", "also")
+    meta = {"help": help, "kind": kind, **{k: constraints.pop(k) for k in keys if k in constraints}}
+    meta["also"] = tuple(meta.get("also", ()))
+    checked = type is float or any(meta.get(k) not in (None, ()) for k in keys)  # floats: finite
+    if "action" not in constraints:  # store_true and the like take no type
+        constraints["type"] = Checked(type, meta, names[0]) if checked else type
+    action = ap.add_argument(*names, help=help, **constraints)
+    action.constraint = meta
+    return action
+
+
 class Interrupted(Exception):
     """A run stopped by Ctrl-C or SIGTERM; the message says what was saved and how to go on.
     Library code raises it (never sys.exit); cli() prints it and exits with 130."""
