@@ -176,7 +176,7 @@ def parser() -> ArgParser:
     add_option(ap, "--min-occ", type=int, default=1, help="<APT> averages tokens selected at least this often", low=1)
     add_option(ap, "--cluster-threshold", type=float, default=0.5,
                help="strong match: normalised confusion entry >= this (our reading)")
-    add_option(ap, "--probe-steps", type=int, default=300, help="optimizer steps of every per-block probe", low=1)
+    add_option(ap, "--probe-steps", type=int, default=300, help="optimizer steps of every per-block probe", low=0)
     add_option(ap, "--probe-batch", type=int, default=32, help="rows per probe step", low=1)
     add_option(ap, "--probe-lr", type=float, default=1e-3, help="probes' AdamW lr (linear decay to 0)", above=0)
     add_option(ap, "--probe-wd", type=float, default=0.0, help="probes' AdamW weight decay", low=0)

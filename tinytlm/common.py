@@ -60,21 +60,26 @@ class Checked:
         except ValueError:
             raise UserError(f"{self.flag} {text!r}: expected {self.__name__}")
         why = violation(self.meta, v)
+        if why and not self.flag.startswith("-"):  # a positional: "unknown table 'table42'; choose ..."
+            raise UserError(self.meta.get("unknown", "unknown {flag} {v!r}; {why}").format(flag=self.flag, v=v, why=why))
         if why:
             raise UserError(f"{self.flag} {v!r}: {why}" if isinstance(v, str) else f"{self.flag} {v}: {why}")
         return v
 
 
 def add_option(ap, *names, type=str, help: str = "", kind=None, **constraints):
-    """ap.add_argument with the flag's constraints declared beside it (see `violation`; kind: "file" | "dir"
-    | "out" | "path" for a path, "url"): argparse checks them as it reads the value, and a bad-input fuzzer
-    reads the same table from the action's `constraint`. Other keywords go to add_argument."""
-    keys = ("choices", "pattern", "low", "above", "also")
+    """ap.add_argument with the flag's constraints declared beside it (see `violation`; kind: what a string
+    names, "file" | "dir" | "out" | "run" for a path, "url", "list"; unknown: a positional's error for a
+    value not in its choices, a format of flag, v and why): argparse checks them as it reads the value, and
+    a bad-input fuzzer reads the same table from the action's `constraint`. Other keywords go to
+    add_argument."""
+    keys = ("choices", "pattern", "low", "above", "also", "unknown")
     meta = {"help": help, "kind": kind, **{k: constraints.pop(k) for k in keys if k in constraints}}
     meta["also"] = tuple(meta.get("also", ()))
     checked = type is float or any(meta.get(k) not in (None, ()) for k in keys)  # floats: finite
     if "action" not in constraints:  # store_true and the like take no type
-        constraints["type"] = Checked(type, meta, names[0]) if checked else type
+        flag = names[0] if names[0].startswith("-") else constraints.get("metavar", names[0]).lower()
+        constraints["type"] = Checked(type, meta, flag) if checked else type
     action = ap.add_argument(*names, help=help, **constraints)
     action.constraint = meta
     return action

@@ -298,7 +298,7 @@ def fetch_missing(names, raw: Path, wiki_rows: int = 0, quiet=False):
 def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_option(ap, "names", nargs="+", metavar="NAME", help=f"{' | '.join(SOURCES)} | all",
-               choices=(*SOURCES, "all"))
+               choices=(*SOURCES, "all"), unknown="{v!r}: unknown data set ({why})")
     add_option(ap, "--to", type=Path, default=default_raw_root(), help="raw data root to fill", kind="out")
     add_option(ap, "--mirror", default=os.environ.get("TINYTLM_MIRROR") or None,
                help="base URL to fetch from instead of huggingface.co and raw.githubusercontent.com", kind="url")
