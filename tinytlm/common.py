@@ -32,6 +32,8 @@ def violation(meta: dict, v) -> str:
     import re
     if v in meta.get("also", ()):
         return ""
+    if meta.get("kind") in ("dir", "out", "outfile") and str(v):
+        return path_problem(Path(v), meta["kind"])
     if meta.get("choices") and v not in meta["choices"]:
         return f"choose {', '.join(map(str, meta['choices']))}"
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], v):
@@ -42,6 +44,18 @@ def violation(meta: dict, v) -> str:
         return "must be positive and finite" if meta["above"] == 0 else f"must be > {meta['above']}"
     if meta.get("low") is not None and v < meta["low"]:
         return f"must be >= {meta['low']}" + (f" (or {', '.join(map(str, meta['also']))})" if meta.get("also") else "")
+    return ""
+
+
+def path_problem(p: Path, kind: str) -> str:
+    """A folder (kind dir | out) or an output file (outfile) that cannot be one: a file for a folder or the
+    reverse, or a path through a file. Whether it exists is the command's to say (a root may be created)."""
+    if kind in ("dir", "out") and p.exists() and not p.is_dir():
+        return "not a folder"
+    if kind == "outfile" and p.is_dir():
+        return "a folder, not a file"
+    if not p.exists() and any(q.is_file() for q in p.parents):
+        return "a path through a file"
     return ""
 
 
@@ -76,7 +90,7 @@ def add_option(ap, *names, type=str, help: str = "", kind=None, **constraints):
     keys = ("choices", "pattern", "low", "above", "also", "unknown")
     meta = {"help": help, "kind": kind, **{k: constraints.pop(k) for k in keys if k in constraints}}
     meta["also"] = tuple(meta.get("also", ()))
-    checked = type is float or any(meta.get(k) not in (None, ()) for k in keys)  # floats: finite
+    checked = type is float or kind or any(meta.get(k) not in (None, ()) for k in keys)  # floats: finite
     if "action" not in constraints:  # store_true and the like take no type
         flag = names[0] if names[0].startswith("-") else constraints.get("metavar", names[0]).lower()
         constraints["type"] = Checked(type, meta, flag) if checked else type

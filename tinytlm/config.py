@@ -103,7 +103,7 @@ class Switches:
 class RunSwitches(Switches):
     """The switches of a training run: its folder, what it continues, how often it saves."""
     out: str = switch("", "run directory (default runs/<name>)", kind="out")
-    resume: str = switch("", "run directory (or checkpoint) to continue exactly", kind="dir")
+    resume: str = switch("", "run directory (or checkpoint) to continue exactly", kind="run")
     save_every: int = switch(1, "epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)", low=0)
 
 

@@ -40,7 +40,7 @@ def parser() -> ArgParser:
     add_option(ap, "--device", default="auto", help="auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
     add_option(ap, "--kernels", default="torch", help="torch | triton", choices=("torch", "triton"))
     add_option(ap, "--latency-samples", type=int, default=50, help="test sequences timed at batch 1", low=1)
-    add_option(ap, "--json", default="", help="write the table as JSON here", kind="out")
+    add_option(ap, "--json", default="", help="write the table as JSON here", kind="outfile")
     add_option(ap, "--data", type=Path, default=default_data_root(), help="prepared data root", kind="dir")
     add_option(ap, "--raw", type=Path, default=default_raw_root(), help="raw data root", kind="dir")
     return ap
