@@ -74,7 +74,7 @@ BASE = {
     "export": ["{W}/runs/mlm", "{W}/out/export"],
     "report": ["{W}/runs/cls", "--out", "{W}/out/report"],
     "download": ["vocab", "--to", "{W}/out/dl", "--mirror", "http://127.0.0.1:9", "--quiet"],  # never the internet
-    "analyze": ["{W}/runs/mlm", "--out", "{W}/out/analysis", "--what", "apt", "--device", "cpu"],
+    "analyze": ["{W}/runs/mlm", "--out", "{W}/out/analysis", "--what", "apt", "--device", "cpu", *TASK],
 }
 
 # the environment variables the package reads: name -> (kind, the command that reads it)
@@ -233,9 +233,13 @@ def with_option(base: list, ap, action, text) -> list:
         k = [a for a in ap._actions if not a.option_strings].index(action)
         return argv[:k] + [text] + argv[k + 1:]
     flag, names = action.option_strings[0], set(action.option_strings)
-    if action.nargs == 0:
-        return argv if flag in argv else argv + [flag]
+    if action.nargs == 0:  # a switch: given, and the switches it excludes left out
+        rivals = {o for g in ap._mutually_exclusive_groups if action in g._group_actions
+                  for a in g._group_actions if a is not action for o in a.option_strings}
+        return [a for a in argv if a not in rivals] + ([] if flag in argv else [flag])
     for i, a in enumerate(argv):
+        if a in names and action.nargs == "?":  # `--quiet` given bare: its value goes after it
+            return argv[:i] + [flag, text] + argv[i + 1:]
         if a in names and i + 1 < len(argv):
             return argv[:i] + [flag, text] + argv[i + 2:]
     return argv + [flag, text]
@@ -268,6 +272,8 @@ def command_trials(command, ap) -> list:
             continue
         name = action.option_strings[0] if action.option_strings else action.dest
         for text, expect in values(action):
+            if text == "{UNWRITABLE}" and "--plan" in base:  # a run that writes nothing may name any folder
+                expect = "any"
             out.append(trial(command, with_option(base, ap, action, text), expect, name))
     for a, b in pairs(command, ap):
         out.append(trial(command, [*base, *pair_value(ap, a), *pair_value(ap, b)], "bad", f"{a}+{b}"))

@@ -194,8 +194,18 @@ def parser() -> ArgParser:
 
 
 def check_args(args):
-    """What the flags' own constraints (parser()) cannot say: the probes' budget as a whole."""
+    """What the flags' own constraints (parser()) cannot say: the probes' budget as a whole, and the task's
+    sample flags, which mean something only with --task (checked here, before any work)."""
+    import dataclasses
+    from tinytlm.tasks import TaskFields, spec_from_args
     probe_config(args)  # its own one-line errors
+    if args.task:
+        spec_from_args(args)
+        return
+    given = [f.name for f in dataclasses.fields(TaskFields) if getattr(args, f.name) != f.default and f.name != "task"]
+    if given or args.entity_markers:
+        flag = given[0].replace("_", "-") if given else "entity-markers"
+        raise UserError(f"--{flag}: describes the sample of a task; give --task too")
 
 
 def main(argv=None):

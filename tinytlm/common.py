@@ -75,7 +75,8 @@ class Checked:
             raise UserError(f"{self.flag} {text!r}: expected {self.__name__}")
         why = violation(self.meta, v)
         if why and not self.flag.startswith("-"):  # a positional: "unknown table 'table42'; choose ..."
-            raise UserError(self.meta.get("unknown", "unknown {flag} {v!r}; {why}").format(flag=self.flag, v=v, why=why))
+            form = self.meta.get("unknown", "unknown {flag} {v!r}; {why}")
+            raise UserError(form.format(flag=self.flag, v=v, why=why))
         if why:
             raise UserError(f"{self.flag} {v!r}: {why}" if isinstance(v, str) else f"{self.flag} {v}: {why}")
         return v
@@ -126,18 +127,30 @@ def cli(main):
         sys.exit(2)
 
 
+def env_folder(name: str):
+    """The folder an environment variable names (None when unset or empty), checked where it enters: a file,
+    or a path through one, is a one-line error naming the variable."""
+    v = os.environ.get(name)
+    if not v:
+        return None
+    why = path_problem(Path(v), "dir")
+    if why:
+        raise UserError(f"{name}={v}: {why}")
+    return Path(v)
+
+
 def home() -> Path:
     """Where data, runs and results go by default: $TINYTLM_HOME, else the current directory (the
     repository root, run as the README does); never the installed package's folder."""
-    return Path(os.environ.get("TINYTLM_HOME") or ".")
+    return env_folder("TINYTLM_HOME") or Path(".")
 
 
 def default_raw_root() -> Path:
     """Raw data root: $TINYTLM_RAW, else ../shared/data beside the home folder when it exists, else
     download_root() (where tinytlm.download puts the files, and the commands fetch what they need)."""
-    env = os.environ.get("TINYTLM_RAW")
+    env = env_folder("TINYTLM_RAW")
     if env:
-        return Path(env)
+        return env
     shared = home() / ".." / "shared" / "data"
     return shared if shared.is_dir() else download_root()
 
@@ -149,8 +162,7 @@ def download_root() -> Path:
 
 def default_data_root() -> Path:
     """Prepared shards: $TINYTLM_DATA, else data/ in the home folder."""
-    env = os.environ.get("TINYTLM_DATA")
-    return Path(env) if env else home() / "data"
+    return env_folder("TINYTLM_DATA") or home() / "data"
 
 
 @contextlib.contextmanager

@@ -282,7 +282,7 @@ def fetch_missing(names, raw: Path, wiki_rows: int = 0, quiet=False):
     if parquet and not have_pyarrow():
         raise UserError(f"no raw data found, and {' and '.join(parquet)} would be downloaded as parquet files, which "
                         "need pyarrow: pip install pyarrow (or pip install -e '.[parquet]'), then run again")
-    mirror = os.environ.get("TINYTLM_MIRROR") or None
+    mirror = env_mirror()
     print(f"no raw data found (no --raw, $TINYTLM_RAW or ../shared/data): downloading {', '.join(what)} "
           f"({len(missing)} files) into {raw} from {mirror or 'huggingface.co / raw.githubusercontent.com'}; "
           "TINYTLM_NO_DOWNLOAD=1 turns this off")
@@ -295,13 +295,24 @@ def fetch_missing(names, raw: Path, wiki_rows: int = 0, quiet=False):
 # -----------------------------------------------------------------------------
 # command line
 
+URL = r"https?://[^\s/]+(/\S*)?"  # what --mirror and $TINYTLM_MIRROR accept
+
+
+def env_mirror():
+    """$TINYTLM_MIRROR (None when unset), checked as --mirror is."""
+    v = os.environ.get("TINYTLM_MIRROR") or None
+    if v and not re.fullmatch(URL, v):
+        raise UserError(f"TINYTLM_MIRROR={v!r}: expected an http:// or https:// URL")
+    return v
+
+
 def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_option(ap, "names", nargs="+", metavar="NAME", help=f"{' | '.join(SOURCES)} | all",
                choices=(*SOURCES, "all"), unknown="{v!r}: unknown data set ({why})")
     add_option(ap, "--to", type=Path, default=default_raw_root(), help="raw data root to fill", kind="out")
-    add_option(ap, "--mirror", default=os.environ.get("TINYTLM_MIRROR") or None,
-               help="base URL to fetch from instead of huggingface.co and raw.githubusercontent.com", kind="url")
+    add_option(ap, "--mirror", default=None, help="an http(s) URL to fetch from instead of huggingface.co and "
+               "raw.githubusercontent.com (default $TINYTLM_MIRROR)", kind="url", pattern=URL)
     add_option(ap, "--files", type=int, default=0, help="Wikipedia: only its first N parquet files (0 = all 41)",
                low=0)
     add_option(ap, "--quiet", action="store_true", help="no progress bars, no line per file")
@@ -310,6 +321,7 @@ def parser() -> ArgParser:
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    args.mirror = args.mirror or env_mirror()
     names = list(SOURCES) if "all" in args.names else list(dict.fromkeys(args.names))
     files = [r for n in names for r in remotes(n, args.files)]
     if args.files and "wikipedia" not in names:

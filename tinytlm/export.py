@@ -30,8 +30,8 @@ import shutil
 from pathlib import Path
 
 from tinytlm.checkpoint import build_model, checkpoint_file, load_checkpoint
-from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root, read_json,
-                            sha256_file, write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root,
+                            read_json, sha256_file, write_json)
 from tinytlm.hf import hf_config_dict, to_hf_state_dict
 from tinytlm.tokenizer import MAX_WORD_CHARS, SPECIALS, WordPieceTokenizer
 

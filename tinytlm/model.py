@@ -59,22 +59,24 @@ class BertConfig:
             if want is float and type(v) is int:
                 setattr(self, f.name, float(v))
             elif type(v) is not want:
-                raise UserError(f"model config {f.name}={v!r}: expected {want.__name__}")
+                raise UserError(f"model config {f.name}={v!r} (--arch {f.name}): expected {want.__name__}")
         if len(self.conv_kernel) != 2 or any(type(k) is not int or k < 1 for k in self.conv_kernel):
-            raise UserError(f"model config conv_kernel={self.conv_kernel!r}: expected (kh, kw) positive ints")
+            raise UserError(f"model config conv_kernel={self.conv_kernel!r} (--arch conv_kernel): expected (kh, kw) "
+                            "positive ints")
         for name in ("n_layer", "n_head", "head_dim", "ffn_mult", "max_pos", "vocab_size", "type_vocab",
                      "conv_channels"):
             if getattr(self, name) < 1:
-                raise UserError(f"model config {name}={getattr(self, name)} (--{name}): must be >= 1")
+                raise UserError(f"model config {name}={getattr(self, name)} (--arch {name}): must be >= 1")
         if self.n_conv < 0 or not 0 <= self.pad_id < self.vocab_size:
             bad = "n_conv" if self.n_conv < 0 else "pad_id"
-            raise UserError(f"model config {bad}={getattr(self, bad)} (--{bad}): out of range")
+            raise UserError(f"model config {bad}={getattr(self, bad)} (--arch {bad}): out of range")
         for name in ("dropout", "attn_dropout"):  # `not 0 <= v < 1` is also true for nan
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise UserError(f"model config {name}={getattr(self, name)} (--{name}): must be in [0, 1)")
+                raise UserError(f"model config {name}={getattr(self, name)} (--arch {name}): must be in [0, 1)")
         for name in ("ln_eps", "init_std"):
             if not 0.0 < getattr(self, name) < float("inf"):
-                raise UserError(f"model config {name}={getattr(self, name)} (--{name}): must be positive and finite")
+                raise UserError(f"model config {name}={getattr(self, name)} (--arch {name}): must be positive and "
+                                "finite")
 
     @property
     def hidden(self) -> int:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root, read_json,
-                            save_npy, sha256_file, write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root,
+                            read_json, save_npy, sha256_file, write_json)
 from tinytlm.config import add_dataclass_args, option
 from tinytlm.data import Shard, checked_shard, write_labels, write_shard
 from tinytlm.download import fetch_missing

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinytlm.common import (ArgParser, UserError, add_option, cli, default_data_root, default_raw_root, read_json, save_npy,
-                            write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, cli, default_data_root, default_raw_root, read_json,
+                            save_npy, write_json)
 from tinytlm.data import BERT_SPECIAL_IDS, Shard, special_ids, write_shard
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
-                            sha256_file, write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root,
+                            read_json, save_npy, sha256_file, write_json)
 from tinytlm.data import Shard, checked_shard, write_shard
 from tinytlm.download import fetch_missing
 from tinytlm.tokenizer import WordPieceTokenizer
