@@ -104,13 +104,13 @@ def parser() -> ArgParser:
                help="reports go to RESULTS/<scale>/, cell records to RESULTS/cells/<scale>/", kind="out")
     add_option(ap, "--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs", kind="out")
     add_dataclass_args(ap, Switches, "device, speed and data (train_mlm's and train_cls's switches)")
-    ap.add_argument("--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
-                    "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
+    add_option(ap, "--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
+               "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--plan", action="store_true", help="list the unfinished cells and the sequences they "
-                      "would process, count the finished ones; runs nothing")
-    mode.add_argument("--report", action="store_true", help="rebuild the report from the records and the "
-                      "cache; runs nothing (missing cells are shown as such)")
+    add_option(mode, "--plan", action="store_true", help="list the unfinished cells and the sequences they "
+               "would process, count the finished ones; runs nothing")
+    add_option(mode, "--report", action="store_true", help="rebuild the report from the records and the "
+               "cache; runs nothing (missing cells are shown as such)")
     return ap
 
 
