@@ -1,4 +1,4 @@
-"""The bad-input fuzzer (tests/fuzz_inputs.py) over every command and environment variable: a seeded sample in
+"""The bad-input fuzzer (tests/fuzz_inputs.py, tests/fuzz_runner.py) over every command and environment variable: a seeded sample in
 the default run, every trial under -m slow, and a test that it catches an option added without validation."""
 import argparse
 import os
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import fuzz_inputs as fz
+from tests import fuzz_runner as fr
 from tests.fuzz_inputs import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +32,13 @@ def world(roots, tmp_path_factory):
     finetune.main([*cls, *fz.SMALL, "--out", str(w / "runs" / "cls")])
     finetune.main([*cls, *fz.SMALL, "--seeds", "0,1", "--out", str(w / "runs" / "stack")])
     finetune.main([*cls, "--gap", "--init", str(w / "runs" / "mlm"), "--out", str(w / "runs" / "gap")])
-    fz.make_files(w)
+    fr.make_files(w)
     return w
 
 
 def sweep(world, trials, limit):
-    results = fz.run_in_subprocess(world, trials, limit)
-    counts, failures = fz.report(trials, results)
+    results = fr.run_in_subprocess(world, trials, limit)
+    counts, failures = fr.report(trials, results)
     return counts, failures
 
 
@@ -86,7 +87,7 @@ def test_in_process_trials_match_the_scripts_run_as_subprocesses(world):
         ap = fz.resolve(COMMANDS[command][1])()
         action = next(a for a in ap._actions if flag in a.option_strings)
         trials.append(fz.trial(command, fz.with_option(fz.BASE[command], ap, action, text), "bad", flag))
-    results = fz.run_in_subprocess(world, trials)
+    results = fr.run_in_subprocess(world, trials)
     env = {**os.environ, "TINYTLM_RAW": str(world / "raw"), "TINYTLM_DATA": str(world / "data"),
            "TINYTLM_NO_DOWNLOAD": "1", "PYTHONPATH": str(ROOT)}
     for t, r in zip(trials, results):
@@ -95,7 +96,7 @@ def test_in_process_trials_match_the_scripts_run_as_subprocesses(world):
         p = subprocess.run([sys.executable, *script, *r["argv"]], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
         assert (p.returncode, p.stderr.strip()) == (r["code"], r["stderr"].strip()), t
-        assert fz.verdict(t, r) == ""
+        assert fr.verdict(t, r) == ""
 
 
 # -----------------------------------------------------------------------------
