@@ -1,10 +1,12 @@
-"""Helpers every script shares: one-line user errors, atomic writes, paths, hashes, run headers."""
+"""Helpers every script shares: one-line user errors, flag constraints, atomic writes, paths, hashes, run headers."""
 import argparse
 import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +30,6 @@ def violation(meta: dict, v) -> str:
     allowed), pattern (a regular expression a string must match whole), low (smallest allowed, inclusive),
     above (a bound it must exceed), also (other values allowed besides, a sentinel such as -1); floats must
     be finite. The one rule set: run configs (tinytlm.config) and every other command's flags use it."""
-    import math
-    import re
     if v in meta.get("also", ()):
         return ""
     if meta.get("kind") in ("dir", "out", "outfile") and str(v):
