@@ -66,6 +66,8 @@ BASE = {
     "analyze": ["{W}/runs/mlm", "--out", "{W}/out/analysis", "--what", "apt", "--device", "cpu", *TASK],
 }
 
+BASE_FAILS = {"download"}  # commands whose base line itself fails (a closed port): errors may name any input
+
 # the environment variables the package reads: name -> (kind, the command that reads it)
 ENV = {
     "TINYTLM_HOME": ("dir", "paper"),
