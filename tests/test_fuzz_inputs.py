@@ -1,5 +1,6 @@
-"""The bad-input fuzzer (tests/fuzz_inputs.py, tests/fuzz_runner.py) over every command and environment variable: a seeded sample in
-the default run, every trial under -m slow, and a test that it catches an option added without validation."""
+"""The bad-input fuzzer (tests/fuzz_inputs.py, tests/fuzz_runner.py) over every command and environment
+variable: a seeded sample in the default run, every trial under -m slow, and a test that it catches an option
+added without validation."""
 import argparse
 import os
 import re
