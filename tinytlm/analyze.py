@@ -29,7 +29,7 @@ import numpy as np
 from tinytlm.analyze_run import analyse_cls, analyse_mlm, prepare_cls, prepare_mlm, probe_config
 from tinytlm.analyze_shp import NORMS
 from tinytlm.checkpoint import load_checkpoint
-from tinytlm.common import ArgParser, UserError, atomic_path, cli, read_json
+from tinytlm.common import ArgParser, UserError, add_option, atomic_path, cli, read_json
 from tinytlm.report import member_folder
 from tinytlm.train import resolve_device
 
@@ -162,44 +162,50 @@ def analyse(args) -> list:
 def parser() -> ArgParser:
     from tinytlm.tasks import add_task_args
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="run folder, ckpt.pt, stacked run or --gap folder")
-    ap.add_argument("--out", default="", help="output folder (default RUN/analysis; several checkpoints: DIR/<name>)")
-    ap.add_argument("--plot", action="store_true", help="also draw PNGs beside the JSON (needs matplotlib)")
-    ap.add_argument("--what", default="", help="comma-separated: apt, blocks, confusion (pre-training), "
-                                               "blocks, shp (classifier); default all that apply")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda: bf16 autocast, as training scores)")
-    ap.add_argument("--data", default="", help="prepared data root (default: the paths the run recorded)")
-    ap.add_argument("--raw", default="", help="raw data root (a task that is not prepared yet)")
+    add_option(ap, "run", help="run folder, ckpt.pt, stacked run or --gap folder", kind="run")
+    add_option(ap, "--out", default="", help="output folder (default RUN/analysis; several checkpoints: DIR/<name>)",
+               kind="out")
+    add_option(ap, "--plot", action="store_true", help="also draw PNGs beside the JSON (needs matplotlib)")
+    add_option(ap, "--what", default="", help="comma-separated: apt, blocks, confusion (pre-training), "
+                                              "blocks, shp (classifier); default all that apply", kind="list")
+    add_option(ap, "--device", default="cpu", help="cpu | cuda | auto (cuda: bf16 autocast, as training scores)",
+               pattern=r"auto|cpu|cuda(:\d+)?")
+    add_option(ap, "--data", default="", help="prepared data root (default: the paths the run recorded)", kind="dir")
+    add_option(ap, "--raw", default="", help="raw data root (a task that is not prepared yet)", kind="dir")
     add_task_args(ap, task_default="")  # --task: show its T_M tokens apart in apt.json
-    ap.add_argument("--min-occ", type=int, default=1, help="<APT> averages tokens selected at least this often")
-    ap.add_argument("--cluster-threshold", type=float, default=0.5,
-                    help="strong match: normalised confusion entry >= this (our reading)")
-    ap.add_argument("--probe-steps", type=int, default=300, help="optimizer steps of every per-block probe")
-    ap.add_argument("--probe-batch", type=int, default=32, help="rows per probe step")
-    ap.add_argument("--probe-lr", type=float, default=1e-3, help="probes' AdamW lr (linear decay to 0)")
-    ap.add_argument("--probe-wd", type=float, default=0.0, help="probes' AdamW weight decay")
-    ap.add_argument("--probe-seed", type=int, default=0, help="probes' row order, masks and init")
-    ap.add_argument("--probe-init", default="fresh", help="MLM probes: fresh | head (a copy of the trained head)")
-    ap.add_argument("--shp-blocks", default="last", help="SHP of the last block | all (earlier blocks: their probe)")
-    ap.add_argument("--shp-group", type=int, default=0, help="nodes per group (0 = head_dim: SHP; 1: SNP)")
-    ap.add_argument("--shp-threshold", type=float, default=0.5, help="Boolean SHP matrix: normalised field >= this")
-    ap.add_argument("--shp-norm", default="column", help=f"SHP normalisation: {' | '.join(NORMS)} (our reading)")
+    add_option(ap, "--min-occ", type=int, default=1, help="<APT> averages tokens selected at least this often", low=1)
+    add_option(ap, "--cluster-threshold", type=float, default=0.5,
+               help="strong match: normalised confusion entry >= this (our reading)")
+    add_option(ap, "--probe-steps", type=int, default=300, help="optimizer steps of every per-block probe", low=0)
+    add_option(ap, "--probe-batch", type=int, default=32, help="rows per probe step", low=1)
+    add_option(ap, "--probe-lr", type=float, default=1e-3, help="probes' AdamW lr (linear decay to 0)", above=0)
+    add_option(ap, "--probe-wd", type=float, default=0.0, help="probes' AdamW weight decay", low=0)
+    add_option(ap, "--probe-seed", type=int, default=0, help="probes' row order, masks and init", low=0)
+    add_option(ap, "--probe-init", default="fresh", help="MLM probes: fresh | head (a copy of the trained head)",
+               choices=("fresh", "head"))
+    add_option(ap, "--shp-blocks", default="last", help="SHP of the last block | all (earlier blocks: their probe)",
+               choices=("last", "all"))
+    add_option(ap, "--shp-group", type=int, default=0, help="nodes per group (0 = head_dim: SHP; 1: SNP)", low=0)
+    add_option(ap, "--shp-threshold", type=float, default=0.5, help="Boolean SHP matrix: normalised field >= this",
+               low=float("-inf"))
+    add_option(ap, "--shp-norm", default="column", help=f"SHP normalisation: {' | '.join(NORMS)} (our reading)",
+               choices=NORMS)
     return ap
 
 
 def check_args(args):
-    if args.min_occ < 1:
-        raise UserError(f"--min-occ {args.min_occ}: must be >= 1")
-    if args.shp_blocks not in ("last", "all"):
-        raise UserError(f"--shp-blocks {args.shp_blocks!r}: choose last or all")
-    if args.shp_norm not in NORMS:
-        raise UserError(f"--shp-norm {args.shp_norm!r}: choose {', '.join(NORMS)}")
-    if args.shp_group < 0:
-        raise UserError(f"--shp-group {args.shp_group}: must be >= 0 (0 = head_dim)")
-    for name in ("cluster_threshold", "shp_threshold"):
-        if not math.isfinite(getattr(args, name)):
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be finite")
-    probe_config(args)  # the probes' budget (its own one-line errors)
+    """What the flags' own constraints (parser()) cannot say: the probes' budget as a whole, and the task's
+    sample flags, which mean something only with --task (checked here, before any work)."""
+    import dataclasses
+    from tinytlm.tasks import TaskFields, spec_from_args
+    probe_config(args)  # its own one-line errors
+    if args.task:
+        spec_from_args(args)
+        return
+    given = [f.name for f in dataclasses.fields(TaskFields) if getattr(args, f.name) != f.default and f.name != "task"]
+    if given or args.entity_markers:
+        flag = given[0].replace("_", "-") if given else "entity-markers"
+        raise UserError(f"--{flag}: describes the sample of a task; give --task too")
 
 
 def main(argv=None):

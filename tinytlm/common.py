@@ -1,10 +1,12 @@
-"""Helpers every script shares: one-line user errors, atomic writes, paths, hashes, run headers."""
+"""Helpers every script shares: one-line user errors, flag constraints, atomic writes, paths, hashes, run headers."""
 import argparse
 import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +23,81 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(message)
+
+
+def violation(meta: dict, v) -> str:
+    """What is wrong with value v under a flag's constraints ("" when nothing is). meta: choices (the values
+    allowed), pattern (a regular expression a string must match whole), low (smallest allowed, inclusive),
+    above (a bound it must exceed), also (other values allowed besides, a sentinel such as -1); floats must
+    be finite. The one rule set: run configs (tinytlm.config) and every other command's flags use it."""
+    if v in meta.get("also", ()):
+        return ""
+    if meta.get("kind") in ("dir", "out", "outfile") and str(v):
+        return path_problem(Path(v), meta["kind"])
+    if meta.get("choices") and v not in meta["choices"]:
+        return f"choose {', '.join(map(str, meta['choices']))}"
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], v):
+        return f"expected {meta['help'].split(';')[0]}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "must be finite"
+    if meta.get("above") is not None and not v > meta["above"]:
+        return "must be positive and finite" if meta["above"] == 0 else f"must be > {meta['above']}"
+    if meta.get("low") is not None and v < meta["low"]:
+        return f"must be >= {meta['low']}" + (f" (or {', '.join(map(str, meta['also']))})" if meta.get("also") else "")
+    return ""
+
+
+def path_problem(p: Path, kind: str) -> str:
+    """A folder (kind dir | out) or an output file (outfile) that cannot be one: a file for a folder or the
+    reverse, or a path through a file. Whether it exists is the command's to say (a root may be created)."""
+    if kind in ("dir", "out") and p.exists() and not p.is_dir():
+        return "not a folder"
+    if kind == "outfile" and p.is_dir():
+        return "a folder, not a file"
+    if not p.exists() and any(q.is_file() for q in p.parents):
+        return "a path through a file"
+    return ""
+
+
+class Checked:
+    """An argparse `type` that converts a value and checks it against its flag's constraints (`violation`):
+    a wrong value is a one-line UserError naming the flag (as tinytlm.config.validate words it), raised
+    where the value enters."""
+
+    def __init__(self, convert, meta: dict, flag: str):
+        self.convert, self.meta, self.flag = convert, meta, flag
+        self.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its own errors
+
+    def __call__(self, text):
+        try:
+            v = self.convert(text)
+        except ValueError:
+            raise UserError(f"{self.flag} {text!r}: expected {self.__name__}")
+        why = violation(self.meta, v)
+        if why and not self.flag.startswith("-"):  # a positional: "unknown table 'table42'; choose ..."
+            form = self.meta.get("unknown", "unknown {flag} {v!r}; {why}")
+            raise UserError(form.format(flag=self.flag, v=v, why=why))
+        if why:
+            raise UserError(f"{self.flag} {v!r}: {why}" if isinstance(v, str) else f"{self.flag} {v}: {why}")
+        return v
+
+
+def add_option(ap, *names, type=str, help: str = "", kind=None, **constraints):
+    """ap.add_argument with the flag's constraints declared beside it (see `violation`; kind: what a string
+    names, "file" | "dir" | "out" | "run" for a path, "url", "list"; unknown: a positional's error for a
+    value not in its choices, a format of flag, v and why): argparse checks them as it reads the value, and
+    a bad-input fuzzer reads the same table from the action's `constraint`. Other keywords go to
+    add_argument."""
+    keys = ("choices", "pattern", "low", "above", "also", "unknown")
+    meta = {"help": help, "kind": kind, **{k: constraints.pop(k) for k in keys if k in constraints}}
+    meta["also"] = tuple(meta.get("also", ()))
+    checked = type is float or kind or any(meta.get(k) not in (None, ()) for k in keys)  # floats: finite
+    if "action" not in constraints:  # store_true and the like take no type
+        flag = names[0] if names[0].startswith("-") else constraints.get("metavar", names[0]).lower()
+        constraints["type"] = Checked(type, meta, flag) if checked else type
+    action = ap.add_argument(*names, help=help, **constraints)
+    action.constraint = meta
+    return action
 
 
 class Interrupted(Exception):
@@ -50,18 +127,30 @@ def cli(main):
         sys.exit(2)
 
 
+def env_folder(name: str):
+    """The folder an environment variable names (None when unset or empty), checked where it enters: a file,
+    or a path through one, is a one-line error naming the variable."""
+    v = os.environ.get(name)
+    if not v:
+        return None
+    why = path_problem(Path(v), "dir")
+    if why:
+        raise UserError(f"{name}={v}: {why}")
+    return Path(v)
+
+
 def home() -> Path:
     """Where data, runs and results go by default: $TINYTLM_HOME, else the current directory (the
     repository root, run as the README does); never the installed package's folder."""
-    return Path(os.environ.get("TINYTLM_HOME") or ".")
+    return env_folder("TINYTLM_HOME") or Path(".")
 
 
 def default_raw_root() -> Path:
     """Raw data root: $TINYTLM_RAW, else ../shared/data beside the home folder when it exists, else
     download_root() (where tinytlm.download puts the files, and the commands fetch what they need)."""
-    env = os.environ.get("TINYTLM_RAW")
+    env = env_folder("TINYTLM_RAW")
     if env:
-        return Path(env)
+        return env
     shared = home() / ".." / "shared" / "data"
     return shared if shared.is_dir() else download_root()
 
@@ -73,8 +162,7 @@ def download_root() -> Path:
 
 def default_data_root() -> Path:
     """Prepared shards: $TINYTLM_DATA, else data/ in the home folder."""
-    env = os.environ.get("TINYTLM_DATA")
-    return Path(env) if env else home() / "data"
+    return env_folder("TINYTLM_DATA") or home() / "data"
 
 
 @contextlib.contextmanager

@@ -15,12 +15,10 @@ as one `--arch key=value,...` (`arch_overrides`).
 """
 import argparse
 import dataclasses
-import math
-import re
 import sys
 from dataclasses import dataclass
 
-from tinytlm.common import ArgParser, UserError, read_json
+from tinytlm.common import ArgParser, UserError, read_json, violation
 from tinytlm.kernel_path import Impl
 from tinytlm.model import BertConfig
 
@@ -53,22 +51,10 @@ def switches(cls) -> set:
 
 def problem(f, v) -> str:
     """What is wrong with value v of field f ("" when nothing is): the constraints of its metadata."""
-    m, want = f.metadata, type(f.default)
+    want = type(f.default)
     if type(v) is not want and not (want is float and type(v) is int):  # (e.g. a config file's 2.5 epochs)
         return f"expected {want.__name__}"
-    if v in m.get("also", ()):
-        return ""
-    if m.get("choices") and v not in m["choices"]:
-        return f"choose {', '.join(map(str, m['choices']))}"
-    if m.get("pattern") and not re.fullmatch(m["pattern"], v):
-        return f"expected {m['help'].split(';')[0]}"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "must be finite"
-    if m.get("above") is not None and not v > m["above"]:
-        return "must be positive and finite" if m["above"] == 0 else f"must be > {m['above']}"
-    if m.get("low") is not None and v < m["low"]:
-        return f"must be >= {m['low']}" + (f" (or {', '.join(map(str, m['also']))})" if m.get("also") else "")
-    return ""
+    return violation(f.metadata, v)
 
 
 def describe(cls) -> list:
@@ -120,7 +106,7 @@ class Switches:
 class RunSwitches(Switches):
     """The switches of a training run: its folder, what it continues, how often it saves."""
     out: str = switch("", "run directory (default runs/<name>)", kind="out")
-    resume: str = switch("", "run directory (or checkpoint) to continue exactly", kind="dir")
+    resume: str = switch("", "run directory (or checkpoint) to continue exactly", kind="run")
     save_every: int = switch(1, "epochs between checkpoints (0 = only the final one and at Ctrl-C/SIGTERM)", low=0)
 
 
@@ -163,8 +149,9 @@ def add_dataclass_args(ap, cls, group_title=None, only=None):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + list(aliases)
         flag = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--compile` = true
         help = f.metadata.get("help", "") + "".join(f" ({a}: a deprecated alias)" for a in aliases)
-        g.add_argument(*names, dest=f.name, type=_arg_type(default), **flag, default=default,
-                       help=f"{help} (default {default!r})" if help else f"(default {default!r})")
+        action = g.add_argument(*names, dest=f.name, type=_arg_type(default), **flag, default=default,
+                                help=f"{help} (default {default!r})" if help else f"(default {default!r})")
+        action.constraint = dict(f.metadata)  # the table validate() applies, for a bad-input fuzzer
 
 
 def dataclass_from_args(cls, args):
@@ -197,14 +184,21 @@ def given_fields(cls, argv) -> set:
     return {names[a.split("=")[0]] for a in (sys.argv[1:] if argv is None else argv) if a.split("=")[0] in names}
 
 
+def run_parser(cls, doc: str, title: str) -> ArgParser:
+    """The command line of a training command: its dataclass flags, `--arch` and `--config FILE`."""
+    ap = ArgParser(description=doc.split("\n\n")[0])
+    config = ap.add_argument("--config", default="", help="JSON file of flag values (command-line flags win)")
+    arch = ap.add_argument("--arch", action="append", default=[], help="model fields over the --model preset, e.g. "
+                           "n_conv=2,conv_kernel=16x3,dropout=0 (BertConfig in tinytlm/model.py; may be repeated)")
+    config.constraint, arch.constraint = {"kind": "file"}, {"kind": "arch"}  # for a bad-input fuzzer
+    add_dataclass_args(ap, cls, title)
+    return ap
+
+
 def parse_run_args(cls, doc: str, title: str, argv=None):
     """(script config, model overrides) from the command line: the script's dataclass flags, `--arch`
     and `--config FILE`. Unknown flags and keys, and bad values, are one-line errors."""
-    ap = ArgParser(description=doc.split("\n\n")[0])
-    ap.add_argument("--config", default="", help="JSON file of flag values (command-line flags win)")
-    ap.add_argument("--arch", action="append", default=[], help="model fields over the --model preset, e.g. "
-                    "n_conv=2,conv_kernel=16x3,dropout=0 (BertConfig in tinytlm/model.py; may be repeated)")
-    add_dataclass_args(ap, cls, title)
+    ap = run_parser(cls, doc, title)
     pre, _ = ap.parse_known_args(argv)
     file_arch = {}
     if pre.config:

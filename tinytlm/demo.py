@@ -21,19 +21,23 @@ from pathlib import Path
 
 from tinytlm import ensemble, finetune, pretrain, tokstats
 from tinytlm.checkpoint import load_checkpoint
-from tinytlm.common import ArgParser, cli, default_raw_root, home, read_json, write_json
+from tinytlm.common import ArgParser, add_option, cli, default_raw_root, home, read_json, write_json
 from tinytlm.download import fetch_missing
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ws", type=int, default=4000, help="Wikipedia rows to pre-train on")
-    ap.add_argument("--pretrain-epochs", type=int, default=3, help="MLM epochs")
-    ap.add_argument("--train-per-label", type=int, default=1000, help="AG News train rows per label")
-    ap.add_argument("--test-per-label", type=int, default=250, help="AG News test rows per label")
-    ap.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs")
-    ap.add_argument("--out", type=Path, default=home() / "runs" / "demo", help="output folder")
-    args = ap.parse_args(argv)
+    add_option(ap, "--ws", type=int, default=4000, help="Wikipedia rows to pre-train on", low=1)
+    add_option(ap, "--pretrain-epochs", type=int, default=3, help="MLM epochs", low=1)
+    add_option(ap, "--train-per-label", type=int, default=1000, help="AG News train rows per label", low=1)
+    add_option(ap, "--test-per-label", type=int, default=250, help="AG News test rows per label", low=1)
+    add_option(ap, "--finetune-epochs", type=int, default=3, help="fine-tuning epochs", low=1)
+    add_option(ap, "--out", type=Path, default=home() / "runs" / "demo", help="output folder", kind="out")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     t0 = time.time()
     settings = {k: str(v) for k, v in vars(args).items()}
     if (args.out / "demo.json").is_file() and read_json(args.out / "demo.json") != settings:

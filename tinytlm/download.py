@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tinytlm.common import ArgParser, UserError, cli, default_raw_root, download_root
+from tinytlm.common import ArgParser, UserError, add_option, cli, default_raw_root, download_root
 
 HF = "https://huggingface.co"
 GITHUB = "https://raw.githubusercontent.com"
@@ -282,7 +282,7 @@ def fetch_missing(names, raw: Path, wiki_rows: int = 0, quiet=False):
     if parquet and not have_pyarrow():
         raise UserError(f"no raw data found, and {' and '.join(parquet)} would be downloaded as parquet files, which "
                         "need pyarrow: pip install pyarrow (or pip install -e '.[parquet]'), then run again")
-    mirror = os.environ.get("TINYTLM_MIRROR") or None
+    mirror = env_mirror()
     print(f"no raw data found (no --raw, $TINYTLM_RAW or ../shared/data): downloading {', '.join(what)} "
           f"({len(missing)} files) into {raw} from {mirror or 'huggingface.co / raw.githubusercontent.com'}; "
           "TINYTLM_NO_DOWNLOAD=1 turns this off")
@@ -295,15 +295,33 @@ def fetch_missing(names, raw: Path, wiki_rows: int = 0, quiet=False):
 # -----------------------------------------------------------------------------
 # command line
 
-def main(argv=None):
+URL = r"https?://[^\s/]+(/\S*)?"  # what --mirror and $TINYTLM_MIRROR accept
+
+
+def env_mirror():
+    """$TINYTLM_MIRROR (None when unset), checked as --mirror is."""
+    v = os.environ.get("TINYTLM_MIRROR") or None
+    if v and not re.fullmatch(URL, v):
+        raise UserError(f"TINYTLM_MIRROR={v!r}: expected an http:// or https:// URL")
+    return v
+
+
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("names", nargs="+", metavar="NAME", help=f"{' | '.join(SOURCES)} | all")
-    ap.add_argument("--to", type=Path, default=default_raw_root(), help="raw data root to fill")
-    ap.add_argument("--mirror", default=os.environ.get("TINYTLM_MIRROR") or None,
-                    help="base URL to fetch from instead of huggingface.co and raw.githubusercontent.com")
-    ap.add_argument("--files", type=int, default=0, help="Wikipedia: only its first N parquet files (0 = all 41)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars, no line per file")
-    args = ap.parse_args(argv)
+    add_option(ap, "names", nargs="+", metavar="NAME", help=f"{' | '.join(SOURCES)} | all",
+               choices=(*SOURCES, "all"), unknown="{v!r}: unknown data set ({why})")
+    add_option(ap, "--to", type=Path, default=default_raw_root(), help="raw data root to fill", kind="out")
+    add_option(ap, "--mirror", default=None, help="an http(s) URL to fetch from instead of huggingface.co and "
+               "raw.githubusercontent.com (default $TINYTLM_MIRROR)", kind="url", pattern=URL)
+    add_option(ap, "--files", type=int, default=0, help="Wikipedia: only its first N parquet files (0 = all 41)",
+               low=0)
+    add_option(ap, "--quiet", action="store_true", help="no progress bars, no line per file")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    args.mirror = args.mirror or env_mirror()
     names = list(SOURCES) if "all" in args.names else list(dict.fromkeys(args.names))
     files = [r for n in names for r in remotes(n, args.files)]
     if args.files and "wikipedia" not in names:

@@ -22,7 +22,7 @@ from pathlib import Path
 from tinytlm.checkpoint import build_model, load_checkpoint
 from tinytlm.committee import (accuracy, batch1_latency_ms, committee_logits, common_test_set,
                                predict_member_logits, shape_groups, stack_checkpoints)
-from tinytlm.common import ArgParser, cli, default_data_root, default_raw_root, write_json
+from tinytlm.common import ArgParser, add_option, cli, default_data_root, default_raw_root, write_json
 from tinytlm.kernel_path import Impl
 from tinytlm.train import prepare_model, resolve_device
 
@@ -34,16 +34,20 @@ def describe(cfg) -> str:
     return s
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("ckpts", nargs="+", help="classifier checkpoints or run directories")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--kernels", default="torch", help="torch | triton")
-    ap.add_argument("--latency-samples", type=int, default=50, help="test sequences timed at batch 1")
-    ap.add_argument("--json", default="", help="write the table as JSON here")
-    ap.add_argument("--data", type=Path, default=default_data_root(), help="prepared data root")
-    ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root")
-    args = ap.parse_args(argv)
+    add_option(ap, "ckpts", nargs="+", help="classifier checkpoints or run directories", kind="run")
+    add_option(ap, "--device", default="auto", help="auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
+    add_option(ap, "--kernels", default="torch", help="torch | triton", choices=("torch", "triton"))
+    add_option(ap, "--latency-samples", type=int, default=50, help="test sequences timed at batch 1", low=1)
+    add_option(ap, "--json", default="", help="write the table as JSON here", kind="outfile")
+    add_option(ap, "--data", type=Path, default=default_data_root(), help="prepared data root", kind="dir")
+    add_option(ap, "--raw", type=Path, default=default_raw_root(), help="raw data root", kind="dir")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     device = resolve_device(args.device)
     impl = Impl(args.kernels)
 

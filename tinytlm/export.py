@@ -30,8 +30,8 @@ import shutil
 from pathlib import Path
 
 from tinytlm.checkpoint import build_model, checkpoint_file, load_checkpoint
-from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json,
-                            sha256_file, write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root,
+                            read_json, sha256_file, write_json)
 from tinytlm.hf import hf_config_dict, to_hf_state_dict
 from tinytlm.tokenizer import MAX_WORD_CHARS, SPECIALS, WordPieceTokenizer
 
@@ -197,13 +197,17 @@ def export(run, out, vocab=None) -> dict:
     return {"out": str(out), "architecture": arch, "weights": weights, "files": files, "vocab": str(vocab_path)}
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", help="run directory or checkpoint file (ckpt.pt)")
-    ap.add_argument("out", help="output folder (must not exist, or be empty)")
-    ap.add_argument("--vocab", default=None,
-                    help="vocabulary file, when it is no longer where the run's data records it")
-    args = ap.parse_args(argv)
+    add_option(ap, "run", help="run directory or checkpoint file (ckpt.pt)", kind="run")
+    add_option(ap, "out", help="output folder (must not exist, or be empty)", kind="out")
+    add_option(ap, "--vocab", default=None, help="vocabulary file, when it is no longer where the run's data "
+               "records it", kind="file")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     return export(args.run, args.out, args.vocab)
 
 

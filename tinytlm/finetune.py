@@ -155,7 +155,7 @@ def gap_members(cfgs: list, outs: list, init_states: list, resume_hint=None) -> 
 def resume(cfg: ClsConfig, overrides: dict, given: set = ()) -> dict:
     """--resume DIR: a single arm's run directory, or a --gap folder (both arms, then the gap)."""
     where = Path(cfg.resume)
-    m = read_stack(where)
+    m = read_stack(where, kind="cls")
     if m:
         saved = resumed_config(cfg, from_saved(ClsConfig, m["config"]), overrides, given)
         if all((Path(o) / ("gap.json" if saved.gap else "result.json")).is_file() for o in m["members"]):

@@ -59,9 +59,10 @@ class BertConfig:
             if want is float and type(v) is int:
                 setattr(self, f.name, float(v))
             elif type(v) is not want:
-                raise UserError(f"model config {f.name}={v!r}: expected {want.__name__}")
+                raise UserError(f"model config {f.name}={v!r} (--arch {f.name}): expected {want.__name__}")
         if len(self.conv_kernel) != 2 or any(type(k) is not int or k < 1 for k in self.conv_kernel):
-            raise UserError(f"model config conv_kernel={self.conv_kernel!r}: expected (kh, kw) positive ints")
+            raise UserError(f"model config conv_kernel={self.conv_kernel!r} (--arch conv_kernel): expected (kh, kw) "
+                            "positive ints")
         for name in ("n_layer", "n_head", "head_dim", "ffn_mult", "max_pos", "vocab_size", "type_vocab",
                      "conv_channels"):
             if getattr(self, name) < 1:

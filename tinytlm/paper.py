@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from tinytlm.common import ArgParser, UserError, cli, home
+from tinytlm.common import ArgParser, UserError, add_option, cli, home
 from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
@@ -94,34 +94,35 @@ def report_table(t: str, scale: str, seeds: int, runner: Runner, results: Path) 
     return recs
 
 
-def parse(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)")
-    ap.add_argument("--scale", default="cpu", choices=list(SCALES), help="grid size: paper | cpu | mini")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
-    ap.add_argument("--results", type=Path, default=home() / "results",
-                    help="reports go to RESULTS/<scale>/, cell records to RESULTS/cells/<scale>/")
-    ap.add_argument("--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs")
+    add_option(ap, "table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)",
+               choices=(*TABLES, *EXTRA, "all", *READERS))
+    add_option(ap, "--scale", default="cpu", choices=tuple(SCALES), help="grid size: paper | cpu | mini")
+    add_option(ap, "--seeds", type=int, default=None, help="seeds per cell (default: the scale's)", low=1)
+    add_option(ap, "--results", type=Path, default=home() / "results",
+               help="reports go to RESULTS/<scale>/, cell records to RESULTS/cells/<scale>/", kind="out")
+    add_option(ap, "--cache", type=Path, default=home() / "runs" / "paper", help="cache root of all runs", kind="out")
     add_dataclass_args(ap, Switches, "device, speed and data (train_mlm's and train_cls's switches)")
-    ap.add_argument("--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
-                    "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
+    add_option(ap, "--no_stack", action="store_true", help="train a row's seeds one after another instead of as "
+               "one stacked model (the same results; stacking is faster where one model leaves the device idle)")
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--plan", action="store_true", help="list the unfinished cells and the sequences they "
-                      "would process, count the finished ones; runs nothing")
-    mode.add_argument("--report", action="store_true", help="rebuild the report from the records and the "
-                      "cache; runs nothing (missing cells are shown as such)")
-    return ap.parse_args(argv)
+    add_option(mode, "--plan", action="store_true", help="list the unfinished cells and the sequences they "
+               "would process, count the finished ones; runs nothing")
+    add_option(mode, "--report", action="store_true", help="rebuild the report from the records and the "
+               "cache; runs nothing (missing cells are shown as such)")
+    return ap
+
+
+def parse(argv=None):
+    return parser().parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
     if args.table in READERS:
         return READERS[args.table](args)
-    if args.table not in TABLES + EXTRA + ["all"]:
-        raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")
     seeds = SCALES[args.scale]["seeds"] if args.seeds is None else args.seeds
-    if seeds < 1:
-        raise UserError(f"--seeds {seeds}: must be >= 1")
     tables = TABLES if args.table == "all" else [args.table]
     runner = runner_of(args)
     if args.plan:

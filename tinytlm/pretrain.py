@@ -282,7 +282,7 @@ def main(argv=None):
             write_stack(stack_dir(cfg, overrides), "mlm", cfg, overrides, outs)
         return train(cfg, overrides, outs=outs)
     given = given_fields(MLMConfig, argv)
-    m = read_stack(cfg.resume)
+    m = read_stack(cfg.resume, kind="mlm")
     if m:  # a stacked run: every member, from its own checkpoint
         saved = resumed_config(cfg, from_saved(MLMConfig, m["config"]), overrides, given)
         missing = [o for o in m["members"] if not (Path(o) / "ckpt.pt").is_file()]

@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinytlm.common import ArgParser, UserError, atomic_path, cli, read_json
+from tinytlm.common import ArgParser, UserError, add_option, atomic_path, cli, read_json
 
 # (file stem, x key, x label, panels): panel = (title, record kinds it reads, y key); record kind "*" =
 # any record that has the y key (validation may come in epoch records or in a final "val" record)
@@ -239,11 +239,15 @@ def plot(paths, out=None) -> tuple:
     return figs, write(figs, folders)
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run folders, --gap folders or stacked runs")
-    ap.add_argument("--out", default="", help="write the figures here (default: into each run folder)")
-    args = ap.parse_args(argv)
+    add_option(ap, "runs", nargs="+", help="run folders, --gap folders or stacked runs", kind="run")
+    add_option(ap, "--out", default="", help="write the figures here (default: into each run folder)", kind="out")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     _, written = plot(args.runs, args.out or None)
     for p in written:
         print(f"wrote {p}")

@@ -177,7 +177,12 @@ def write_stack(where: Path, kind: str, cfg, overrides: dict, outs: list):
                                                 "members": [str(o) for o in outs]})
 
 
-def read_stack(where: Path):
-    """The manifest of the stacked run in `where`, or None when `where` is not one."""
+def read_stack(where: Path, kind: str = None):
+    """The manifest of the stacked run in `where`, or None when `where` is not one; kind ("mlm" | "cls"): a
+    stack of the other kind is a one-line error (a command resuming what the other trains)."""
     manifest = Path(where) / "stack.json"
-    return read_json(manifest, "stack manifest") if manifest.is_file() else None
+    m = read_json(manifest, "stack manifest") if manifest.is_file() else None
+    if m and kind and m.get("kind") != kind:
+        what = {"mlm": "pre-training", "cls": "classifier"}
+        raise UserError(f"{where}: a stacked {what.get(m.get('kind'), m.get('kind'))} run, not a {what[kind]} run")
+    return m

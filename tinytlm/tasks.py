@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json,
-                            save_npy, sha256_file, write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root,
+                            read_json, save_npy, sha256_file, write_json)
 from tinytlm.config import add_dataclass_args, option
 from tinytlm.data import Shard, checked_shard, write_labels, write_shard
 from tinytlm.download import fetch_missing
@@ -340,7 +340,7 @@ def add_task_args(ap: argparse.ArgumentParser, task_default="agnews"):
     """The TaskFields flags (--task, --labels, --train-per-label, ...) and --entity-markers."""
     add_dataclass_args(ap, TaskFields, "task")
     ap.set_defaults(task=task_default)
-    ap.add_argument("--entity-markers", action="store_true", help="FewRel: mark head and tail entities")
+    add_option(ap, "--entity-markers", action="store_true", help="FewRel: mark head and tail entities")
 
 
 def spec_from_args(args) -> TaskSpec:
@@ -348,14 +348,19 @@ def spec_from_args(args) -> TaskSpec:
     return TaskFields(**{k: getattr(args, k) for k in fields}).spec(args.entity_markers, getattr(args, "max_len", 128))
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_task_args(ap)
-    ap.add_argument("--max-len", type=int, default=128, help="tokens per row, [CLS] and [SEP] included")
-    ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root")
-    ap.add_argument("--out", type=Path, default=default_data_root(), help="prepared data root")
-    ap.add_argument("--vocab", type=Path, default=None, help="vocab (default RAW/bert-base-uncased-vocab.txt)")
-    args = ap.parse_args(argv)
+    add_option(ap, "--max-len", type=int, default=128, help="tokens per row, [CLS] and [SEP] included", low=3)
+    add_option(ap, "--raw", type=Path, default=default_raw_root(), help="raw data root", kind="dir")
+    add_option(ap, "--out", type=Path, default=default_data_root(), help="prepared data root", kind="out")
+    add_option(ap, "--vocab", type=Path, default=None, help="vocab (default RAW/bert-base-uncased-vocab.txt)",
+               kind="file")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     spec = spec_from_args(args)
     prepare_task(spec, args.raw, args.out, args.vocab or args.raw / "bert-base-uncased-vocab.txt")
 

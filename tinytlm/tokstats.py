@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinytlm.common import (ArgParser, UserError, cli, default_data_root, default_raw_root, read_json, save_npy,
-                            write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, cli, default_data_root, default_raw_root, read_json,
+                            save_npy, write_json)
 from tinytlm.data import BERT_SPECIAL_IDS, Shard, special_ids, write_shard
 
 
@@ -146,19 +146,24 @@ def build_pretrain_set(kind: str, task_dir: Path, wiki: Shard, ws: int = 0, top_
     return path
 
 
-def main(argv=None):
-    from tinytlm.tasks import add_task_args, ensure_task, spec_from_args
-    from tinytlm.wikipedia import ensure_wiki
+def parser() -> ArgParser:
+    from tinytlm.tasks import add_task_args
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_task_args(ap)
-    ap.add_argument("--ws", type=int, default=40000, help="Wikipedia rows (W_s); 0 = no pre-training")
-    ap.add_argument("--build", default="", help="custom | raised-tm: also build that pre-training set")
-    ap.add_argument("--top-k", type=int, default=0, help="raised-tm: frequent tokens kept (0 = smallest that fits)")
-    ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root")
-    ap.add_argument("--data", type=Path, default=default_data_root(), help="prepared data root")
-    args = ap.parse_args(argv)
-    if args.ws < 0:
-        raise UserError(f"--ws {args.ws}: must be >= 0")
+    add_option(ap, "--ws", type=int, default=40000, help="Wikipedia rows (W_s); 0 = no pre-training", low=0)
+    add_option(ap, "--build", default="", help="custom | raised-tm: also build that pre-training set",
+               choices=("custom", "raised-tm"), also=("",))
+    add_option(ap, "--top-k", type=int, default=0, help="raised-tm: frequent tokens kept (0 = smallest that fits)",
+               low=0)
+    add_option(ap, "--raw", type=Path, default=default_raw_root(), help="raw data root", kind="dir")
+    add_option(ap, "--data", type=Path, default=default_data_root(), help="prepared data root", kind="dir")
+    return ap
+
+
+def main(argv=None):
+    from tinytlm.tasks import ensure_task, spec_from_args
+    from tinytlm.wikipedia import ensure_wiki
+    args = parser().parse_args(argv)
     task_dir = ensure_task(spec_from_args(args), args.raw, args.data)
     c_task = task_counts(task_dir)
     wiki = ensure_wiki(args.ws if not args.build else -1, args.raw, args.data) if (args.ws or args.build) else None

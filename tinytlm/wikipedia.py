@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tinytlm.common import (ArgParser, UserError, atomic_dir, cli, default_data_root, default_raw_root, read_json, save_npy,
-                            sha256_file, write_json)
+from tinytlm.common import (ArgParser, UserError, add_option, atomic_dir, cli, default_data_root, default_raw_root,
+                            read_json, save_npy, sha256_file, write_json)
 from tinytlm.data import Shard, checked_shard, write_shard
 from tinytlm.download import fetch_missing
 from tinytlm.tokenizer import WordPieceTokenizer
@@ -281,17 +281,20 @@ def val_shard(out: Path = None) -> Shard:
     return checked_shard(path, read_json(path.parent / "meta.json", "Wikipedia meta").get("val_checksum"))
 
 
-def main(argv=None):
+def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--raw", type=Path, default=default_raw_root(), help="raw data root (has wikipedia/)")
-    ap.add_argument("--out", type=Path, default=default_data_root(), help="prepared data root")
-    ap.add_argument("--vocab", type=Path, default=None, help="vocab file (default RAW/bert-base-uncased-vocab.txt)")
-    ap.add_argument("--rows", type=int, default=0, help="tokenize only the first N shuffled rows (0 = all)")
-    ap.add_argument("--max-len", type=int, default=128, help="tokens per row, [CLS] and [SEP] included")
-    ap.add_argument("--workers", type=int, default=0, help="processes (0 = one per core)")
-    args = ap.parse_args(argv)
-    if args.rows < 0:
-        raise UserError(f"--rows {args.rows}: must be >= 0")
+    add_option(ap, "--raw", type=Path, default=default_raw_root(), help="raw data root (has wikipedia/)", kind="dir")
+    add_option(ap, "--out", type=Path, default=default_data_root(), help="prepared data root", kind="out")
+    add_option(ap, "--vocab", type=Path, default=None, help="vocab file (default RAW/bert-base-uncased-vocab.txt)",
+               kind="file")
+    add_option(ap, "--rows", type=int, default=0, help="tokenize only the first N shuffled rows (0 = all)", low=0)
+    add_option(ap, "--max-len", type=int, default=128, help="tokens per row, [CLS] and [SEP] included", low=3)
+    add_option(ap, "--workers", type=int, default=0, help="processes (0 = one per core)", low=0)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     prepare(args.raw, args.out, args.vocab or args.raw / "bert-base-uncased-vocab.txt", args.rows,
             args.max_len, args.workers)
 
