@@ -35,10 +35,11 @@ from tinytlm.common import ArgParser, UserError, cli, home
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
 from tinytlm.paper_report import summarize, write_report
-from tinytlm.paper_tables import SCALES, TITLES, plot
+from tinytlm.paper_plots import plot
+from tinytlm.paper_tables import SCALES, TITLES, default_seeds
 
 TABLES = [f"table{i}" for i in range(1, 10)]
-EXTRA = ["budget"]  # beyond the paper, not part of "all"
+EXTRA = ["budget", "labels"]  # beyond the paper, not part of "all"
 
 
 # -----------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def report_table(t: str, scale: str, seeds: int, runner: Runner, results: Path) 
     recs = summarize(out)
     meta = {"table": t, "scale": scale, "seeds": seeds,
             "command": f"python -m tinytlm.paper {t} --scale {scale}"
-                       + (f" --seeds {seeds}" if seeds != SCALES[scale]["seeds"] else "")}
+                       + (f" --seeds {seeds}" if seeds != default_seeds(t, scale) else "")}
     folder = results / scale
     folder.mkdir(parents=True, exist_ok=True)
     if out["grid"]["plot"] and any(r["n"] for r in recs):
@@ -125,7 +126,7 @@ def main(argv=None):
         return READERS[args.table](args)
     if args.table not in TABLES + EXTRA + ["all"]:
         raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")
-    seeds = SCALES[args.scale]["seeds"] if args.seeds is None else args.seeds
+    seeds = default_seeds(args.table, args.scale) if args.seeds is None else args.seeds
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
     tables = TABLES if args.table == "all" else [args.table]

@@ -26,7 +26,7 @@ from tinytlm.common import Interrupted, config_hash, write_json
 from tinytlm.paper_calls import (cls_config, load_mlm, load_mlm_group, mlm_config, score_committee, task_sequences,
                                  train_cls, train_mlm)
 from tinytlm.paper_records import Records, finetune_record, last_record
-from tinytlm.paper_tables import SCALES, grid
+from tinytlm.paper_tables import grid, pretrain_seeds
 from tinytlm.train import switches
 
 MODES = ("run", "plan", "report")
@@ -306,7 +306,7 @@ def run_table(table: str, scale: str, seeds: int, runner: Runner, only=None) -> 
     "trial" (the table's seed index, which pairs a gap's arms and a committee's members); in report
     mode a missing cell is left out. only: run just these (row name, seed) cells (the GPU scheduler)."""
     g = grid(table, scale)
-    cells = table_cells(g, seeds, SCALES[scale]["pretrain_seeds"], runner.cache, runner.switches, only)
+    cells = table_cells(g, seeds, pretrain_seeds(table, scale), runner.cache, runner.switches, only)
     got = runner.results(cells)
     out = {r["name"]: [] for r in g["rows"]}
     for c in cells:
