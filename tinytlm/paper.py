@@ -6,12 +6,15 @@
     python -m tinytlm.paper table5 --scale paper --report   # rebuild the report from the records; runs nothing
     python -m tinytlm.paper overlap --scale cpu             # gap vs T_M and weighted overlaps, recorded cells
     python -m tinytlm.paper budget --scale cpu              # beyond the paper: gap vs pre-training length
+    python -m tinytlm.paper labels --scale cpu              # beyond the paper: gap vs labelled rows per label
+    python -m tinytlm.paper analyze --table table5 --scale cpu   # tinytlm.analyze on a table's checkpoints
     python -m tinytlm.paper table5 --scale mini --results /tmp/r --cache /tmp/c   # seconds (the CI test)
 
 Grids live in tinytlm/paper_tables.py; cells (what they are, and run/plan/report) in
 tinytlm/paper_cells.py, where a finished one is found (records, cache) in tinytlm/paper_records.py,
 the runner's calls into the training library in tinytlm/paper_calls.py; reports in
-tinytlm/paper_report.py, the overlap fit in tinytlm/paper_overlap.py. Outputs:
+tinytlm/paper_report.py, the overlap fit in tinytlm/paper_overlap.py, the analyze target in
+tinytlm/paper_analyze.py. Outputs:
 RESULTS/<scale>/<table>.md, .json and .png (matplotlib optional) and one record per finished cell in
 RESULTS/cells/<scale>/ (RESULTS = --results, default results/). A finished cell is never recomputed,
 so an interrupted table picks up where it stopped, and records committed from other machines (a GPU
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 from tinytlm.common import ArgParser, UserError, cli, home
+from tinytlm.paper_analyze import analyze_table
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
 from tinytlm.paper_report import summarize, write_report
@@ -96,7 +100,9 @@ def report_table(t: str, scale: str, seeds: int, runner: Runner, results: Path) 
 
 def parse(argv=None):
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)")
+    ap.add_argument("table", help="table1 ... table9, all, overlap, budget (gap vs pre-training length), labels "
+                    "(gap vs labelled rows per label) or analyze (with --table)")
+    ap.add_argument("--table", dest="analyze_table", default="", help="analyze: the table whose checkpoints to analyse")
     ap.add_argument("--scale", default="cpu", choices=list(SCALES), help="grid size: paper | cpu | mini")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the scale's)")
     ap.add_argument("--results", type=Path, default=home() / "results",
@@ -125,7 +131,8 @@ def main(argv=None):
     if args.table in READERS:
         return READERS[args.table](args)
     if args.table not in TABLES + EXTRA + ["all"]:
-        raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap or budget")
+        raise UserError(f"unknown table {args.table!r}; choose {', '.join(TABLES)}, all, overlap, budget, labels "
+                        f"or analyze")
     seeds = default_seeds(args.table, args.scale) if args.seeds is None else args.seeds
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: must be >= 1")
@@ -166,8 +173,21 @@ def overlap_target(args) -> dict:
     return overlap(args.cache, args.results / "cells" / args.scale, args.results / args.scale, args.scale)
 
 
+def analyze_target(args) -> dict:
+    """`analyze --table T`: tinytlm.analyze on the checkpoints of table T found in the local cache."""
+    t = args.analyze_table
+    if t not in TABLES + EXTRA:
+        raise UserError(f"--table {t!r}: analyze needs one of {', '.join(TABLES + EXTRA)}" if t else
+                        "analyze: give --table (e.g. --table table5)")
+    if args.plan or args.report:
+        raise UserError(f"--{'plan' if args.plan else 'report'}: analyze trains nothing (it analyses the "
+                        "checkpoints in the cache); leave it out")
+    seeds = default_seeds(t, args.scale) if args.seeds is None else args.seeds
+    return analyze_table(t, args.scale, seeds, runner_of(args), args.results)
+
+
 # targets that read the finished cells of every table rather than run one: name -> function of the command line
-READERS = {"overlap": overlap_target}
+READERS = {"overlap": overlap_target, "analyze": analyze_target}
 
 
 @contextlib.contextmanager

@@ -25,6 +25,8 @@ def plot(kind: str, recs: list, title: str, path: Path):
             ax.plot(*zip(*pp), "s--", color="grey", label="paper (BERT-6)")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(xscale="log", xlabel="W_s", ylabel="gap (accuracy)")
+    elif kind == "gap_vs_labels":
+        _gap_vs_labels(ax, recs)
     elif kind == "acc_vs_tm":
         rs = [r for r in recs if "T_M" in r]
         ax.errorbar([r["T_M"] for r in rs], [r["acc_mean"] for r in rs], [r["acc_std"] for r in rs], fmt="o",
@@ -52,6 +54,26 @@ def plot(kind: str, recs: list, title: str, path: Path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path.name
+
+
+def _gap_vs_labels(ax, recs: list):
+    """The labels sweep: gap against train rows per label (log), the checkpoint's <APT> in the legend, and
+    the two arms' accuracies on a second axis."""
+    rs = sorted([r for r in recs if "gap_mean" in r], key=lambda r: r["per_label"])
+    apt = next((r["mean_apt"] for r in rs if r.get("mean_apt") is not None), None)
+    ax.errorbar([r["per_label"] for r in rs], [r["gap_mean"] for r in rs], [r["gap_std"] for r in rs], marker="o",
+                label="gap, mean ± std over seeds" + (f" (checkpoint <APT> {apt:.4f})" if apt is not None else ""))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xscale="log", xlabel="train rows per label", ylabel="gap (accuracy)")
+    ax.set_xticks([r["per_label"] for r in rs], [f"{r['per_label']:,}" for r in rs])
+    ax.minorticks_off()
+    acc = ax.twinx()
+    for tag, style in (("W_s", "^:"), ("no pre-training", "v:")):
+        arm = sorted([r for r in recs if r["n"] and tag in r["name"]], key=lambda r: r["per_label"])
+        acc.plot([r["per_label"] for r in arm], [r["acc_mean"] for r in arm], style, color="grey", ms=4,
+                 label="accuracy: " + ("pre-trained" if tag == "W_s" else tag))
+    acc.set_ylabel("accuracy", color="grey")
+    acc.legend(fontsize=6, loc="lower right")
 
 
 def plot_overlap(cells, fits, path: Path) -> bool:
