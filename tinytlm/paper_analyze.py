@@ -40,12 +40,13 @@ def checkpoints(table: str, scale: str, seeds: int, runner: Runner) -> tuple:
     return found, missing
 
 
-def analyse_checkpoint(cell, kind: str, runner: Runner, folder: Path) -> dict:
-    """tinytlm.analyze on one checkpoint into folder (with --plot), once: a summary.json there means done."""
+def analyse_checkpoint(cell, kind: str, runner: Runner, folder: Path, extra: tuple = ()) -> dict:
+    """tinytlm.analyze on one checkpoint into folder (with --plot and its default options, or extra), once: a
+    summary.json there means done."""
     if (folder / "summary.json").is_file():
         return read_json(folder / "summary.json")
     from tinytlm.analyze import main as analyze
-    argv = [str(cell.out), "--out", str(folder), "--plot", "--device", runner.switches["device"]]
+    argv = [str(cell.out), "--out", str(folder), "--plot", "--device", runner.switches["device"], *extra]
     for flag in ("data", "raw"):
         if runner.switches.get(flag):
             argv += [f"--{flag}", runner.switches[flag]]
@@ -82,9 +83,10 @@ def cls_summary(files: dict) -> dict:
                     "head_accuracy": [g["accuracy"] for g in last["groups"]]}}
 
 
-def analyze_table(table: str, scale: str, seeds: int, runner: Runner, results: Path) -> dict:
+def analyze_table(table: str, scale: str, seeds: int, runner: Runner, results: Path, extra: tuple = ()) -> dict:
     """Analyse every local checkpoint of the table; write RESULTS/<scale>/analysis/<table>.md, .json and the
-    PNGs. Raises a UserError (nothing written) when none of its checkpoints is in the local cache."""
+    PNGs. Raises a UserError (nothing written) when none of its checkpoints is in the local cache. extra:
+    more tinytlm.analyze flags (a test's small probe budget)."""
     found, missing = checkpoints(table, scale, seeds, runner)
     if not found:
         raise UserError(f"{table} at scale {scale}: none of its {missing} checkpoints is in the local cache "
@@ -92,7 +94,7 @@ def analyze_table(table: str, scale: str, seeds: int, runner: Runner, results: P
     summaries = []
     for cell, kind in found:
         folder = runner.cache / "analysis" / cell.out.name
-        summaries.append(analyse_checkpoint(cell, kind, runner, folder))
+        summaries.append(analyse_checkpoint(cell, kind, runner, folder, extra))
         print(f"analysed {cell.what}", flush=True)
     out = results / scale / "analysis"
     for s in summaries:  # the PNGs beside the table's summary
