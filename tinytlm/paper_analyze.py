@@ -69,7 +69,7 @@ def mlm_summary(files: dict) -> dict:
             "seen_apt": (task.get("seen_group") or {}).get("mean_apt"),
             "blocks": [{"state": s["state"], "mean_apt": s["mean_apt"], "accuracy": s["accuracy"]}
                        for s in b["states"]],
-            "clusters": {k: {"kept": v["kept"], "clusters": v["clusters"], "tokens_in_clusters": v["tokens_in_clusters"]}
+            "clusters": {k: {f: v[f] for f in ("kept", "clusters", "tokens_in_clusters")}
                          for k, v in c["states"].items()}}
 
 
@@ -128,7 +128,8 @@ def report_lines(report: dict) -> list:
         lines += ["## Pre-trained checkpoints", "",
                   "`<APT>` (held-out masks, the model's own head), the position-weighted accuracy, `<APT>` of the "
                   "task's T_M tokens and of its tokens seen in W_s, then `<APT>` of a fresh MLM probe per state, "
-                  "and the strong-match clusters of the model's own head (clusters / tokens in them / tokens kept).", "",
+                  "and the strong-match clusters of the model's own head (clusters / tokens in them / tokens "
+                  "kept).", "",
                   "| row | checkpoint | `<APT>` | accuracy | T_W | T_M | `<APT>` T_M | `<APT>` seen | "
                   + " | ".join(f"probe {s}" for s in states) + " | clusters (head) |",
                   "| --- " * (9 + len(states)) + "|"]
@@ -149,5 +150,6 @@ def report_lines(report: dict) -> list:
         for c in cls:
             lines.append(f"| {c['row']} | {c['seed']} | {_f(c['head_accuracy'])} | "
                          + " | ".join(_f(b["accuracy"]) for b in c["blocks"])
-                         + f" | {', '.join(_f(a, 3) for a in c['shp']['head_accuracy'])} | {_f(c['shp']['mean_snr'], 2)} |")
+                         + f" | {', '.join(_f(a, 3) for a in c['shp']['head_accuracy'])} "
+                           f"| {_f(c['shp']['mean_snr'], 2)} |")
     return lines

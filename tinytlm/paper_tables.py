@@ -356,5 +356,6 @@ def _labels_note(s, seeds: int) -> str:
             f"sample; the same test rows as Table 5 at every size), from one fixed pre-trained checkpoint (Table 5's "
             f"W_s {s['ws']['labels']:,} row, seed 0) and from scratch, {seeds} seeds paired, with Table 5's "
             f"fine-tuning recipe: {s['ft_epochs']} epochs at every size, so a smaller set also gets fewer "
-            f"optimizer steps (rows per label: steps at batch 32 {steps}). The grid was fixed in code before any of its "
+            f"optimizer steps (rows per label: steps at batch 32 {steps}). The grid was fixed in code before any "
+            "of its "
             "results was seen; nothing is tuned by the gap")
