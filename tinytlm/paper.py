@@ -6,12 +6,15 @@
     python -m tinytlm.paper table5 --scale paper --report   # rebuild the report from the records; runs nothing
     python -m tinytlm.paper overlap --scale cpu             # gap vs T_M and weighted overlaps, recorded cells
     python -m tinytlm.paper budget --scale cpu              # beyond the paper: gap vs pre-training length
+    python -m tinytlm.paper labels --scale cpu              # beyond the paper: gap vs labelled rows per label
+    python -m tinytlm.paper analyze --table table5 --scale cpu   # tinytlm.analyze on a table's checkpoints
     python -m tinytlm.paper table5 --scale mini --results /tmp/r --cache /tmp/c   # seconds (the CI test)
 
 Grids live in tinytlm/paper_tables.py; cells (what they are, and run/plan/report) in
 tinytlm/paper_cells.py, where a finished one is found (records, cache) in tinytlm/paper_records.py,
 the runner's calls into the training library in tinytlm/paper_calls.py; reports in
-tinytlm/paper_report.py, the overlap fit in tinytlm/paper_overlap.py. Outputs:
+tinytlm/paper_report.py, the overlap fit in tinytlm/paper_overlap.py, the analyze target in
+tinytlm/paper_analyze.py. Outputs:
 RESULTS/<scale>/<table>.md, .json and .png (matplotlib optional) and one record per finished cell in
 RESULTS/cells/<scale>/ (RESULTS = --results, default results/). A finished cell is never recomputed,
 so an interrupted table picks up where it stopped, and records committed from other machines (a GPU
@@ -33,13 +36,15 @@ from pathlib import Path
 
 from tinytlm.common import ArgParser, UserError, add_option, cli, home
 from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args
+from tinytlm.paper_analyze import analyze_table
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
 from tinytlm.paper_report import summarize, write_report
-from tinytlm.paper_tables import SCALES, TITLES, plot
+from tinytlm.paper_plots import plot
+from tinytlm.paper_tables import SCALES, TITLES, default_seeds
 
 TABLES = [f"table{i}" for i in range(1, 10)]
-EXTRA = ["budget"]  # beyond the paper, not part of "all"
+EXTRA = ["budget", "labels"]  # beyond the paper, not part of "all"
 
 
 # -----------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def report_table(t: str, scale: str, seeds: int, runner: Runner, results: Path) 
     recs = summarize(out)
     meta = {"table": t, "scale": scale, "seeds": seeds,
             "command": f"python -m tinytlm.paper {t} --scale {scale}"
-                       + (f" --seeds {seeds}" if seeds != SCALES[scale]["seeds"] else "")}
+                       + (f" --seeds {seeds}" if seeds != default_seeds(t, scale) else "")}
     folder = results / scale
     folder.mkdir(parents=True, exist_ok=True)
     if out["grid"]["plot"] and any(r["n"] for r in recs):
@@ -96,8 +101,10 @@ def report_table(t: str, scale: str, seeds: int, runner: Runner, results: Path) 
 
 def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
-    add_option(ap, "table", help="table1 ... table9, all, overlap, or budget (gap vs pre-training length)",
-               choices=(*TABLES, *EXTRA, "all", *READERS))
+    add_option(ap, "table", help="table1 ... table9, all, overlap, budget (gap vs pre-training length), labels "
+               "(gap vs labelled rows per label) or analyze (with --table)", choices=(*TABLES, *EXTRA, "all", *READERS))
+    add_option(ap, "--table", dest="analyze_table", default="", choices=("", *TABLES, *EXTRA),
+               help="analyze: the table whose checkpoints to analyse")
     add_option(ap, "--scale", default="cpu", choices=tuple(SCALES), help="grid size: paper | cpu | mini")
     add_option(ap, "--seeds", type=int, default=None, help="seeds per cell (default: the scale's)", low=1)
     add_option(ap, "--results", type=Path, default=home() / "results",
@@ -122,7 +129,7 @@ def main(argv=None):
     args = parse(argv)
     if args.table in READERS:
         return READERS[args.table](args)
-    seeds = SCALES[args.scale]["seeds"] if args.seeds is None else args.seeds
+    seeds = default_seeds(args.table, args.scale) if args.seeds is None else args.seeds
     tables = TABLES if args.table == "all" else [args.table]
     runner = runner_of(args)
     if args.plan:
@@ -162,8 +169,21 @@ def overlap_target(args) -> dict:
     return overlap(args.cache, args.results / "cells" / args.scale, args.results / args.scale, args.scale)
 
 
+def analyze_target(args) -> dict:
+    """`analyze --table T`: tinytlm.analyze on the checkpoints of table T found in the local cache."""
+    t = args.analyze_table
+    if t not in TABLES + EXTRA:
+        raise UserError(f"--table {t!r}: analyze needs one of {', '.join(TABLES + EXTRA)}" if t else
+                        "analyze: give --table (e.g. --table table5)")
+    if args.plan or args.report:
+        raise UserError(f"--{'plan' if args.plan else 'report'}: analyze trains nothing (it analyses the "
+                        "checkpoints in the cache); leave it out")
+    seeds = default_seeds(t, args.scale) if args.seeds is None else args.seeds
+    return analyze_table(t, args.scale, seeds, runner_of(args), args.results)
+
+
 # targets that read the finished cells of every table rather than run one: name -> function of the command line
-READERS = {"overlap": overlap_target}
+READERS = {"overlap": overlap_target, "analyze": analyze_target}
 
 
 @contextlib.contextmanager

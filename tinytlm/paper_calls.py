@@ -7,6 +7,7 @@ and nowhere else in the runner. A stack of one member is called exactly as a sin
 from dataclasses import replace
 from pathlib import Path
 
+from tinytlm.analyze_apt import mean_apt
 from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.committee import (accuracy, committee_logits, common_test_set, predict_member_logits, shape_groups,
                                stack_checkpoints)
@@ -59,6 +60,12 @@ def train_cls(cfgs: list, overrides: dict, init_dirs: list, init_states: list, o
 def load_mlm(out: Path) -> dict:
     """A finished pre-training's checkpoint (the --init of its fine-tunings)."""
     return load_checkpoint(out, kind="mlm")
+
+
+def checkpoint_apt(out: Path, device: str, data: str) -> float:
+    """<APT> of a finished pre-training (tinytlm.analyze_apt.mean_apt: every token the held-out masks select
+    at least once, on the held-out rows it was scored on; data: another prepared-data root, "" = recorded)."""
+    return mean_apt(out, device=resolve_device(device), data_root=data or None)
 
 
 def load_mlm_group(outs: list) -> list:

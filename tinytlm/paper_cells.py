@@ -22,11 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tinytlm.common import Interrupted, config_hash, write_json
-from tinytlm.paper_calls import (cls_config, load_mlm, load_mlm_group, mlm_config, score_committee, task_sequences,
-                                 train_cls, train_mlm)
+from tinytlm.common import Interrupted, UserError, config_hash, read_json, write_json
+from tinytlm.paper_calls import (checkpoint_apt, cls_config, load_mlm, load_mlm_group, mlm_config, score_committee,
+                                 task_sequences, train_cls, train_mlm)
 from tinytlm.paper_records import Records, finetune_record, last_record
-from tinytlm.paper_tables import SCALES, grid
+from tinytlm.paper_tables import grid, pretrain_seeds
 from tinytlm.train import switches
 
 MODES = ("run", "plan", "report")
@@ -213,6 +213,7 @@ class Runner:
         for c in cells:
             if c not in todo:
                 self._log(c.what, True, 0)
+                self.apt(c)  # (a checkpoint finished before <APT> was recorded)
         if not todo:
             return
         t0, states = time.time(), self.common_start(todo)
@@ -229,6 +230,24 @@ class Runner:
             write_json(c.out / "done.json", {"key": c.key, "seconds": time.time() - t0, **stacked})
             self._log(c.what + (" (resumed)" if states and not finished else "")
                       + (f" (stack of {len(todo)})" if stacked else ""), False, t0)
+            self.apt(c)
+
+    def apt(self, cell: Cell):
+        """<APT> of a finished pre-training, computed once and kept in its done.json (the records of its
+        fine-tunings copy it; a report never computes it). A checkpoint without held-out rows gets None."""
+        done = read_json(cell.out / "done.json")
+        if "mean_apt" in done:
+            return done["mean_apt"]
+        t0 = time.time()
+        try:
+            done["mean_apt"] = checkpoint_apt(cell.out, self.switches["device"], self.switches["data"])
+        except UserError as e:  # e.g. trained with --val_every 0: no held-out rows to score
+            print(f"{cell.what}: no <APT> ({e})", file=sys.stderr)
+            done["mean_apt"] = None
+        write_json(cell.out / "done.json", done)
+        apt = "none" if done["mean_apt"] is None else f"{done['mean_apt']:.4f}"
+        self._note(f"{cell.what}: <APT> {apt}", t0)
+        return done["mean_apt"]
 
     @staticmethod
     def common_start(cells: list):
@@ -292,6 +311,10 @@ class Runner:
         return {"acc": float("nan"), "key": cell.key, "seed": cell.seed,
                 **({"dir": cell.out.name} if cell.kind == "finetune" else {})}
 
+    @staticmethod
+    def _note(what: str, t0: float):
+        print(f"    {what} ({time.time() - t0:.0f} s)", flush=True)
+
     def _log(self, what: str, cached: bool, t0: float, extra: str = ""):
         if cached:
             self.cached += 1
@@ -306,7 +329,7 @@ def run_table(table: str, scale: str, seeds: int, runner: Runner, only=None) -> 
     "trial" (the table's seed index, which pairs a gap's arms and a committee's members); in report
     mode a missing cell is left out. only: run just these (row name, seed) cells (the GPU scheduler)."""
     g = grid(table, scale)
-    cells = table_cells(g, seeds, SCALES[scale]["pretrain_seeds"], runner.cache, runner.switches, only)
+    cells = table_cells(g, seeds, pretrain_seeds(table, scale), runner.cache, runner.switches, only)
     got = runner.results(cells)
     out = {r["name"]: [] for r in g["rows"]}
     for c in cells:

@@ -8,7 +8,7 @@ import numpy as np
 from tinytlm.common import read_json, write_json
 from tinytlm.paper_cells import key_of
 from tinytlm.paper_report import fmt, mlm_of
-from tinytlm.paper_tables import plot_overlap
+from tinytlm.paper_plots import plot_overlap
 
 PREDICTORS = ("T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10")
 

@@ -55,7 +55,8 @@ def finetune_record(cell, r: dict, seconds: float) -> dict:
     """What a fine-tuning cell's record holds: run_arm's result plus its keys, its pre-training's summary
     and the speed switches it ran with (with the stack's size when it was trained stacked)."""
     ckpt = cell.init.out if cell.init else None
-    mlm = mlm_summary(ckpt, read_json(ckpt / "done.json").get("seconds")) if ckpt else None
+    done = read_json(ckpt / "done.json") if ckpt else {}
+    mlm = mlm_summary(ckpt, done.get("seconds"), done.get("mean_apt")) if ckpt else None
     r = {**r, "key": cell.key, "match": cell.match, "pretrain_key": cell.init.key if cell.init else None,
          "row": cell.row["name"], "dir": cell.out.name, "seconds": round(seconds, 1), "finetune": cell.fields,
          "mlm": mlm, "path": path_of(asdict(cell.cfg))}
@@ -74,8 +75,9 @@ def last_record(run_dir: Path, kind: str):
     return rs[-1] if rs else None
 
 
-def mlm_summary(run_dir: Path, seconds=None) -> dict:
-    """What a record keeps of a pre-training: its last epoch's loss and accuracy, steps, speed."""
+def mlm_summary(run_dir: Path, seconds=None, mean_apt=None) -> dict:
+    """What a record keeps of a pre-training: its last epoch's loss and accuracy, steps, speed, and its
+    <APT> (computed once, when the runner finished or first met the checkpoint: kept in its done.json)."""
     recs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     head = recs[0] if recs else {}
     ep, st = (next((r for r in reversed(recs) if r.get("kind") == k), None) for k in ("epoch", "step"))
@@ -83,7 +85,7 @@ def mlm_summary(run_dir: Path, seconds=None) -> dict:
             "loss": ep and ep["loss"], "mlm_acc": ep and ep["mlm_acc"],
             # the latest held-out evaluation (the last epoch's, with --val_every 1)
             **next(({k: r[k] for k in ("val_loss", "val_mlm_acc")} for r in reversed(recs) if "val_mlm_acc" in r), {}),
-            "seq_per_s": st and st.get("seq_per_s"),
+            "mean_apt": mean_apt, "seq_per_s": st and st.get("seq_per_s"),
             "seconds": seconds, "device": head.get("device"), "path": path_of(head.get("config", {}))}
 
 

@@ -39,6 +39,7 @@ def summarize(out: dict) -> list:
         rec = {"name": row["name"], "kind": row["kind"], "n": len(rs), "acc": [r["acc"] for r in rs],
                "paper": row["paper"], "ws": (row.get("pretrain") or {}).get("ws", 0),
                "pretrain_set": (row.get("pretrain") or {}).get("pretrain_set"),
+               "per_label": (row.get("finetune") or {}).get("train_per_label"),
                "devices": sorted({r.get("device") or "unknown" for r in rs})}
         if rs:
             rec["acc_mean"], rec["acc_std"] = _stats(rec["acc"])
@@ -46,8 +47,9 @@ def summarize(out: dict) -> list:
             rec["pt_epochs"] = row["pretrain"].get("epochs")
             if rs and (m := mlm_of(rs[0])) and m.get("mlm_acc") is not None:
                 rec["mlm_acc"] = m["mlm_acc"]
-                if m.get("val_mlm_acc") is not None:
-                    rec["val_mlm_acc"] = m["val_mlm_acc"]
+                for k in ("val_mlm_acc", "mean_apt"):  # (records of older versions have neither)
+                    if m.get(k) is not None:
+                        rec[k] = m[k]
         st = rs[0].get("token_stats") if rs else None
         if st:
             rec.update({k: st[k] for k in ("T_W", "T_C", "T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10")})
@@ -152,13 +154,15 @@ def head_lines(g: dict, cells: list, meta: dict) -> list:
             f"Command: `{meta['command']}` (cells come from the records in results/cells/{g['scale']}/ and the "
             "local cache; this command rebuilds the report and runs what is missing)", "",
             "Ours: final-epoch test accuracy, mean ± std over n seeds; gap = pre-trained minus not pre-trained, "
-            "paired by seed. 'no significant gap' = within two standard errors of zero.", ""]
+            "paired by seed. 'no significant gap' = within two standard errors of zero. `<APT>`: the pre-trained "
+            "checkpoint's accuracy per token averaged over the tokens its held-out masks select (docs/analysis.md; "
+            "computed once per checkpoint, kept in the records).", ""]
 
 
 def row_table(recs: list, not_reproduced: list) -> list:
     """The table itself: one line per row (summarize's records), then the paper's rows we cannot run."""
-    lines = ["| row | W_s | T_W | T_M | acc (ours) | gap or committee margin (ours) | n | verdict | device | paper |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | W_s | T_W | T_M | `<APT>` | acc (ours) | gap or committee margin (ours) | n | verdict | device "
+             "| paper |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in recs:
         gap = [f"{r['gap_mean']:+.3f} ± {r['gap_std']:.3f}"] if "gap_mean" in r else []
         gap += [f"{label} {r[k + '_mean']:+.3f} ± {r[k + '_std']:.3f}"
@@ -167,10 +171,11 @@ def row_table(recs: list, not_reproduced: list) -> list:
         ws = "" if r["kind"] == "committee" else fmt(r["ws"]) if r["ws"] else "0"
         paper = ", ".join(f"{k} {fmt(v)}" for k, v in r["paper"].items())
         acc = f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}" if r["n"] else "not run yet"
-        lines.append(f"| {r['name']} | {ws} | {fmt(r.get('T_W'))} | {fmt(r.get('T_M'))} | {acc} | {'; '.join(gap)} "
+        lines.append(f"| {r['name']} | {ws} | {fmt(r.get('T_W'))} | {fmt(r.get('T_M'))} | {fmt(r.get('mean_apt'), 4)} "
+                     f"| {acc} | {'; '.join(gap)} "
                      f"| {r['n']} | {verdict(r)} | {', '.join(map(_short_device, r['devices']))} | {paper} |")
     for r in not_reproduced:
-        lines.append(f"| {r['name']} | | | | not reproduced | not reproduced | 0 | | | "
+        lines.append(f"| {r['name']} | | | | | not reproduced | not reproduced | 0 | | | "
                      + ", ".join(f"{k} {fmt(v)}" for k, v in r["paper"].items()) + " |")
     return lines
 
