@@ -28,6 +28,17 @@ def mlm_of(cell: dict):
     return None
 
 
+def pretrain_fields(row: dict, rs: list) -> dict:
+    """A pre-trained row's pre-training epochs and, from its first cell's checkpoint, the MLM metrics:
+    training accuracy, held-out accuracy and <APT> (records of older versions have neither of the last two)."""
+    fields = {"pt_epochs": row["pretrain"].get("epochs")}
+    m = mlm_of(rs[0]) if rs else None
+    if m and m.get("mlm_acc") is not None:
+        fields["mlm_acc"] = m["mlm_acc"]
+        fields.update({k: m[k] for k in ("val_mlm_acc", "mean_apt") if m.get(k) is not None})
+    return fields
+
+
 def summarize(out: dict) -> list:
     """One record per row: acc and gap as mean, std, n over seeds, token stats, the paper's numbers.
     Gaps and committee margins pair cells by trial (the table's seed index): a trial missing on either
@@ -44,12 +55,7 @@ def summarize(out: dict) -> list:
         if rs:
             rec["acc_mean"], rec["acc_std"] = _stats(rec["acc"])
         if row.get("pretrain"):
-            rec["pt_epochs"] = row["pretrain"].get("epochs")
-            if rs and (m := mlm_of(rs[0])) and m.get("mlm_acc") is not None:
-                rec["mlm_acc"] = m["mlm_acc"]
-                for k in ("val_mlm_acc", "mean_apt"):  # (records of older versions have neither)
-                    if m.get(k) is not None:
-                        rec[k] = m[k]
+            rec.update(pretrain_fields(row, rs))
         st = rs[0].get("token_stats") if rs else None
         if st:
             rec.update({k: st[k] for k in ("T_W", "T_C", "T_M", "occ_overlap", "log_freq_overlap", "occ_overlap_10")})
