@@ -102,7 +102,8 @@ def test_finetune_gap_and_committee(roots, tmp_path):
     assert gap["token_stats"]["T_W"] > 0 and gap["token_stats"]["T_M"] < gap["token_stats"]["T_C"]
     scratch = json.loads((tmp_path / "gap" / "scratch" / "result.json").read_text())
     assert scratch["token_stats"]["T_W"] == 0 and scratch["token_stats"]["T_M"] == scratch["token_stats"]["T_C"]
-    assert scratch["model_config"] == json.loads((tmp_path / "gap" / "pretrained" / "result.json").read_text())["model_config"]
+    pretrained = json.loads((tmp_path / "gap" / "pretrained" / "result.json").read_text())
+    assert scratch["model_config"] == pretrained["model_config"]
     assert len(scratch["acc_per_epoch"]) == 2 and scratch["n_test"] == 24
 
     res = ensemble.main([str(tmp_path / "gap" / "pretrained"), str(tmp_path / "gap" / "scratch"), "--device", "cpu",
@@ -318,7 +319,8 @@ def test_gap_killed_at_random_then_resumed(roots, tmp_path):
     import time
     pretrain.main(mlm_args(roots, tmp_path / "mlm", "--epochs", "1"))
     def gap(out):  # the architecture comes from the checkpoint
-        return cls_args(roots, out, "--epochs", "6", "--init", str(tmp_path / "mlm"), "--gap", model=["--device", "cpu"])
+        return cls_args(roots, out, "--epochs", "6", "--init", str(tmp_path / "mlm"), "--gap",
+                        model=["--device", "cpu"])
     whole = finetune.main(gap(tmp_path / "a"))
     p = subprocess.Popen([sys.executable, "train_cls.py", *gap(tmp_path / "b")], cwd=REPO, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE)

@@ -26,7 +26,8 @@ def _raw(tmp_path, vocab_path, name):
 
 
 def _shards(dest):
-    return [(Shard(dest / f"{s}.bin").ids.tolist(), np.load(dest / f"{s}.labels.npy").tolist()) for s in ("train", "test")]
+    return [(Shard(dest / f"{s}.bin").ids.tolist(), np.load(dest / f"{s}.labels.npy").tolist())
+            for s in ("train", "test")]
 
 
 def test_agnews_csv_equals_hf_jsonl_and_parquet(tmp_path, vocab_path):

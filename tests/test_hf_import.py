@@ -34,8 +34,14 @@ def test_old_key_spellings_and_bare_bert_model(hf_dir, tmp_path):
     old.mkdir()
     (old / "config.json").write_text((path / "config.json").read_text())
     # a bare BertModel checkpoint with the pre-2019 LayerNorm names and a position_ids buffer
-    bare = {k[len("bert."):].replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-            for k, v in sd.items() if k.startswith("bert.")}
+    renamed = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+    bare = {}
+    for k, v in sd.items():
+        if k.startswith("bert."):
+            k = k[len("bert."):]
+            for today, then in renamed.items():
+                k = k.replace(today, then)
+            bare[k] = v
     bare["embeddings.position_ids"] = torch.arange(128)[None]
     torch.save(bare, old / "pytorch_model.bin")
     a, b = hf_init_state(path), hf_init_state(old)

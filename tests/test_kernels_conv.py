@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from tests.test_kernels import DEVICE, _grads, assert_close  # noqa: E402 (sets up the interpreter or skips without CUDA)
+# (tests.test_kernels sets up the interpreter, or skips without CUDA)
+from tests.test_kernels import DEVICE, _grads, assert_close  # noqa: E402
 from kernels.conv_stem import conv2d_same, conv_stem_infer, conv_stem_infer_ref  # noqa: E402
 from tinytlm.kernel_path import Impl  # noqa: E402
 from tinytlm.model import BertConfig, ConvStem, fold_bn  # noqa: E402

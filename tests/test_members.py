@@ -59,7 +59,8 @@ def assert_same_model(member: dict, single: dict, drift: float = 0.0):
         d = (member["model"][k].double() - v.double()).abs().max().item() if v.numel() else 0.0
         assert d <= (drift if pre_bn_bias(k) else TOL), (k, d)
     if drift:  # those biases do not change the function: the single model with the member's biases
-        mixed = {**single, "model": {k: member["model"][k] if pre_bn_bias(k) else v for k, v in single["model"].items()}}
+        mixed = {**single, "model": {k: member["model"][k] if pre_bn_bias(k) else v
+                                     for k, v in single["model"].items()}}
         ms = [build_model(s).train() for s in (mixed, single)]  # train mode: batch statistics
         x = torch.randint(1000, 3000, (4, 128), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
@@ -157,7 +158,8 @@ def test_stacked_finetuning_equals_single_runs(roots, singles, tmp_path):
     for s in (0, 1):
         a, b = ckpt(tmp_path / "st" / f"s{s}"), ckpt(tmp_path / f"one{s}")
         assert_same_model(a, b)
-        ra, rb = (json.loads((d / "result.json").read_text()) for d in (tmp_path / "st" / f"s{s}", tmp_path / f"one{s}"))
+        ra, rb = (json.loads((d / "result.json").read_text())
+                  for d in (tmp_path / "st" / f"s{s}", tmp_path / f"one{s}"))
         assert ra["acc_per_epoch"] == rb["acc_per_epoch"] and ra["seed"] == s and ra["stacked"] == 2
     # --init of a stacked pre-training: member s starts from its own checkpoint DIR/s<s>
     finetune.main(cls_args(roots, tmp_path / "own", "--seeds", "0,1", "--init", str(stack_init), *NO_DROPOUT_CLS,
@@ -263,6 +265,7 @@ def test_dropout_differs_between_members_at_the_configured_rate():
 
 def test_seed_flags_are_checked():
     for argv, msg in ((["--seed", "1", "--seeds", "0,1"], "exclude"), (["--seeds", ""], "empty"),
-                      (["--seeds", "0,0"], "repeated"), (["--seeds", "a"], "integers"), (["--seeds", "-1"], "negative")):
+                      (["--seeds", "0,0"], "repeated"), (["--seeds", "a"], "integers"),
+                      (["--seeds", "-1"], "negative")):
         for script in ("train_mlm.py", "train_cls.py"):
             assert_one_line_error(run([script, *argv, "--device", "cpu"]), "--seed", msg)

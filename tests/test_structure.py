@@ -1,6 +1,6 @@
 """The size rules, enforced: no function in tinytlm/ or kernels/ is over 100 lines or nests its compound
-statements (for, while, if, with, try) deeper than 4, and CI cannot go green with the data-dependent tests
-skipped."""
+statements (for, while, if, with, try) deeper than 4, no line of the repository's Python or shell is over 120
+characters, and CI cannot go green with the data-dependent tests skipped."""
 import ast
 import os
 import shutil
@@ -11,6 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 100
 MAX_DEPTH = 4
+MAX_WIDTH = 120
 BLOCKS = (ast.For, ast.AsyncFor, ast.While, ast.If, ast.With, ast.AsyncWith, ast.Try, ast.Match)
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -50,6 +51,19 @@ def test_functions_are_short():
 def test_functions_are_shallow():
     deep = [f"{w}: nesting {d}" for w, _, d in functions("tinytlm", "kernels") if d > MAX_DEPTH]
     assert not deep, deep
+
+
+def test_lines_are_narrow():
+    """Every tracked .py and .sh file (git ls-files; a tarball without git: every such file under the repo)."""
+    try:
+        names = subprocess.run(["git", "ls-files", "*.py", "*.sh"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        names = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.suffix in (".py", ".sh")]
+    assert len(names) > 50
+    wide = [f"{n}:{i}: {len(line)} characters" for n in names if (REPO / n).is_file()
+            for i, line in enumerate((REPO / n).read_text(encoding="utf-8").splitlines(), 1) if len(line) > MAX_WIDTH]
+    assert not wide, wide
 
 
 def test_ci_fails_without_the_data(tmp_path):

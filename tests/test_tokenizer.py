@@ -59,14 +59,16 @@ def _read_texts(root):
         with lzma.open(path, "rt", encoding="utf-8", newline="") as f:
             yield from csv.reader(f)
 
-    out = {"ag_news": [r[1] + " " + r[2] for r in itertools.islice(rows(root / "ag_news/test.csv.xz"), COUNTS["ag_news"])],
+    ag_news = itertools.islice(rows(root / "ag_news/test.csv.xz"), COUNTS["ag_news"])
+    out = {"ag_news": [r[1] + " " + r[2] for r in ag_news],
            "dbpedia": [r[2] for r in itertools.islice(rows(root / "dbpedia/test_subset.csv.xz"), COUNTS["dbpedia"])]}
     with lzma.open(root / "fewrel/val_wiki.json.xz", "rt", encoding="utf-8") as f:
         rel = json.load(f)
     # interleave relations so the sample spans all 16
     fewrel = [" ".join(x["tokens"]) for group in itertools.zip_longest(*rel.values()) for x in group if x]
     out["fewrel"] = fewrel[:COUNTS["fewrel"]]
-    with lzma.open(root / "wikipedia/enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz", "rt", encoding="utf-8") as f:
+    wiki = root / "wikipedia/enwiki_wikiextractor_Vibhas-hs-edu_WikiTasks.jsonl.xz"
+    with lzma.open(wiki, "rt", encoding="utf-8") as f:
         out["wikipedia"] = [json.loads(line)["text"] for line in itertools.islice(f, COUNTS["wikipedia"])]
     return out
 

@@ -10,7 +10,7 @@ Our parameter names are short; this table maps them onto the keys of
 | bert.embeddings.pos.weight               | bert.embeddings.position_embeddings.weight             |
 | bert.embeddings.token_type.weight        | bert.embeddings.token_type_embeddings.weight           |
 | bert.embeddings.ln.{weight,bias}         | bert.embeddings.LayerNorm.{weight,bias}                |
-| bert.encoder.blocks.i.attn.qkv.{w,b}     | bert.encoder.layer.i.attention.self.{query,key,value}.{w,b} (split in 3 along dim 0) |
+| bert.encoder.blocks.i.attn.qkv.{w,b}     | bert.encoder.layer.i.attention.self.{query,key,value}.{w,b} (split) |
 | bert.encoder.blocks.i.attn.proj.{w,b}    | bert.encoder.layer.i.attention.output.dense.{w,b}      |
 | bert.encoder.blocks.i.ln1.{w,b}          | bert.encoder.layer.i.attention.output.LayerNorm.{w,b}  |
 | bert.encoder.blocks.i.mlp.fc.{w,b}       | bert.encoder.layer.i.intermediate.dense.{w,b}          |
@@ -23,6 +23,7 @@ Our parameter names are short; this table maps them onto the keys of
 | classifier: head.pooler.{w,b}            | bert.pooler.dense.{w,b}                                |
 | classifier: head.out.{w,b}               | classifier.{w,b}                                       |
 
+(split): our fused qkv weight and bias are HF's query, key and value, split in 3 along dim 0.
 HF's BertForMaskedLM has no pooler; our pooler lives in the classifier head, so an MLM trunk
 loads into a classifier with `clf.bert.load_state_dict(mlm.bert.state_dict())`.
 Models with a conv stem (n_conv > 0) have no HF counterpart and are refused.
@@ -171,7 +172,8 @@ def load_hf_dir(path):
         raise UserError(f"{path / 'config.json'}: needs hidden_act gelu and absolute position embeddings")
     H, heads, inter = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
     if H % heads or inter % H:
-        raise UserError(f"{path / 'config.json'}: hidden {H} / heads {heads} / intermediate {inter} do not fit BertConfig")
+        raise UserError(f"{path / 'config.json'}: hidden {H} / heads {heads} / intermediate {inter} "
+                        "do not fit BertConfig")
     config = BertConfig(n_layer=c["num_hidden_layers"], n_head=heads, head_dim=H // heads, ffn_mult=inter // H,
                         max_pos=c["max_position_embeddings"], vocab_size=c["vocab_size"],
                         type_vocab=c.get("type_vocab_size", 2), dropout=c.get("hidden_dropout_prob", 0.1),

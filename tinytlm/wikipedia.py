@@ -9,7 +9,8 @@ generator call Hugging Face `datasets.Dataset.shuffle(seed=42)` makes. So the W_
 subset is the first W_s rows, and subsets are prefixes of each other, as in the
 paper's code. `--rows N` tokenizes only that prefix (a quick demo); the full shard
 has every article. The last min(2,000, n/10) rows of the shuffled order are held out for
-validation (wiki.val.bin): no W_s prefix ever contains them, so W_s is at most n minus those. Input: JSONL objects with `title` and `text` (`.jsonl`,
+validation (wiki.val.bin): no W_s prefix ever contains them, so W_s is at most n minus those.
+Input: JSONL objects with `title` and `text` (`.jsonl`,
 `.jsonl.xz`, `.jsonl.gz`) or, with pyarrow installed, the Hugging Face
 `wikimedia/wikipedia` parquet files, anywhere under RAW/wikipedia/.
 """
