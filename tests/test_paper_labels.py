@@ -52,6 +52,17 @@ def test_labels_cells_share_table5_cells_and_one_checkpoint(tmp_path):
     assert {c.row["finetune"]["train_per_label"] for c in cells if c.out in shared} == {1000}
 
 
+def test_committed_records_keep_their_cells(tmp_path):
+    """Every record committed in results/cells/cpu/ is found again: its key is one of the current grid's
+    cell keys (renaming a flag, --wd to --weight_decay, must not orphan finished cells)."""
+    records = sorted((Path(__file__).resolve().parents[1] / "results" / "cells" / "cpu").glob("*.json"))
+    assert records
+    runner = Runner(tmp_path, "cpu", "", "", mode="plan")
+    keys = {c.key for c in table_cells(grid("labels", "cpu"), 3, 1, runner.cache, runner.switches)}
+    for r in records:
+        assert json.loads(r.read_text())["key"] in keys, r.name
+
+
 def test_labels_plan_lists_the_sweep(tmp_path):
     """--plan: 36 fine-tunings and the one pre-training, nothing run; the sequences per cell follow the sizes."""
     planned = main(["labels", "--scale", "cpu", "--plan", "--cache", str(tmp_path / "c"),

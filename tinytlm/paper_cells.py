@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tinytlm.common import Interrupted, UserError, config_hash, read_json, write_json
+from tinytlm.config import RENAMED
 from tinytlm.paper_calls import (checkpoint_apt, cls_config, load_mlm, load_mlm_group, mlm_config, score_committee,
                                  task_sequences, train_cls, train_mlm)
 from tinytlm.paper_records import Records, finetune_record, last_record
@@ -35,6 +36,15 @@ MODES = ("run", "plan", "report")
 def key_of(d) -> str:
     """A cell's key: 12 hex digits of tinytlm.common.config_hash."""
     return config_hash(d, 12)
+
+
+KEY_NAMES = {new: old for old, new in RENAMED.items()}
+
+
+def key_fields(fields: dict) -> dict:
+    """A run's fields as its cell key hashes them: a renamed field (--wd, now --weight_decay) under the name
+    every key was made with, so that cached cells and committed records stay found."""
+    return {KEY_NAMES.get(k, k): v for k, v in fields.items()}
 
 
 def config_fields(cfg, explicit) -> dict:
@@ -86,8 +96,8 @@ def finetune_cell(row: dict, trial: int, init, cache: Path, switch: dict) -> Cel
     """The row's fine-tuning at this table seed, from the pre-training cell init (or None: from scratch)."""
     seed = trial + row["seed_offset"]
     cfg = cls_config(row, seed, switch)
-    fields = config_fields(cfg, {"model", "seed", *row["finetune"]})
-    match = key_of({"cls": fields, "model": row["model"], "overrides": row["overrides"]})  # same for both arms
+    fields = config_fields(cfg, {"model", "seed", *(RENAMED.get(k, k) for k in row["finetune"])})
+    match = key_of({"cls": key_fields(fields), "model": row["model"], "overrides": row["overrides"]})  # both arms
     key = key_of({"match": match, "init": init.key if init else None})
     out = cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if init else 'scratch'}-s{seed}-{key}"
     return Cell("finetune", key, out, f"finetune {row['name']} seed {seed}", row, seed, trial, cfg, fields, match, init)
