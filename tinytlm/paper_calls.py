@@ -11,7 +11,6 @@ from tinytlm.analyze_apt import mean_apt
 from tinytlm.checkpoint import load_checkpoint, load_group
 from tinytlm.committee import (accuracy, committee_logits, common_test_set, predict_member_logits, shape_groups,
                                stack_checkpoints)
-from tinytlm.config import RENAMED
 from tinytlm.finetune import ClsConfig, arms
 from tinytlm.pretrain import MLMConfig, train
 from tinytlm.tasks import TASKS
@@ -27,8 +26,7 @@ def mlm_config(row: dict, seed: int, switches: dict):
 
 def cls_config(row: dict, seed: int, switches: dict):
     """train_cls's config of a row's fine-tuning at this (run) seed, without its --init."""
-    fields = {RENAMED.get(k, k): v for k, v in row["finetune"].items()}  # (the grids' "wd": --weight_decay)
-    return ClsConfig(model=row["model"], seed=seed, quiet=True, **fields, **switches)
+    return ClsConfig(model=row["model"], seed=seed, quiet=True, **row["finetune"], **switches)
 
 
 def task_sequences(cfg) -> tuple:

@@ -96,7 +96,7 @@ def finetune_cell(row: dict, trial: int, init, cache: Path, switch: dict) -> Cel
     """The row's fine-tuning at this table seed, from the pre-training cell init (or None: from scratch)."""
     seed = trial + row["seed_offset"]
     cfg = cls_config(row, seed, switch)
-    fields = config_fields(cfg, {"model", "seed", *(RENAMED.get(k, k) for k in row["finetune"])})
+    fields = config_fields(cfg, {"model", "seed", *row["finetune"]})
     match = key_of({"cls": key_fields(fields), "model": row["model"], "overrides": row["overrides"]})  # both arms
     key = key_of({"match": match, "init": init.key if init else None})
     out = cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if init else 'scratch'}-s{seed}-{key}"

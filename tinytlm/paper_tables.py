@@ -9,7 +9,7 @@ from a pre-trained checkpoint; a "committee" row sums the logits of other rows' 
     pretrain  None (no pre-training) or train_mlm fields: pretrain_set, ws, epochs, lr, ...
     model     preset, shared by the pre-trained and the scratch arm so a gap compares like with like
     overrides BertConfig fields on top of the preset
-    finetune  train_cls fields: task, labels, train_per_label, test_per_label, fewrel_source, lr, wd, epochs
+    finetune  train_cls fields: task, labels, train_per_label, test_per_label, fewrel_source, lr, weight_decay, epochs
     gap_of    name of the row to subtract (same seed) for the gap, or None
     seed_offset  added to the seed (two members with one architecture differ only by it)
     paper     the paper's numbers for this row (PAPER.md), shown beside ours
@@ -103,7 +103,7 @@ def _task(kind, s, table, labels=""):
     tr, te = s["sizes"][kind]
     lr, wd = PAPER_HP[table]
     f = {"task": "fewrel" if kind.startswith("fewrel") else kind, "train_per_label": tr, "test_per_label": te,
-         "lr": s["ft_lr"] or lr, "wd": wd, "epochs": s["ft_epochs"], "decay_epochs": s["ft_epochs"]}
+         "lr": s["ft_lr"] or lr, "weight_decay": wd, "epochs": s["ft_epochs"], "decay_epochs": s["ft_epochs"]}
     if kind == "fewrel10":
         f.update(labels=labels or VAL_SETS[0], fewrel_source="val_wiki")
     if kind == "fewrel64":
