@@ -30,9 +30,9 @@ def committee_latency(ccfg, scfg, bc, device) -> dict:
         stack = BertForClassification(ccfg, bc.n_labels, members=n, impl=impl)
         single = BertForClassification(scfg, bc.n_labels, impl=impl)
     load_members(stack, [m.state_dict() for m in singles])
-    singles, stack, single = ([prepare_model(m.eval(), device, bc.compile) for m in singles],
-                              prepare_model(stack.eval(), device, bc.compile),
-                              prepare_model(single.eval(), device, bc.compile))
+    how = "on" if bc.compile else "off"
+    singles, stack, single = ([prepare_model(m.eval(), device, how) for m in singles],
+                              prepare_model(stack.eval(), device, how), prepare_model(single.eval(), device, how))
     x = token_batch(1, bc.seq_len, torch.Generator().manual_seed(bc.seed)).to(device)  # (1, T), a full row
     calls = {"committee stacked": lambda: member_logits(stack, x).float().sum(0),  # (K, 1, C) -> (1, C)
              "committee one by one": lambda: sum(member_logits(m, x).float().sum(0) for m in singles),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench.common import train_flops
 from tinytlm.common import ArgParser, Interrupted, UserError, cli, read_json
+from tinytlm.config import fold_compile
 from tinytlm.model import BertConfig
 from tinytlm.paper import report_table
 from tinytlm.paper_cells import Runner, run_table
@@ -72,8 +73,8 @@ class Rates:
         """The speed switches of the fastest measured path (unpad included: --unpad when it won). Its static
         masking (mask_cap) is not one of them: it would change the cells' masks, so the grid sets it (32 at
         scale paper), not the device."""
-        p = self._ref(cfg)[0].get("path") or {}
-        return {k: p[k] for k in ("compile", "compile_mode", "kernels", "unpad") if k in p}
+        p = fold_compile(self._ref(cfg)[0].get("path") or {})  # throughput.json: compile true/false + compile_mode
+        return {k: p[k] for k in ("compile", "kernels", "unpad") if k in p}
 
     def seconds(self, cfg: BertConfig, kind: str, trained: int, scored: int) -> float:
         """One pre-training (kind "pretrain") or fine-tuning with its scoring (kind "finetune")."""

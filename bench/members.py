@@ -32,6 +32,7 @@ from bench.common import (CLS, MASK, PAD, SEP, device_label, error_note, free_me
                           run_header, smoke_config, token_batch, utc_now, versions, write_report)
 from bench.members_report import goal_lines, largest_k, md_train, sections
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
+from tinytlm.config import compile_option
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
@@ -140,7 +141,7 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
     torch.manual_seed(bc.seed)
     with torch.device(device):  # initialised where they run (a bert6 init on the CPU takes seconds)
         raws = [BertForMLM(cfg, impl=Impl(bc.kernels)) for _ in range(K)]
-    singles = [prepare_model(m, device, bc.compile).train() for m in raws]
+    singles = [prepare_model(m, device, compile_option(bc.compile)).train() for m in raws]
     opts = [make_optimizer(m, bc.lr, 0.01, device) for m in raws]
     count = {"seq": 0, "stk": 0}
 
@@ -164,7 +165,7 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
         with torch.device(device):
             raw = BertForMLM(cfg, members=K, impl=Impl(bc.kernels))
         load_members(raw, [m.state_dict() for m in raws])  # the same K models, stacked
-        stacked = prepare_model(raw, device, bc.compile).train()
+        stacked = prepare_model(raw, device, compile_option(bc.compile)).train()
         opt = make_optimizer(raw, bc.lr, 0.01, device)
 
         def stacked_step():
@@ -181,7 +182,7 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
     cuda, one_bytes = device.type == "cuda", state_bytes(raws[0])
     amp = "bf16 autocast, fused AdamW" if cuda else "fp32, AdamW"
     return {"model": model_name, "K": K, "B": B, "status": "ok", "warmup": warmup, "steps": steps,
-            "note": f"{amp}, sparse head {bc.per_row} slots/row" + (", compiled" * bc.compile)
+            "note": f"{amp}, sparse head {bc.per_row} slots/row" + (", compiled" * "on" if bc.compile else "off")
             + (", K=1: one model, one measurement" if K == 1 else ""),
             "stacked_ms_per_step": stk_ms, "one_by_one_ms_per_round": seq_ms,
             "stacked_seq_per_s": B / stk_ms * 1e3, "one_by_one_seq_per_s": B / seq_ms * 1e3,

@@ -4,10 +4,10 @@ A stack is Hugging Face's BertForMaskedLM as the paper trains it ("hf"), or one 
 what it switches on (its flags in `flags`):
 
     eager          BertForMLM, bf16 autocast, fused AdamW, sparse head on the chosen positions    (defaults)
-    compiled       + torch.compile (default mode)                                               --compile
-    triton         compiled + the Triton kernels                                  --compile --kernels triton
+    compiled       + torch.compile (default mode)                                            --compile on
+    triton         compiled + the Triton kernels                               --compile on --kernels triton
     graphs         torch.compile "reduce-overhead" (CUDA graphs), sparse head on --per_row static slots per row
-                                                    --compile --compile_mode reduce-overhead --mask_cap K
+                                                                  --compile reduce-overhead --mask_cap K
     graphs+triton  graphs + the Triton kernels                                            ... --kernels triton
     S+unpad        stack S on the packed real tokens (tinytlm/unpad.py)                               --unpad
 
@@ -22,6 +22,7 @@ import torch
 
 from bench.common import CLS, MASK, PAD, SEP, check_matmul_params
 from tinytlm.common import UserError
+from tinytlm.config import compile_option
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.hf import hf_config
 from tinytlm.kernel_path import Impl
@@ -47,8 +48,8 @@ def flags(path) -> str:
     """The train_mlm.py flags of a path (the report's 'flags' column)."""
     if path is None:
         return "(Hugging Face)"
-    mode, cap = path["compile_mode"], path["mask_cap"]
-    f = ["--compile"] * path["compile"] + [f"--compile_mode {mode}"] * (mode != "default")
+    cap = path["mask_cap"]
+    f = [f"--compile {compile_option(path['compile'], path['compile_mode'])}"] * path["compile"]
     f += ["--kernels triton"] * (path["kernels"] == "triton") + [f"--mask_cap {cap}"] * bool(cap)
     return " ".join(f + ["--unpad"] * path.get("unpad", False)) or "(defaults)"
 
@@ -115,7 +116,7 @@ def tinytlm_stack(cfg, batches, bc, device, path):
     model = BertForMLM(cfg, impl=Impl(path["kernels"], path.get("unpad", False)))
     check_matmul_params(model)  # the FLOP formula describes this model
     raw = model
-    model = prepare_model(model, device, path["compile"], path["compile_mode"]).train()
+    model = prepare_model(model, device, compile_option(path["compile"], path["compile_mode"])).train()
     opt = make_optimizer(raw, bc.lr, 0.01, device)  # fused AdamW on CUDA
     graphs, slots = path["compile_mode"] == "reduce-overhead", path["mask_cap"]
 

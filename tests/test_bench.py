@@ -90,7 +90,7 @@ def test_gpu_session_preset_order_and_failed_kernel_tests():
     assert all(e["skip"] is None for e in plan if "triton" not in e["stack"])
     graphs = next(e for e in plan if e["stack"] == "graphs+triton")["path"]
     assert graphs == {"compile": True, "compile_mode": "reduce-overhead", "kernels": "triton", "mask_cap": 32}
-    assert train_throughput.flags(graphs) == "--compile --compile_mode reduce-overhead --kernels triton --mask_cap 32"
+    assert train_throughput.flags(graphs) == "--compile reduce-overhead --kernels triton --mask_cap 32"
 
 
 @pytest.mark.parametrize("flag, skipped", [

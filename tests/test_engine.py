@@ -219,6 +219,7 @@ def test_every_flag_has_help_and_there_are_at_most_32(script, config):
     options = [ln for ln in r.stdout.splitlines() if ln.startswith("  -")]  # one per option, aliases on its line
     assert r.returncode == 0 and 20 <= len(options) <= 32, options
     assert "--arch" in r.stdout and "--n_layer" not in r.stdout and "--mask_per_row" not in r.stdout
+    assert "--compile_mode" not in r.stdout  # folded into --compile
 
 
 def test_arch_flag_and_deprecated_wd():
@@ -228,6 +229,24 @@ def test_arch_flag_and_deprecated_wd():
         pretrain.parse(["--arch", "n_layers=2"])
     cfg, _ = finetune.parse(["--wd", "0.5"])
     assert cfg.weight_decay == 0.5
+
+
+def test_compile_is_one_option_and_old_spellings_still_read(tmp_path):
+    from tinytlm.config import from_saved
+    from tinytlm.train import AUTO_COMPILE, compile_mode
+    assert [pretrain.parse(a)[0].compile for a in ([], ["--compile"], ["--compile", "true"], ["--compile", "false"],
+                                                   ["--compile", "max-autotune"])] == \
+        ["auto", "on", "on", "off", "max-autotune"]
+    saved = {"compile": True, "compile_mode": "reduce-overhead", "ws": 10}  # a config.json of an older version
+    assert from_saved(pretrain.MLMConfig, saved).compile == "reduce-overhead"
+    assert from_saved(pretrain.MLMConfig, {"compile": False, "compile_mode": "default"}).compile == "off"
+    (tmp_path / "c.json").write_text(json.dumps({"compile": True, "compile_mode": "default"}))
+    assert pretrain.parse(["--config", str(tmp_path / "c.json")])[0].compile == "on"
+    cpu = torch.device("cpu")
+    assert [compile_mode(o, cpu) for o in ("off", "on", "reduce-overhead", "auto")] == \
+        ["", "default", "reduce-overhead", AUTO_COMPILE["cpu"]]
+    assert_one_line_error(run(["train_mlm.py", "--compile_mode", "default"]), "--compile_mode", "--compile MODE")
+    assert_one_line_error(run(["train_cls.py", "--compile-mode=reduce-overhead"]), "--compile-mode", "--compile MODE")
 
 
 def test_config_file_and_flag_precedence(tmp_path):

@@ -27,14 +27,15 @@ from tinytlm.model import BertConfig
 # one field: its default, its help and what it accepts
 
 def option(default, help: str, *, choices=None, pattern=None, low=None, above=None, also=(), kind=None, aliases=(),
-           switch=False):
+           switch=False, bare=None):
     """A config field that is a flag. help: one line for --help. choices: the values allowed; low: the
     smallest allowed (inclusive), above: a bound it must exceed; pattern: a regular expression a string must
     match whole; also: other values allowed besides (a
     sentinel such as -1 = "the task's default"); floats must be finite. kind: "file" | "dir" | "out" for
-    a path. aliases: other flag names (a deprecated spelling). switch: see `switch`."""
+    a path. aliases: other flag names (a deprecated spelling). switch: see `switch`. bare: the value of the
+    flag given without one (`--compile` = on; a bool's is True)."""
     meta = {"help": help, "choices": choices, "pattern": pattern, "low": low, "above": above, "also": tuple(also),
-            "kind": kind, "aliases": tuple(aliases), "switch": switch}
+            "kind": kind, "aliases": tuple(aliases), "switch": switch, "bare": bare}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -74,6 +75,35 @@ def validate(cfg):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE = ("off", "auto", "on") + COMPILE_MODES  # --compile: on = the default mode; auto: tinytlm/train.py's AUTO_COMPILE
+
+
+def compile_option(on, mode: str = "default") -> str:
+    """--compile's value for the two fields it replaced (compile true/false, compile_mode): old saved
+    configs, config files and bench paths."""
+    return ("on" if mode == "default" else mode) if on else "off"
+
+
+def fold_compile(d: dict) -> dict:
+    """A config dict saved before --compile took a mode: `compile: true/false` and `compile_mode` -> one value."""
+    if not isinstance(d.get("compile"), bool) and "compile_mode" not in d:
+        return d
+    d = dict(d)
+    mode = d.pop("compile_mode", "default")
+    if isinstance(d.get("compile"), bool):
+        d["compile"] = compile_option(d["compile"], mode)
+    return d
+
+
+REMOVED_FLAGS = {"--compile_mode": "--compile MODE (e.g. --compile reduce-overhead)"}
+
+
+def refuse_removed(argv):
+    """A flag this version no longer has, on a command line: a one-line error with its new spelling."""
+    for a in (sys.argv[1:] if argv is None else argv):
+        flag = a.split("=")[0].replace("-", "_").replace("__", "--", 1)
+        if flag in REMOVED_FLAGS:
+            raise UserError(f"{a.split('=')[0]} is gone: use {REMOVED_FLAGS[flag]}")
 
 
 # -----------------------------------------------------------------------------
@@ -84,9 +114,8 @@ class Switches:
     """What the training commands and the paper runner share: where a run goes and how fast, never what
     it computes (a run may change them on --resume; they are no part of a paper cell's identity)."""
     device: str = switch("auto", "auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
-    compile: bool = switch(False, "torch.compile the model (speed only)")
-    compile_mode: str = switch("default", "torch.compile mode; reduce-overhead records CUDA graphs",
-                               choices=COMPILE_MODES)
+    compile: str = switch("auto", "torch.compile: off | auto (where it pays, docs/kernels-and-speed.md) | on | a "
+                          "mode (reduce-overhead records CUDA graphs); --compile alone = on", choices=COMPILE, bare="on")
     kernels: str = switch("torch", "attention/conv-stem kernels: torch (the reference) or triton",
                           choices=("torch", "triton"))
     unpad: bool = switch(False, "run on the packed real tokens, not the padding (tinytlm/unpad.py)")
@@ -95,6 +124,8 @@ class Switches:
                       kind="dir")
 
     def __post_init__(self):
+        # the old boolean spellings (--compile true, "compile": false in a config file) stay readable
+        self.compile = {"true": "on", "false": "off"}.get(str(self.compile).lower(), self.compile)
         validate(self)
 
     def impl(self) -> Impl:
@@ -147,7 +178,8 @@ def add_dataclass_args(ap, cls, group_title=None, only=None):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         aliases = f.metadata.get("aliases", ())
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []) + list(aliases)
-        flag = {"nargs": "?", "const": True} if isinstance(default, bool) else {}  # `--compile` = true
+        bare = True if isinstance(default, bool) else f.metadata.get("bare")
+        flag = {"nargs": "?", "const": bare} if bare is not None else {}  # `--quiet` = true, `--compile` = on
         help = f.metadata.get("help", "") + "".join(f" ({a}: a deprecated alias)" for a in aliases)
         action = g.add_argument(*names, dest=f.name, type=_arg_type(default), **flag, default=default,
                                 help=f"{help} (default {default!r})" if help else f"(default {default!r})")
@@ -198,11 +230,12 @@ def run_parser(cls, doc: str, title: str) -> ArgParser:
 def parse_run_args(cls, doc: str, title: str, argv=None):
     """(script config, model overrides) from the command line: the script's dataclass flags, `--arch`
     and `--config FILE`. Unknown flags and keys, and bad values, are one-line errors."""
+    refuse_removed(argv)
     ap = run_parser(cls, doc, title)
     pre, _ = ap.parse_known_args(argv)
     file_arch = {}
     if pre.config:
-        values = read_json(pre.config, "config")
+        values = fold_compile(read_json(pre.config, "config"))
         fields = {f.name: f for f in dataclasses.fields(cls)}
         aliases = {a.lstrip("-"): f.name for f in fields.values() for a in f.metadata.get("aliases", ())}
         values = {aliases.get(k, k): v for k, v in values.items()}
@@ -244,7 +277,7 @@ DROPPED = {"mask_per_row": 0}  # fields gone since, that a saved config may hold
 def from_saved(cls, saved: dict):
     """A config saved by an earlier version (stack.json, a checkpoint's train_config): renamed fields under
     their new name, dropped ones left out (an old run that used one in earnest is refused)."""
-    d = {RENAMED.get(k, k): v for k, v in saved.items()}
+    d = {RENAMED.get(k, k): v for k, v in fold_compile(saved).items()}
     for k, neutral in DROPPED.items():
         if d.pop(k, neutral) != neutral:
             raise UserError(f"a saved config uses --{k} {saved[k]}, which this version no longer has")

@@ -58,11 +58,12 @@ class Dist:
             torch.manual_seed((torch.initial_seed() * 1_000_003 + self.rank) % (1 << 63))
 
     def wrap(self, model, device, compile_mode: str):
-        """DDP around the (compiled) model; CUDA graphs and DDP's hooks do not mix."""
+        """DDP around the (compiled) model; compile_mode: the resolved torch.compile mode ("" = eager). CUDA
+        graphs and DDP's hooks do not mix."""
         if not self.on:
             return model
         if compile_mode == "reduce-overhead":
-            raise UserError("--compile_mode reduce-overhead (CUDA graphs) does not run under torchrun; use default")
+            raise UserError("--compile reduce-overhead (CUDA graphs) does not run under torchrun; use --compile on")
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from tinytlm.common import ArgParser, UserError, add_option, cli, home
-from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args
+from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args, refuse_removed
 from tinytlm.paper_analyze import analyze_table
 from tinytlm.paper_cells import Runner, run_table
 from tinytlm.paper_overlap import overlap
@@ -122,6 +122,7 @@ def parser() -> ArgParser:
 
 
 def parse(argv=None):
+    refuse_removed(argv)  # --compile_mode: one line with the new spelling
     return parser().parse_args(argv)
 
 
@@ -141,7 +142,7 @@ def runner_of(args) -> Runner:
     """The runner of a command line: its mode, paths, device and speed switches (validated as the training
     commands validate them: tinytlm.config.Switches)."""
     sw = dataclass_from_args(Switches, args)
-    speed = {"compile": sw.compile, "compile_mode": sw.compile_mode, "kernels": sw.kernels, "unpad": sw.unpad}
+    speed = {"compile": sw.compile, "kernels": sw.kernels, "unpad": sw.unpad}
     mode = "plan" if args.plan else "report" if args.report else "run"
     return Runner(args.cache, sw.device, sw.data, sw.raw, mode=mode, records=args.results / "cells" / args.scale,
                   scale=args.scale, speed=speed, stack=not args.no_stack)

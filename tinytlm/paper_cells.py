@@ -149,7 +149,7 @@ class Runner:
     """The cells of tables: finished ones looked up (Records), missing ones computed (mode "run"), listed with
     the sequences they stand for (mode "plan") or left out (mode "report").
 
-    speed: train_mlm/train_cls flags that change speed, not results (compile, compile_mode, kernels, unpad,
+    speed: train_mlm/train_cls flags that change speed, not results (compile, kernels, unpad,
     save_every). stack: train a row's missing seeds as one stacked model (tinytlm/members.py; less time),
     else each alone; one seed is a stack of one."""
 

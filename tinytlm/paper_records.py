@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tinytlm.common import git_revision, read_json, write_json
+from tinytlm.config import fold_compile
 
 
 class Records:
@@ -91,4 +92,5 @@ def mlm_summary(run_dir: Path, seconds=None, mean_apt=None) -> dict:
 
 def path_of(cfg: dict) -> dict:
     """The speed switches a run used (they do not change what is computed, but are worth knowing)."""
-    return {k: cfg.get(k) for k in ("compile", "compile_mode", "kernels", "unpad")}
+    cfg = fold_compile(cfg)  # a config from before --compile took a mode
+    return {k: cfg.get(k) for k in ("compile", "kernels", "unpad")}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tinytlm.common import write_json
+from tinytlm.config import fold_compile
 from tinytlm.paper_records import last_record
 
 
@@ -107,11 +108,13 @@ def _short_device(name: str) -> str:
 
 
 def path_text(p) -> str:
-    """'eager' or 'compiled (mode)', and the kernels: how a cell was run (speed only)."""
+    """'eager', 'compile auto' or 'compiled (mode)', and the kernels: how a cell was run (speed only; a record
+    from before --compile took a mode has compile true/false and compile_mode)."""
     if not p:
         return ""
-    mode = "" if p.get("compile_mode") in (None, "default") else f" ({p['compile_mode']})"
-    return ("compiled" + mode if p.get("compile") else "eager") + f", kernels {p.get('kernels')}"
+    c = fold_compile(p).get("compile") or "off"
+    how = {"off": "eager", "auto": "compile auto", "on": "compiled"}.get(c, f"compiled ({c})")
+    return how + f", kernels {p.get('kernels')}"
 
 
 def provenance(out: dict) -> list:

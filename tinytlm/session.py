@@ -24,8 +24,8 @@ from tinytlm.checkpoint import build_model, save_members, set_rng_state
 from tinytlm.common import Interrupted, UserError, read_json, write_json
 from tinytlm.dist import Dist
 from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
-from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, deferred_sigint, grad_norms,
-                           interrupt_step, make_optimizer, prepare_model, resolve_device)
+from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, compile_mode, deferred_sigint,
+                           grad_norms, interrupt_step, make_optimizer, prepare_model, resolve_device)
 
 
 @dataclass
@@ -86,7 +86,8 @@ def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds
     """The rest of the setup, alike for both loops: device, compile and DDP; AdamW; when resuming, the
     optimizer, RNG and step of the checkpoints; each member's run log (header first)."""
     outs = [Path(o) for o in outs]
-    prepared = d.wrap(prepare_model(model, device, cfg.compile, cfg.compile_mode), device, cfg.compile_mode)
+    mode = compile_mode(cfg.compile, device)  # "" = eager
+    prepared = d.wrap(prepare_model(model, device, mode or "off"), device, mode)
     opt = make_optimizer(model, lr, wd, device)
     stack = {"seeds": seeds, "members": [str(o) for o in outs]} if len(outs) > 1 else None
     logs = [RunLog(o, {**c, "world_size": d.world}, device, resume=bool(states), stack=stack) if d.main
@@ -94,7 +95,7 @@ def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds
     s = Session(d, device, prepared, model, opt, list(model.parameters()), outs, seeds, logs,
                 NonFinite(outs, seeds, device, "try a lower --lr, or --grad_clip" if hasattr(cfg, "grad_clip") else
                           "try a lower --lr"),
-                graphs=cfg.compile and cfg.compile_mode == "reduce-overhead", interrupt_at=interrupt_step(),
+                graphs=mode == "reduce-overhead", interrupt_at=interrupt_step(),
                 grad_clip=grad_clip)
     if states:
         opt.load_state_dict(stack_optimizer_states(model, [st["optimizer"] for st in states]) if len(outs) > 1

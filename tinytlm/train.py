@@ -16,7 +16,8 @@ import torch
 
 from tinytlm.common import UserError, default_data_root, default_raw_root, git_revision, write_json
 # (re-exported: bench/ and the paper runner import these from here)
-from tinytlm.config import COMPILE_MODES, add_dataclass_args, dataclass_from_args, switch, switches  # noqa: F401
+from tinytlm.config import (COMPILE, COMPILE_MODES, add_dataclass_args, dataclass_from_args, switch,  # noqa: F401
+                            switches)
 
 
 # -----------------------------------------------------------------------------
@@ -88,16 +89,29 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def prepare_model(model, device, compile=False, compile_mode="default"):
-    """Move to device, optionally torch.compile. The implementations (kernels, unpad) are the model's own,
-    chosen when it was built (tinytlm/kernel_path.py's Impl). compile_mode "reduce-overhead" records CUDA
-    graphs: the batch-32 regime is launch-bound, and with static shapes (--mask_cap k: the sparse head's
-    slots) one graph is replayed every step."""
-    if compile_mode not in COMPILE_MODES:
-        raise UserError(f"--compile_mode {compile_mode!r}: choose {', '.join(COMPILE_MODES)}")
+# --compile auto, per device type: "" = eager, else a torch.compile mode. CPU: measured with bench/cpu.py's
+# compile section (bench/README.md, "CPU"); CUDA: today's eager default, not measured for auto.
+AUTO_COMPILE = {"cpu": "", "cuda": ""}
+
+
+def compile_mode(option: str, device) -> str:
+    """The torch.compile mode --compile asks for on device: "" (eager) or one of COMPILE_MODES."""
+    if option not in COMPILE:
+        raise UserError(f"--compile {option!r}: choose {', '.join(COMPILE)}")
+    if option == "auto":
+        return AUTO_COMPILE.get(device.type, "")
+    return {"off": "", "on": "default"}.get(option, option)
+
+
+def prepare_model(model, device, compile="off"):
+    """Move to device and torch.compile it as --compile asks (off | auto | on | a mode). The implementations
+    (kernels, unpad) are the model's own, chosen when it was built (tinytlm/kernel_path.py's Impl). Mode
+    "reduce-overhead" records CUDA graphs: the batch-32 regime is launch-bound, and with static shapes
+    (--mask_cap k: the sparse head's slots) one graph is replayed every step."""
+    mode = compile_mode(compile, device)
     model.impl.check_device(device)
     model.to(device)
-    return torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
+    return torch.compile(model, mode=None if mode == "default" else mode) if mode else model
 
 
 def make_optimizer(model, lr, weight_decay, device):
