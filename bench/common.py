@@ -193,6 +193,18 @@ def free_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def import_transformers():
+    """transformers, with its Hub-kernels integration off: where the Hub's `kernels` package is installed,
+    transformers imports it when a model module loads, and from the repository root finds this checkout's
+    kernels/ first, which lacks the Hub's names (ImportError: cannot import name 'CUDAProperties'). Nothing
+    here uses Hub kernels."""
+    import transformers
+    import transformers.utils as tu
+    from transformers.utils import import_utils
+    import_utils.is_kernels_available = tu.is_kernels_available = lambda *a, **k: False
+    return transformers
+
+
 # -----------------------------------------------------------------------------
 # result files
 

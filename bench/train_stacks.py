@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CLS, MASK, PAD, SEP, check_matmul_params
+from bench.common import CLS, MASK, PAD, SEP, check_matmul_params, import_transformers
 from tinytlm.common import UserError
 from tinytlm.config import compile_option
 from tinytlm.data import mask_generator, mask_tokens
@@ -85,10 +85,11 @@ def make_batches(cfg: BertConfig, B: int, bc, device, cap: int, n: int = 4) -> l
 # -----------------------------------------------------------------------------
 # stacks: each returns (step(i), note)
 
-def hf_stack(cfg, batches, bc, device, path):
+def hf_stack(cfg, batches, bc, device, path, precision="fp32"):
     """transformers.BertForMaskedLM as the paper's code trains it: SDPA attention, fp16 autocast + GradScaler on
-    CUDA, the dense head over all B*T positions with labels, AdamW (foreach)."""
-    import transformers
+    CUDA, the dense head over all B*T positions with labels, AdamW (foreach). On CPU: fp32, or bf16 autocast with
+    precision "bf16" (bench/cpu.py)."""
+    transformers = import_transformers()
     if cfg.n_conv:
         raise NotImplementedError("n/a: a conv stem has no Hugging Face equivalent")
     hcfg = transformers.BertConfig(**hf_config(cfg), attn_implementation="sdpa")
@@ -96,7 +97,9 @@ def hf_stack(cfg, batches, bc, device, path):
     opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=0.01)  # foreach on CUDA by default
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=cuda)
-    amp = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    cpu_bf16 = not cuda and precision == "bf16"
+    amp = torch.autocast("cuda", dtype=torch.float16) if cuda else \
+        torch.autocast("cpu", dtype=torch.bfloat16) if cpu_bf16 else contextlib.nullcontext()
 
     def step(i):
         x, am, y = batches[i % len(batches)]
@@ -107,7 +110,7 @@ def hf_stack(cfg, batches, bc, device, path):
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    amp_note = "fp16 autocast + GradScaler" if cuda else "fp32 (CPU)"
+    amp_note = "fp16 autocast + GradScaler" if cuda else "bf16 autocast (CPU)" if cpu_bf16 else "fp32 (CPU)"
     return step, f"attn {model.config._attn_implementation}, {amp_note}, dense head, AdamW foreach"
 
 

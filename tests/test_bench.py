@@ -119,3 +119,31 @@ def test_an_unusable_probe_falls_back_to_the_default_peak(tmp_path, capsys):
         peak, source = read_peak(probe, 790.0)
         assert peak == 790.0 and "unusable" in source
     assert "warning" in capsys.readouterr().err
+
+
+def test_cpu_quick_writes_every_section_with_positive_finite_ratios(tmp_path, roots):
+    """bench/cpu.py --quick (shrunk sizes): the JSON holds every section, the facts a reader needs (command, CPU
+    model and flags, revision, load), and its ratios are positive and finite. Speeds are not asserted."""
+    import math
+    raw, _ = roots
+    out = tmp_path / "cpu.json"
+    r = subprocess.run([sys.executable, "bench/cpu.py", "--quick", "--raw", str(raw), "--json", str(out), "--out",
+                        str(tmp_path / "cpu.md")], cwd=REPO, env={**os.environ, "PYTHONPATH": "."},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["complete"] and res["command"].startswith("PYTHONPATH=. python bench/cpu.py --quick")
+    assert res["cpu"]["model"] and res["cpu"]["flags"] and res["git"] and len(res["load_before"]) == 3
+    assert {"peaks_gflops", "steps", "members", "hf", "compile", "load_after"} <= set(res)
+    ratios = list(res["peaks_gflops"].values())
+    ratios += [x for c in res["steps"]["cases"] for x in c["speedup"].values()]
+    ratios += [t["of_peak"] for c in res["steps"]["cases"] for t in c["timings"].values()]
+    ratios += [res["members"]["stacked_over_single"]]
+    ratios += [x for c in res["hf"]["cases"] for x in c["ours_over_hf"].values()]
+    ratios += [c["steady_speedup"] for c in res["compile"]["cases"]]
+    assert len(ratios) == 2 + 2 * 2 + 2 * 3 + 1 + 2 + 4 and all(math.isfinite(x) and x > 0 for x in ratios), ratios
+    assert {c["kind"] for c in res["steps"]["cases"]} == {"mlm", "cls"}
+    assert res["steps"]["variants"]["baseline"] == {"precision": "fp32", "head": "plain", "compile": "off",
+                                                    "members": 1, "name": "fp32 eager plain-head"}
+    md = (tmp_path / "cpu.md").read_text()
+    assert "K = 2 stacked vs 2 single runs" in md and "BertForMaskedLM" in md and "flags of note" in md

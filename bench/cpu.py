@@ -1,0 +1,261 @@
+"""This CPU's speed ratios in one run (issue 21): what the defaults buy over today's fp32 eager, stacked members
+against one by one, our step against Hugging Face's, and how close it all comes to the matmul peaks.
+
+    PYTHONPATH=. python bench/cpu.py              # the full run: ~15 minutes on a shared 2-core machine
+    PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes, well under a minute: proves it runs, not speeds
+
+Sections (every ratio is measured in this run, on this machine):
+  peaks     the bf16 and fp32 matmul rates (GFLOP/s, best of repeats, --matmul_n square; bench/probe.py).
+  steps     per model (--models) and kind (MLM pre-training, classification fine-tuning): one optimizer step of
+            each variant (bench/cpu_steps.py: {precision, head, compile, members}) on the same batch (--batch x
+            --seq_len), interleaved rounds (bench/common.py interleaved_ms; medians): the default variant (what
+            train_mlm.py / train_cls.py do by default here), bf16 autocast, and today's fp32 eager plain head
+            (the baseline); seq/s, achieved GFLOP/s (bench/common.py train_flops) and its share of the peak of
+            the variant's precision, speed-up over the baseline.
+  members   K = --members stacked (train_mlm.py --seeds 0..K-1) vs K single runs (--seed k) of the same work:
+            the real commands as subprocesses, start-up included as a user pays it, on prepared data (prepared
+            before the clock starts, in a temporary data root); `tiny`, --member_ws rows, one epoch.
+  hf        our MLM step vs transformers' BertForMaskedLM (bench/train_stacks.py hf_stack: dense head over every
+            position), fp32 and bf16 autocast, on the same batch, interleaved.
+  compile   torch.compile (inductor's CPU code) at the demo's size (tinytlm/demo.py: `tiny`, batch 32, 375 MLM
+            steps, 3 x 375 fine-tuning steps): each case in a fresh process with an empty inductor cache (a cold
+            compile, as a first run pays it); compile s (the first calls over the steady rate), eager and
+            compiled ms/step, the steps after which compiling pays, and whether it pays in the demo's runs.
+            tinytlm/train.py's AUTO_COMPILE (--compile auto) is set from this section.
+
+Results: --json and the markdown report (--out; default bench/results/<date>-cpu-cpu.{md,json}; --quick writes
+none unless asked) with the command, CPU model and flags (/proc/cpuinfo), git revision, and the machine's load
+(os.getloadavg) before and after: a shared machine's numbers move, its ratios less so.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import REPO, interleaved_ms, result_path, run_header, utc_now, versions, write_report
+from bench.cpu_report import cpu_facts, markdown
+from bench.cpu_steps import BASELINE, batch, default_variant, flops, step_fn, variant_name
+from bench.probe import matmul_rate
+from tinytlm.common import ArgParser, cli, default_raw_root, git_revision, write_json
+from tinytlm.model import BertConfig
+from tinytlm.train import add_dataclass_args, dataclass_from_args
+
+CPU = torch.device("cpu")
+DEMO = {"model": "tiny", "batch": 32, "mlm_steps": 375, "finetune_steps": 3 * 375}  # tinytlm/demo.py's defaults
+QUICK_ARCH = "n_layer=1,n_head=2,head_dim=32"  # --quick: one small block
+
+
+@dataclass
+class CpuConfig:
+    models: str = "tiny,bert1"  # BertConfig presets of the steps section, comma-separated
+    batch: int = 32  # sequences per step
+    seq_len: int = 128  # T, tokens per sequence
+    rounds: int = 0  # interleaved timed rounds per comparison (medians); 0 = auto: 7, --quick 2
+    matmul_n: int = 2048  # the peaks' square matmul size
+    members: int = 5  # K of the members section
+    member_ws: int = 640  # members section: Wikipedia rows each run pre-trains on (one epoch of batch --batch)
+    sections: str = "peaks,steps,members,hf,compile"  # which to run, comma-separated
+    quick: bool = False  # shrunk sizes (well under a minute): proves the code runs, numbers mean nothing
+    seed: int = 0  # batches and weights
+    raw: str = ""  # members section: raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)
+    out: str = ""  # markdown report; default bench/results/<date>-cpu-cpu.md (none with --quick)
+    json: str = ""  # machine-readable results; default beside the report
+    compile_case: str = ""  # internal: KIND,PRECISION,MODEL,COMPILED -- one compile case in this process
+
+
+def parse(argv=None) -> CpuConfig:
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
+    add_dataclass_args(ap, CpuConfig)
+    c = dataclass_from_args(CpuConfig, ap.parse_args(argv))
+    if c.quick:
+        c.models, c.batch, c.seq_len, c.matmul_n, c.members, c.member_ws = "tiny", 8, 32, 256, 2, 16
+    c.rounds = c.rounds or (2 if c.quick else 7)
+    return c
+
+
+def model_cfg(name: str, c: CpuConfig) -> BertConfig:
+    from tinytlm.config import arch_overrides
+    return BertConfig.preset(name, **(arch_overrides(QUICK_ARCH) if c.quick else {}))
+
+
+# -----------------------------------------------------------------------------
+# sections
+
+def peaks(c: CpuConfig) -> dict:
+    """GFLOP/s of the n x n matmul in bf16 and fp32 (best of repeats)."""
+    iters = 3 if c.quick else 10
+    return {p: matmul_rate(CPU, c.matmul_n, dt, 2, iters, 5)["tflops"] * 1e3
+            for p, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+
+
+def timed_variants(kind: str, cfg: BertConfig, variants: dict, c: CpuConfig, pk: dict) -> dict:
+    """{name: {variant, ms, seq_per_s, gflops, of_peak}}: every variant on the same batch, interleaved."""
+    b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
+    fns = {name: step_fn(kind, cfg, v, b) for name, v in variants.items()}
+    for f in fns.values():  # warm-up: the first calls allocate (and a compiled variant compiles)
+        f(), f()
+    ms = interleaved_ms(fns, c.rounds, CPU)
+    out = {}
+    for name, v in variants.items():
+        K, s = v["members"], ms[name] / 1e3
+        gflops = K * flops(kind, cfg, b) / s / 1e9
+        out[name] = {"variant": v, "ms": ms[name], "seq_per_s": K * c.batch / s, "gflops": gflops,
+                     "of_peak": gflops / pk[v["precision"]]}
+    return out
+
+
+def steps(c: CpuConfig, pk: dict) -> dict:
+    """Per model and kind: default, bf16 and the baseline; speed-ups over the baseline."""
+    default = default_variant(CPU)
+    variants = {"default": default, "bf16": {**BASELINE, "precision": "bf16"}, "baseline": BASELINE}
+    out = {"variants": {k: {**v, "name": variant_name(v)} for k, v in variants.items()}, "cases": []}
+    for model in c.models.split(","):
+        for kind in ("mlm", "cls"):
+            t = timed_variants(kind, model_cfg(model, c), variants, c, pk)
+            out["cases"].append({"model": model, "kind": kind, "timings": t,
+                                 "speedup": {k: t["baseline"]["ms"] / t[k]["ms"] for k in ("default", "bf16")}})
+            print(f"steps {model} {kind}: " + ", ".join(f"{k} {t[k]['seq_per_s']:.1f} seq/s" for k in t), flush=True)
+    return out
+
+
+def hf(c: CpuConfig, pk: dict) -> dict:
+    """Our MLM step vs BertForMaskedLM, fp32 and bf16 autocast, one batch, interleaved."""
+    from types import SimpleNamespace
+
+    from bench.train_stacks import hf_stack
+    out = []
+    for model in c.models.split(","):
+        cfg = model_cfg(model, c)
+        b = batch("mlm", cfg, c.batch, c.seq_len, c.seed)
+        fns = {}
+        for p in ("fp32", "bf16"):
+            fns[f"ours {p}"] = step_fn("mlm", cfg, {**BASELINE, "precision": p}, b)
+            fns[f"hf {p}"] = hf_stack(cfg, [(b["x"], b["am"].long(), b["y"])], SimpleNamespace(lr=5.5e-5), CPU,
+                                      None, precision=p)[0]
+        fns = {k: (lambda f=f: f(0)) if k.startswith("hf") else f for k, f in fns.items()}
+        for f in fns.values():
+            f(), f()
+        ms = interleaved_ms(fns, c.rounds, CPU)
+        out.append({"model": model, "ms": ms, "seq_per_s": {k: c.batch / (v / 1e3) for k, v in ms.items()},
+                    "ours_over_hf": {p: ms[f"hf {p}"] / ms[f"ours {p}"] for p in ("fp32", "bf16")}})
+        print(f"hf {model}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()), flush=True)
+    return {"cases": out}
+
+
+def members(c: CpuConfig) -> dict:
+    """K stacked vs K single train_mlm.py runs, wall time of the commands (start-up included)."""
+    from tinytlm.wikipedia import ensure_wiki
+    with tempfile.TemporaryDirectory() as tmp:
+        data, raw = Path(tmp) / "data", Path(c.raw) if c.raw else default_raw_root()
+        ensure_wiki(c.member_ws, raw, data, quiet=True)  # prepared before the clock starts
+        base = [sys.executable, str(REPO / "train_mlm.py"), "--model", "tiny", "--ws", str(c.member_ws),
+                "--epochs", "1", "--batch_size", str(c.batch), "--lr", "5e-4", "--data", str(data), "--raw", str(raw),
+                "--device", "cpu"] + (["--arch", QUICK_ARCH] if c.quick else [])
+        seeds = list(range(c.members))
+        runs = {"stacked": [base + ["--seeds", ",".join(map(str, seeds)), "--out", f"{tmp}/stack"]],
+                "single": [base + ["--seed", str(s), "--out", f"{tmp}/s{s}"] for s in seeds]}
+        wall = {}
+        for name in ("single", "stacked"):
+            t0 = time.perf_counter()
+            for cmd in runs[name]:
+                subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tmp)
+            wall[name] = time.perf_counter() - t0
+    steps_each = math.ceil(c.member_ws / c.batch)
+    print(f"members K={c.members}: single {wall['single']:.1f} s, stacked {wall['stacked']:.1f} s", flush=True)
+    return {"K": c.members, "model": "tiny", "ws": c.member_ws, "steps_per_member": steps_each,
+            "commands": {k: " ".join(v[0][1:]).replace(str(REPO) + "/", "").replace(tmp, "$TMP")
+                         for k, v in runs.items()},
+            "wall_s": wall, "stacked_over_single": wall["single"] / wall["stacked"]}
+
+
+# -----------------------------------------------------------------------------
+# compile: one case per fresh process, a cold inductor cache
+
+def compile_case(spec: str, c: CpuConfig) -> dict:
+    """In this process: KIND,PRECISION,MODEL,COMPILED -> first call s, warm-up s, steady ms/step."""
+    kind, precision, model, compiled = spec.split(",")
+    cfg = model_cfg(model, c)
+    v = {**BASELINE, "precision": precision, "compile": "on" if compiled == "1" else "off"}
+    f = step_fn(kind, cfg, v, batch(kind, cfg, c.batch, c.seq_len, c.seed))
+    t0 = time.perf_counter()
+    f()
+    first = time.perf_counter() - t0
+    for _ in range(2):
+        f()
+    warm = time.perf_counter() - t0
+    n = 2 if c.quick else 10
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    ms = (time.perf_counter() - t0) * 1e3 / n
+    return {"first_s": first, "warmup_s": warm, "ms": ms, "compile_s": max(0.0, warm - 3 * ms / 1e3)}
+
+
+def cold_case(spec: str, c: CpuConfig) -> dict:
+    """compile_case in a fresh process with an empty inductor cache (--quick: in this process, and the
+    "compiled" case eager: a cold compile alone takes a minute here)."""
+    if c.quick:
+        return compile_case(spec[:-1] + "0", c)
+    with tempfile.TemporaryDirectory() as cache:
+        argv = [sys.executable, __file__, "--compile_case", spec, "--batch", str(c.batch), "--seq_len", str(c.seq_len)]
+        p = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)})
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def compile_section(c: CpuConfig) -> dict:
+    model, out = ("tiny" if not c.quick else c.models.split(",")[0]), []
+    for kind, steps_ in (("mlm", DEMO["mlm_steps"]), ("cls", DEMO["finetune_steps"])):
+        for precision in ("fp32", "bf16"):
+            r = {name: cold_case(f"{kind},{precision},{model},{flag}", c) for name, flag in (("eager", "0"),
+                                                                                             ("compiled", "1"))}
+            gain_s = (r["eager"]["ms"] - r["compiled"]["ms"]) / 1e3  # per step
+            cost = r["compiled"]["compile_s"]
+            pays_after = cost / gain_s if gain_s > 0 else None  # None: never (compiled steps are slower)
+            out.append({"kind": kind, "precision": precision, "model": model, **r, "steady_speedup":
+                        r["eager"]["ms"] / r["compiled"]["ms"], "pays_after_steps": pays_after,
+                        "demo_steps": steps_, "pays_in_demo": pays_after is not None and pays_after < steps_})
+            print(f"compile {kind} {precision}: eager {r['eager']['ms']:.0f} ms, compiled {r['compiled']['ms']:.0f} ms,"
+                  f" compile {cost:.0f} s", flush=True)
+    return {"demo": DEMO, "quick": c.quick, "cases": out}
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    c = parse(argv)
+    if c.compile_case:
+        print(json.dumps(compile_case(c.compile_case, c)))
+        return None
+    md = result_path("cpu", CPU, c.out, c.quick)
+    js = Path(c.json) if c.json else md.with_suffix(".json") if md else None
+    res = {"date": utc_now(), "command": "PYTHONPATH=. python " + " ".join(["bench/cpu.py", *sys.argv[1:]]),
+           "git": git_revision(), "versions": versions(), "cpu": cpu_facts(), "threads": torch.get_num_threads(),
+           "config": asdict(c), "load_before": os.getloadavg(), "complete": False}
+    wanted = c.sections.split(",")
+    pk = peaks(c)  # every other section's GFLOP/s is read against these
+    res["peaks_gflops"] = pk
+    print(f"peaks: bf16 {pk['bf16']:.0f} GFLOP/s, fp32 {pk['fp32']:.0f} GFLOP/s", flush=True)
+    for name, fn in (("steps", lambda: steps(c, pk)), ("members", lambda: members(c)), ("hf", lambda: hf(c, pk)),
+                     ("compile", lambda: compile_section(c))):
+        if name in wanted:
+            res[name] = fn()
+            if js:
+                write_json(js, res)
+    res.update(load_after=os.getloadavg(), complete=True)
+    if js:
+        write_json(js, res)
+    write_report(md, "CPU speed ratios (bench/cpu.py)", run_header(CPU, asdict(c)), markdown(res))
+    return res
+
+
+if __name__ == "__main__":
+    cli(main)

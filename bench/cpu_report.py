@@ -1,0 +1,70 @@
+"""bench/cpu.py's report: the CPU's facts (/proc/cpuinfo) and the markdown sections of a result."""
+import platform
+from pathlib import Path
+
+from bench.common import markdown_table
+
+FLAGS_OF_NOTE = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma")
+
+
+def cpu_facts(cpuinfo: str = None) -> dict:
+    """{"model", "cores" (logical), "flags" (all), "of_note" (those that decide bf16 and vector speed)}."""
+    if cpuinfo is None:
+        p = Path("/proc/cpuinfo")
+        cpuinfo = p.read_text(errors="replace") if p.is_file() else ""
+    model, flags, cores = platform.processor() or platform.machine(), [], 0
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            cores += 1
+        elif key == "model name" and not flags:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = value.split()
+    return {"model": model, "cores": cores, "flags": flags, "of_note": [f for f in FLAGS_OF_NOTE if f in flags]}
+
+
+def _f(x, digits=1) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(res: dict) -> list:
+    """The report's sections (bench/common.py write_report adds the title and the header)."""
+    cpu, pk = res["cpu"], res["peaks_gflops"]
+    out = [f"- CPU: {cpu['model']}, {cpu['cores']} logical cores, {res['threads']} threads; flags of note: "
+           f"{', '.join(cpu['of_note']) or 'none'}\n- machine load (1/5/15 min) before: "
+           f"{', '.join(f'{x:.2f}' for x in res['load_before'])}; after: "
+           f"{', '.join(f'{x:.2f}' for x in res.get('load_after', ()))}\n"
+           f"- matmul peaks ({res['config']['matmul_n']}^2): bf16 {pk['bf16']:.0f} GFLOP/s, fp32 {pk['fp32']:.0f} GFLOP/s"]
+    if "steps" in res:
+        v = res["steps"]["variants"]
+        rows = [{"model": c["model"], "kind": c["kind"], "variant": f"{k}: {v[k]['name']}", "ms/step": _f(t["ms"], 0),
+                 "seq/s": _f(t["seq_per_s"]), "GFLOP/s": _f(t["gflops"]), "of peak": f"{100 * t['of_peak']:.0f}%",
+                 "x baseline": _f(c["speedup"].get(k, 1.0), 2)}
+                for c in res["steps"]["cases"] for k, t in c["timings"].items()]
+        out.append("## Steps: default vs today's fp32 eager (same batch, interleaved medians)\n\n" + markdown_table(
+            ["model", "kind", "variant", "ms/step", "seq/s", "GFLOP/s", "of peak", "x baseline"], rows))
+    if "members" in res:
+        m = res["members"]
+        out.append(f"## K = {m['K']} stacked vs {m['K']} single runs (`tiny`, {m['ws']} rows, "
+                   f"{m['steps_per_member']} steps each; wall time, start-up included)\n\n"
+                   f"- single: {m['wall_s']['single']:.1f} s (`{m['commands']['single']}` for each seed)\n"
+                   f"- stacked: {m['wall_s']['stacked']:.1f} s (`{m['commands']['stacked']}`)\n"
+                   f"- stacked / single speed: **{m['stacked_over_single']:.2f}x**")
+    if "hf" in res:
+        rows = [{"model": c["model"], **{f"{k} ms": _f(ms, 0) for k, ms in c["ms"].items()},
+                 **{f"ours / hf {p}": _f(r, 2) for p, r in c["ours_over_hf"].items()}} for c in res["hf"]["cases"]]
+        out.append("## Our MLM step vs transformers' BertForMaskedLM (same batch)\n\n" +
+                   markdown_table(list(rows[0]), rows))
+    if "compile" in res:
+        rows = [{"kind": c["kind"], "precision": c["precision"], "eager ms": _f(c["eager"]["ms"], 0),
+                 "compiled ms": _f(c["compiled"]["ms"], 0), "cold compile s": _f(c["compiled"]["compile_s"]),
+                 "steady speed-up": _f(c["steady_speedup"], 2),
+                 "pays after (steps)": "never" if c["pays_after_steps"] is None else f"{c['pays_after_steps']:.0f}",
+                 "demo steps": c["demo_steps"], "pays in the demo": "yes" if c["pays_in_demo"] else "no"}
+                for c in res["compile"]["cases"]]
+        how = "--quick: both eager, nothing compiled" if res["compile"].get("quick") else "cold cache"
+        out.append(f"## torch.compile at the demo's size (`{res['compile']['cases'][0]['model']}`, {how})\n\n" +
+                   markdown_table(list(rows[0]), rows))
+    return out

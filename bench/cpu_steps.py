@@ -1,0 +1,103 @@
+"""The training steps bench/cpu.py times on a CPU: one per variant, a variant being data,
+
+    {"precision": "fp32" | "bf16", "head": "plain" | ..., "compile": a --compile value, "members": K}
+
+so that a new option slots in as one more key. precision bf16 is `torch.autocast("cpu", dtype=torch.bfloat16)`
+around the forward (master weights and AdamW state stay fp32, as train_mlm.py's --precision bf16); head is the
+MLM head implementation (tinytlm/kernel_path.py's Impl field `head` where this version has one; "plain" where
+it has not); compile goes through tinytlm.train.prepare_model as --compile does; members K > 1 is one stacked
+model of K members (tinytlm/members.py), each fed the same batch.
+
+`default_variant` is what train_mlm.py / train_cls.py do by default on this machine, read from the options this
+version has (getattr with a default: --precision and the head field may not exist yet): its precision is
+--precision's default resolved for this CPU, else fp32 (a version without --precision trains in fp32).
+"""
+import contextlib
+import dataclasses
+
+import torch
+
+from bench.common import CLS, MASK, PAD, SEP, token_batch, train_flops
+from tinytlm.config import Switches
+from tinytlm.data import mask_generator, mask_tokens
+from tinytlm.kernel_path import Impl
+from tinytlm.mlm_rows import mlm_rows
+from tinytlm.model import BertConfig, BertForClassification, BertForMLM
+from tinytlm.train import compile_mode, make_optimizer, prepare_model
+
+BASELINE = {"precision": "fp32", "head": "plain", "compile": "off", "members": 1}  # before issue 21: fp32, eager
+N_LABELS = 4  # the classifier's outputs (AG News)
+
+
+def default_variant(device) -> dict:
+    """The variant a run gets by default on this machine (see the module docstring)."""
+    sw = Switches()
+    precision = getattr(sw, "precision", None)
+    if precision is not None:
+        from tinytlm.precision import resolve_precision
+        precision = resolve_precision(precision, device)
+    mode = compile_mode(sw.compile, device)
+    return {"precision": precision or "fp32", "head": getattr(Impl(), "head", "plain"),
+            "compile": mode or "off", "members": 1}
+
+
+def variant_name(v: dict) -> str:
+    """'fp32 eager plain-head' style: what differs is readable in a table."""
+    comp = "eager" if v["compile"] == "off" else f"compile {v['compile']}"
+    return f"{v['precision']} {comp} {v['head']}-head" + (f" K={v['members']}" if v["members"] > 1 else "")
+
+
+def impl_of(v: dict) -> Impl:
+    """The Impl of a variant: its head where Impl has that field (a plain head needs none)."""
+    if "head" in {f.name for f in dataclasses.fields(Impl)}:
+        return Impl(head=v["head"])
+    if v["head"] != "plain":
+        raise ValueError(f"head {v['head']!r}: this version's Impl has no head field")
+    return Impl()
+
+
+def amp(v: dict):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if v["precision"] == "bf16" else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# one batch, the same for every variant
+
+def batch(kind: str, cfg: BertConfig, B: int, T: int, seed: int) -> dict:
+    """kind "mlm": ids masked as train_mlm.py masks them (Bernoulli 15%) and the sparse head's targets;
+    kind "cls": ids and labels. Synthetic ids (bench/common.py token_batch, every 4th row padded)."""
+    x = token_batch(B, T, torch.Generator().manual_seed(seed))  # (B, T)
+    if kind == "cls":
+        return {"x": x, "am": x != PAD, "y": torch.randint(0, N_LABELS, (B,), generator=torch.Generator().manual_seed(seed))}
+    inputs, targets = mask_tokens(x, mask_generator(torch.device("cpu"), seed, 0), vocab_size=cfg.vocab_size,
+                                  mask_id=MASK, special_ids=(PAD, CLS, SEP))
+    return {"x": inputs, "am": x != PAD, "y": targets}
+
+
+def flops(kind: str, cfg: BertConfig, b: dict) -> int:
+    """Useful FLOPs of one training step of one member (bench/common.py train_flops; a classifier's head is
+    left out: it is (H x labels), nothing beside the trunk)."""
+    B, T = b["x"].shape
+    return train_flops(cfg, B, T, int((b["y"] != -100).sum()) if kind == "mlm" else 0)
+
+
+def step_fn(kind: str, cfg: BertConfig, v: dict, b: dict, lr: float = 5.5e-5):
+    """A function doing one optimizer step of the variant on the batch: forward (under its precision), backward,
+    AdamW step, zero_grad -- train_mlm.py's / train_cls.py's step, K members fed the same rows."""
+    K = v["members"]
+    torch.manual_seed(0)
+    raw = (BertForMLM(cfg, members=K, impl=impl_of(v)) if kind == "mlm" else
+           BertForClassification(cfg, N_LABELS, members=K, impl=impl_of(v)))
+    model = prepare_model(raw, torch.device("cpu"), v["compile"]).train()
+    opt = make_optimizer(raw, lr, 0.01, torch.device("cpu"))
+    x, am, y = (torch.cat([b[k]] * K) for k in ("x", "am", "y"))  # (K*B, ...), member-major
+    rows, y = mlm_rows(y, 0, K) if kind == "mlm" else (None, y)  # the sparse head's rows: the chosen ones
+
+    def step():
+        with amp(v):
+            _, loss = model(x, am, y, rows=rows) if kind == "mlm" else model(x, am, y)
+        loss.sum().backward()  # K members: the sum of their mean losses
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
