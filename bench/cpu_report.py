@@ -36,7 +36,8 @@ def markdown(res: dict) -> list:
            f"{', '.join(cpu['of_note']) or 'none'}\n- machine load (1/5/15 min) before: "
            f"{', '.join(f'{x:.2f}' for x in res['load_before'])}; after: "
            f"{', '.join(f'{x:.2f}' for x in res.get('load_after', ()))}\n"
-           f"- matmul peaks ({res['config']['matmul_n']}^2): bf16 {pk['bf16']:.0f} GFLOP/s, fp32 {pk['fp32']:.0f} GFLOP/s"]
+           f"- matmul peaks ({res['config']['matmul_n']}^2): bf16 {pk['bf16']:.0f} GFLOP/s, "
+           f"fp32 {pk['fp32']:.0f} GFLOP/s"]
     if "steps" in res:
         v = res["steps"]["variants"]
         rows = [{"model": c["model"], "kind": c["kind"], "variant": f"{k}: {v[k]['name']}", "ms/step": _f(t["ms"], 0),

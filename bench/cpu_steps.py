@@ -68,7 +68,8 @@ def batch(kind: str, cfg: BertConfig, B: int, T: int, seed: int) -> dict:
     kind "cls": ids and labels. Synthetic ids (bench/common.py token_batch, every 4th row padded)."""
     x = token_batch(B, T, torch.Generator().manual_seed(seed))  # (B, T)
     if kind == "cls":
-        return {"x": x, "am": x != PAD, "y": torch.randint(0, N_LABELS, (B,), generator=torch.Generator().manual_seed(seed))}
+        labels = torch.randint(0, N_LABELS, (B,), generator=torch.Generator().manual_seed(seed))  # (B,)
+        return {"x": x, "am": x != PAD, "y": labels}
     inputs, targets = mask_tokens(x, mask_generator(torch.device("cpu"), seed, 0), vocab_size=cfg.vocab_size,
                                   mask_id=MASK, special_ids=(PAD, CLS, SEP))
     return {"x": inputs, "am": x != PAD, "y": targets}

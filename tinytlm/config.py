@@ -75,7 +75,7 @@ def validate(cfg):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILE = ("off", "auto", "on") + COMPILE_MODES  # --compile: on = the default mode; auto: tinytlm/train.py's AUTO_COMPILE
+COMPILE = ("off", "auto", "on") + COMPILE_MODES  # --compile: on = the default mode; auto: train.py's AUTO_COMPILE
 
 
 def compile_option(on, mode: str = "default") -> str:
@@ -115,7 +115,8 @@ class Switches:
     it computes (a run may change them on --resume; they are no part of a paper cell's identity)."""
     device: str = switch("auto", "auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
     compile: str = switch("auto", "torch.compile: off | auto (where it pays, docs/kernels-and-speed.md) | on | a "
-                          "mode (reduce-overhead records CUDA graphs); --compile alone = on", choices=COMPILE, bare="on")
+                          "mode (reduce-overhead records CUDA graphs); --compile alone = on", choices=COMPILE,
+                          bare="on")
     kernels: str = switch("torch", "attention/conv-stem kernels: torch (the reference) or triton",
                           choices=("torch", "triton"))
     unpad: bool = switch(False, "run on the packed real tokens, not the padding (tinytlm/unpad.py)")
