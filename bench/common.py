@@ -149,14 +149,19 @@ def timed_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved_ms(fns: dict, n: int, device) -> dict:
-    """Median ms per call of each fn over n rounds; a round calls every fn once, the order rotating, so a
+def interleaved_times(fns: dict, n: int, device) -> dict:
+    """Every call's ms of each fn over n rounds; a round calls every fn once, the order rotating, so a
     load that comes and goes (a shared CPU) falls on every path alike."""
     names, times = list(fns), {k: [] for k in fns}
     for i in range(n):
         for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(timed_ms(fns[name], device))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_ms(fns: dict, n: int, device) -> dict:
+    """Median ms per call of each fn over n interleaved rounds (interleaved_times)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, n, device).items()}
 
 
 def peak_memory_gib(device):

@@ -8,7 +8,7 @@ Sections (every ratio is measured in this run, on this machine):
   peaks     the bf16 and fp32 matmul rates (GFLOP/s, best of repeats, --matmul_n square; bench/probe.py).
   steps     per model (--models) and kind (MLM pre-training, classification fine-tuning): one optimizer step of
             each variant (bench/cpu_steps.py: {precision, head, compile, members}) on the same batch (--batch x
-            --seq_len), interleaved rounds (bench/common.py interleaved_ms; medians): the default variant (what
+            --seq_len), interleaved rounds (bench/common.py interleaved_times): the default variant (what
             train_mlm.py / train_cls.py do by default here), bf16 autocast, and today's fp32 eager plain head
             (the baseline); seq/s, achieved GFLOP/s (bench/common.py train_flops) and its share of the peak of
             the variant's precision, speed-up over the baseline.
@@ -30,6 +30,7 @@ none unless asked) with the command, CPU model and flags (/proc/cpuinfo), git re
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, interleaved_ms, result_path, run_header, utc_now, versions, write_report
+from bench.common import REPO, interleaved_times, result_path, run_header, utc_now, versions, write_report
 from bench.cpu_report import cpu_facts, markdown
 from bench.cpu_steps import BASELINE, batch, default_variant, flops, step_fn, variant_name
 from bench.probe import matmul_rate
@@ -95,18 +96,27 @@ def peaks(c: CpuConfig) -> dict:
             for p, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
 
 
+def best_ms(fns: dict, c: CpuConfig) -> tuple:
+    """({name: fastest round's ms}, {name: median ms}) over c.rounds interleaved rounds. Ratios are read from the
+    fastest rounds: on a shared machine a load that comes and goes slows some rounds of every path, and the
+    fastest round of each is the one least slowed; the medians are recorded beside them."""
+    times = interleaved_times(fns, c.rounds, CPU)
+    return {k: min(v) for k, v in times.items()}, {k: statistics.median(v) for k, v in times.items()}
+
+
 def timed_variants(kind: str, cfg: BertConfig, variants: dict, c: CpuConfig, pk: dict) -> dict:
-    """{name: {variant, ms, seq_per_s, gflops, of_peak}}: every variant on the same batch, interleaved."""
+    """{name: {variant, ms, ms_median, seq_per_s, gflops, of_peak}}: every variant on the same batch, interleaved
+    (ms: the fastest round's, which seq/s and GFLOP/s are read from)."""
     b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
     fns = {name: step_fn(kind, cfg, v, b) for name, v in variants.items()}
     for f in fns.values():  # warm-up: the first calls allocate (and a compiled variant compiles)
         f(), f()
-    ms = interleaved_ms(fns, c.rounds, CPU)
+    ms, median = best_ms(fns, c)
     out = {}
     for name, v in variants.items():
         K, s = v["members"], ms[name] / 1e3
         gflops = K * flops(kind, cfg, b) / s / 1e9
-        out[name] = {"variant": v, "ms": ms[name], "seq_per_s": K * c.batch / s, "gflops": gflops,
+        out[name] = {"variant": v, "ms": ms[name], "ms_median": median[name], "seq_per_s": K * c.batch / s, "gflops": gflops,
                      "of_peak": gflops / pk[v["precision"]]}
     return out
 
@@ -142,8 +152,8 @@ def hf(c: CpuConfig, pk: dict) -> dict:
         fns = {k: (lambda f=f: f(0)) if k.startswith("hf") else f for k, f in fns.items()}
         for f in fns.values():
             f(), f()
-        ms = interleaved_ms(fns, c.rounds, CPU)
-        out.append({"model": model, "ms": ms, "seq_per_s": {k: c.batch / (v / 1e3) for k, v in ms.items()},
+        ms, median = best_ms(fns, c)
+        out.append({"model": model, "ms": ms, "ms_median": median, "seq_per_s": {k: c.batch / (v / 1e3) for k, v in ms.items()},
                     "ours_over_hf": {p: ms[f"hf {p}"] / ms[f"ours {p}"] for p in ("fp32", "bf16")}})
         print(f"hf {model}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()), flush=True)
     return {"cases": out}
