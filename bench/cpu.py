@@ -116,7 +116,8 @@ def timed_variants(kind: str, cfg: BertConfig, variants: dict, c: CpuConfig, pk:
     for name, v in variants.items():
         K, s = v["members"], ms[name] / 1e3
         gflops = K * flops(kind, cfg, b) / s / 1e9
-        out[name] = {"variant": v, "ms": ms[name], "ms_median": median[name], "seq_per_s": K * c.batch / s, "gflops": gflops,
+        out[name] = {"variant": v, "ms": ms[name], "ms_median": median[name], "seq_per_s": K * c.batch / s,
+                     "gflops": gflops,
                      "of_peak": gflops / pk[v["precision"]]}
     return out
 
@@ -153,7 +154,8 @@ def hf(c: CpuConfig, pk: dict) -> dict:
         for f in fns.values():
             f(), f()
         ms, median = best_ms(fns, c)
-        out.append({"model": model, "ms": ms, "ms_median": median, "seq_per_s": {k: c.batch / (v / 1e3) for k, v in ms.items()},
+        out.append({"model": model, "ms": ms, "ms_median": median,
+                    "seq_per_s": {k: c.batch / (v / 1e3) for k, v in ms.items()},
                     "ours_over_hf": {p: ms[f"hf {p}"] / ms[f"ours {p}"] for p in ("fp32", "bf16")}})
         print(f"hf {model}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in ms.items()), flush=True)
     return {"cases": out}

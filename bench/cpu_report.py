@@ -45,7 +45,8 @@ def markdown(res: dict) -> list:
                  "seq/s": _f(t["seq_per_s"]), "GFLOP/s": _f(t["gflops"]), "of peak": f"{100 * t['of_peak']:.0f}%",
                  "x baseline": _f(c["speedup"].get(k, 1.0), 2)}
                 for c in res["steps"]["cases"] for k, t in c["timings"].items()]
-        out.append("## Steps: default vs today's fp32 eager (same batch, interleaved; fastest round, median beside)\n\n" + markdown_table(
+        out.append("## Steps: default vs today's fp32 eager (same batch, interleaved; fastest round, median beside)\n\n"
+                   + markdown_table(
             ["model", "kind", "variant", "ms/step", "seq/s", "GFLOP/s", "of peak", "x baseline"], rows))
     if "members" in res:
         m = res["members"]
