@@ -245,6 +245,11 @@ def test_compile_is_one_option_and_old_spellings_still_read(tmp_path):
     cpu = torch.device("cpu")
     assert [compile_mode(o, cpu) for o in ("off", "on", "reduce-overhead", "auto")] == \
         ["", "default", "reduce-overhead", AUTO_COMPILE["cpu"]]
+    from tinytlm.paper_report import path_text  # paper records of either age say how a cell ran
+    assert path_text({"compile": True, "compile_mode": "reduce-overhead", "kernels": "torch"}) == \
+        "compiled (reduce-overhead), kernels torch"
+    assert [path_text({"compile": c, "kernels": "torch"}) for c in (False, "off", "auto", "on")] == \
+        ["eager, kernels torch", "eager, kernels torch", "compile auto, kernels torch", "compiled, kernels torch"]
     assert_one_line_error(run(["train_mlm.py", "--compile_mode", "default"]), "--compile_mode", "--compile MODE")
     assert_one_line_error(run(["train_cls.py", "--compile-mode=reduce-overhead"]), "--compile-mode", "--compile MODE")
 
