@@ -165,7 +165,7 @@ def members(c: CpuConfig) -> dict:
     """K stacked vs K single train_mlm.py runs, wall time of the commands (start-up included)."""
     from tinytlm.wikipedia import ensure_wiki
     with tempfile.TemporaryDirectory() as tmp:
-        data, raw = Path(tmp) / "data", Path(c.raw) if c.raw else default_raw_root()
+        data, raw = Path(tmp) / "data", (Path(c.raw) if c.raw else default_raw_root()).resolve()
         ensure_wiki(c.member_ws, raw, data, quiet=True)  # prepared before the clock starts
         base = [sys.executable, str(REPO / "train_mlm.py"), "--model", "tiny", "--ws", str(c.member_ws),
                 "--epochs", "1", "--batch_size", str(c.batch), "--lr", "5e-4", "--data", str(data), "--raw", str(raw),
