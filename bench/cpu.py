@@ -18,9 +18,10 @@ Sections (every ratio is measured in this run, on this machine):
   hf        our MLM step vs transformers' BertForMaskedLM (bench/train_stacks.py hf_stack: dense head over every
             position), fp32 and bf16 autocast, on the same batch, interleaved.
   compile   torch.compile (inductor's CPU code) at the demo's size (tinytlm/demo.py: `tiny`, batch 32, 375 MLM
-            steps, 3 x 375 fine-tuning steps): each case in a fresh process with an empty inductor cache (a cold
-            compile, as a first run pays it); compile s (the first calls over the steady rate), eager and
-            compiled ms/step, the steps after which compiling pays, and whether it pays in the demo's runs.
+            steps, 3 x 375 fine-tuning steps): each (kind, precision) in a fresh process with an empty inductor
+            cache (a cold compile, as a first run pays it): compile s (the compiled step's first three calls over
+            three steady steps), then eager and compiled steps in interleaved rounds; the steps after which
+            compiling pays, and whether it pays in the demo's runs.
             tinytlm/train.py's AUTO_COMPILE (--compile auto) is set from this section.
 
 Results: --json and the markdown report (--out; default bench/results/<date>-cpu-cpu.{md,json}; --quick writes
@@ -68,7 +69,7 @@ class CpuConfig:
     raw: str = ""  # members section: raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)
     out: str = ""  # markdown report; default bench/results/<date>-cpu-cpu.md (none with --quick)
     json: str = ""  # machine-readable results; default beside the report
-    compile_case: str = ""  # internal: KIND,PRECISION,MODEL,COMPILED -- one compile case in this process
+    compile_case: str = ""  # internal: KIND,PRECISION,MODEL -- one compile case in this process
 
 
 def parse(argv=None) -> CpuConfig:
@@ -191,32 +192,32 @@ def members(c: CpuConfig) -> dict:
 # compile: one case per fresh process, a cold inductor cache
 
 def compile_case(spec: str, c: CpuConfig) -> dict:
-    """In this process: KIND,PRECISION,MODEL,COMPILED -> first call s, warm-up s, steady ms/step."""
-    kind, precision, model, compiled = spec.split(",")
+    """In this process: KIND,PRECISION,MODEL -> the compiled step's first three calls (s; the cold compile
+    where the inductor cache is empty) and the eager and compiled steps' ms, interleaved rounds (best_ms).
+    --quick: the "compiled" step is eager too (a cold compile alone takes a minute here)."""
+    kind, precision, model = spec.split(",")
     cfg = model_cfg(model, c)
-    v = {**BASELINE, "precision": precision, "compile": "on" if compiled == "1" else "off"}
-    f = step_fn(kind, cfg, v, batch(kind, cfg, c.batch, c.seq_len, c.seed))
+    b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
+    fns = {name: step_fn(kind, cfg, {**BASELINE, "precision": precision, "compile": how}, b)
+           for name, how in (("eager", "off"), ("compiled", "off" if c.quick else "on"))}
     t0 = time.perf_counter()
-    f()
+    fns["compiled"]()
     first = time.perf_counter() - t0
-    for _ in range(2):
-        f()
+    fns["compiled"](), fns["compiled"]()  # a recompile, if any, falls in here
     warm = time.perf_counter() - t0
-    n = 2 if c.quick else 10
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    ms = (time.perf_counter() - t0) * 1e3 / n
-    return {"first_s": first, "warmup_s": warm, "ms": ms, "compile_s": max(0.0, warm - 3 * ms / 1e3)}
+    fns["eager"](), fns["eager"]()
+    ms, median = best_ms(fns, c)
+    return {"first_s": first, "warmup_s": warm, "compile_s": max(0.0, warm - 3 * ms["compiled"] / 1e3),
+            "ms": ms, "ms_median": median}
 
 
 def cold_case(spec: str, c: CpuConfig) -> dict:
-    """compile_case in a fresh process with an empty inductor cache (--quick: in this process, and the
-    "compiled" case eager: a cold compile alone takes a minute here)."""
+    """compile_case in a fresh process with an empty inductor cache, as a first run pays it (--quick: here)."""
     if c.quick:
-        return compile_case(spec[:-1] + "0", c)
+        return compile_case(spec, c)
     with tempfile.TemporaryDirectory() as cache:
-        argv = [sys.executable, __file__, "--compile_case", spec, "--batch", str(c.batch), "--seq_len", str(c.seq_len)]
+        argv = [sys.executable, __file__, "--compile_case", spec, "--batch", str(c.batch), "--seq_len",
+                str(c.seq_len), "--rounds", str(c.rounds)]
         p = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO,
                            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)})
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -226,16 +227,15 @@ def compile_section(c: CpuConfig) -> dict:
     model, out = ("tiny" if not c.quick else c.models.split(",")[0]), []
     for kind, steps_ in (("mlm", DEMO["mlm_steps"]), ("cls", DEMO["finetune_steps"])):
         for precision in ("fp32", "bf16"):
-            r = {name: cold_case(f"{kind},{precision},{model},{flag}", c) for name, flag in (("eager", "0"),
-                                                                                             ("compiled", "1"))}
-            gain_s = (r["eager"]["ms"] - r["compiled"]["ms"]) / 1e3  # per step
-            cost = r["compiled"]["compile_s"]
-            pays_after = cost / gain_s if gain_s > 0 else None  # None: never (compiled steps are slower)
-            out.append({"kind": kind, "precision": precision, "model": model, **r, "steady_speedup":
-                        r["eager"]["ms"] / r["compiled"]["ms"], "pays_after_steps": pays_after,
+            r = cold_case(f"{kind},{precision},{model}", c)
+            ms = r["ms"]
+            gain_s = (ms["eager"] - ms["compiled"]) / 1e3  # per step
+            pays_after = r["compile_s"] / gain_s if gain_s > 0 else None  # None: never (compiled steps are slower)
+            out.append({"kind": kind, "precision": precision, "model": model, **r,
+                        "steady_speedup": ms["eager"] / ms["compiled"], "pays_after_steps": pays_after,
                         "demo_steps": steps_, "pays_in_demo": pays_after is not None and pays_after < steps_})
-            print(f"compile {kind} {precision}: eager {r['eager']['ms']:.0f} ms, compiled {r['compiled']['ms']:.0f} ms,"
-                  f" compile {cost:.0f} s", flush=True)
+            print(f"compile {kind} {precision}: eager {ms['eager']:.0f} ms, compiled {ms['compiled']:.0f} ms, "
+                  f"compile {r['compile_s']:.0f} s", flush=True)
     return {"demo": DEMO, "quick": c.quick, "cases": out}
 
 

@@ -61,8 +61,8 @@ def markdown(res: dict) -> list:
         out.append("## Our MLM step vs transformers' BertForMaskedLM (same batch)\n\n" +
                    markdown_table(list(rows[0]), rows))
     if "compile" in res:
-        rows = [{"kind": c["kind"], "precision": c["precision"], "eager ms": _f(c["eager"]["ms"], 0),
-                 "compiled ms": _f(c["compiled"]["ms"], 0), "cold compile s": _f(c["compiled"]["compile_s"]),
+        rows = [{"kind": c["kind"], "precision": c["precision"], "eager ms": _f(c["ms"]["eager"], 0),
+                 "compiled ms": _f(c["ms"]["compiled"], 0), "cold compile s": _f(c["compile_s"]),
                  "steady speed-up": _f(c["steady_speedup"], 2),
                  "pays after (steps)": "never" if c["pays_after_steps"] is None else f"{c['pays_after_steps']:.0f}",
                  "demo steps": c["demo_steps"], "pays in the demo": "yes" if c["pays_in_demo"] else "no"}
