@@ -32,7 +32,8 @@ def _f(x, digits=1) -> str:
 def markdown(res: dict) -> list:
     """The report's sections (bench/common.py write_report adds the title and the header)."""
     cpu, pk = res["cpu"], res["peaks_gflops"]
-    out = [f"- CPU: {cpu['model']}, {cpu['cores']} logical cores, {res['threads']} threads; flags of note: "
+    out = [f"- code measured: git `{res['git']}` (the revision when the run started)\n"
+           f"- CPU: {cpu['model']}, {cpu['cores']} logical cores, {res['threads']} threads; flags of note: "
            f"{', '.join(cpu['of_note']) or 'none'}\n- machine load (1/5/15 min) before: "
            f"{', '.join(f'{x:.2f}' for x in res['load_before'])}; after: "
            f"{', '.join(f'{x:.2f}' for x in res.get('load_after', ()))}\n"
