@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.committee_latency import committee_latency
-from bench.common import (CLS, MASK, PAD, SEP, device_label, error_note, free_memory, interleaved_ms, result_path,
-                          run_header, smoke_config, token_batch, utc_now, versions, write_report)
+from bench.common import (CLS, MASK, PAD, SEP, autocast, device_label, error_note, free_memory, interleaved_ms,
+                          result_path, run_header, smoke_config, token_batch, utc_now, versions, write_report)
 from bench.members_report import goal_lines, largest_k, md_train, sections
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.data import mask_generator, mask_tokens
@@ -37,7 +37,7 @@ from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
-from tinytlm.train import (add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model,
+from tinytlm.train import (add_dataclass_args, dataclass_from_args, make_optimizer, prepare_model,
                            resolve_device)
 
 

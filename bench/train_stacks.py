@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CLS, MASK, PAD, SEP, check_matmul_params
+from bench.common import CLS, MASK, PAD, SEP, autocast, check_matmul_params
 from tinytlm.common import UserError
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.hf import hf_config
 from tinytlm.kernel_path import Impl
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
-from tinytlm.train import autocast, make_optimizer, prepare_model
+from tinytlm.train import make_optimizer, prepare_model
 from tinytlm.wikipedia import ensure_wiki
 
 STACKS = ("hf", "eager", "compiled", "triton", "graphs", "graphs+triton")  # each but hf also as S+unpad

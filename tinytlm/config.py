@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from tinytlm.common import ArgParser, UserError, read_json, violation
 from tinytlm.kernel_path import Impl
 from tinytlm.model import BertConfig
+from tinytlm.precision import PRECISIONS
 
 
 # -----------------------------------------------------------------------------
@@ -90,6 +91,8 @@ class Switches:
     kernels: str = switch("torch", "attention/conv-stem kernels: torch (the reference) or triton",
                           choices=("torch", "triton"))
     unpad: bool = switch(False, "run on the packed real tokens, not the padding (tinytlm/unpad.py)")
+    precision: str = switch("auto", "bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and on CPUs with "
+                            "native bf16 (tinytlm/precision.py; --resume: the run's own)", choices=PRECISIONS)
     data: str = switch("", "prepared data root (default $TINYTLM_DATA or ./data)", kind="dir")
     raw: str = switch("", "raw data root (default $TINYTLM_RAW, else ../shared/data if it exists, else data/raw)",
                       kind="dir")

@@ -90,5 +90,6 @@ def mlm_summary(run_dir: Path, seconds=None, mean_apt=None) -> dict:
 
 
 def path_of(cfg: dict) -> dict:
-    """The speed switches a run used (they do not change what is computed, but are worth knowing)."""
-    return {k: cfg.get(k) for k in ("compile", "compile_mode", "kernels", "unpad")}
+    """The speed switches a run used (they do not change what is computed, but are worth knowing), and its
+    precision (which does: it is in the cell's key too, tinytlm/paper_cells.py precision_key)."""
+    return {k: cfg.get(k) for k in ("compile", "compile_mode", "kernels", "unpad", "precision")}

@@ -30,8 +30,8 @@ from tinytlm.config import RunSwitches, from_saved, given_fields, option, parse_
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
-from tinytlm.session import (build_members, check_group, interruptible, open_device, read_stack, save, setup,
-                             train_step, write_stack)
+from tinytlm.session import (build_members, check_group, interruptible, open_device, precision_fields, read_stack,
+                             run_precision, save, setup, train_step, write_stack)
 from tinytlm.tasks import TASKS, TaskFields
 from tinytlm.train import StopAtBoundary, check_rows, lr_at, member_seeds, print_config, refuse_existing, roots
 
@@ -145,6 +145,7 @@ def new_model(seed: int, model: str, overrides: dict, impl):
 def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
     """(session, ids, data meta, held-out set or None, member configs): data, members and the shared setup."""
     d, device = open_device(cfg)
+    precision = run_precision(cfg, device, states)
     seeds = member_seeds(cfg)
     torch.manual_seed(seeds[0])
     with d.main_first():  # rank 0 prepares the data, the others read it
@@ -159,11 +160,14 @@ def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
                                      impl)
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
     member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
-    configs = [{**asdict(c), "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
-    print_config("config", {**asdict(cfg), "data": data_meta})
+    prec = precision_fields(cfg, precision)
+    member_cfgs = [replace(c, precision=precision) for c in member_cfgs]  # (their checkpoints' train_config)
+    configs = [{**asdict(c), **prec, "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
+    print_config("config", {**asdict(cfg), **prec, "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
           + (f"; {len(seeds)} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
-    s = setup(cfg, d, device, model, states, cfg.lr, cfg.weight_decay, outs, seeds, configs, cfg.grad_clip)
+    s = setup(cfg, d, device, model, states, cfg.lr, cfg.weight_decay, outs, seeds, configs, cfg.grad_clip,
+              precision)
     return s, ids, data_meta, held, member_cfgs
 
 
@@ -261,8 +265,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     raise StopAtBoundary
                 if s.step == last:
                     break
-            vals = held.evaluate(s.raw_model, device, K) if held and ((epoch + 1) % cfg.val_every == 0 or
-                                                                     s.step == last) else [{}] * K
+            due = held and ((epoch + 1) % cfg.val_every == 0 or s.step == last)
+            vals = held.evaluate(s.raw_model, device, K, s.precision) if due else [{}] * K
             last_val = vals if any(vals) else last_val  # fixed masks; draws no random numbers
             for log, m, v in zip(s.logs, d.all_sum(sums).tolist(), vals):
                 log.write({"kind": "epoch", "epoch": epoch, "step": s.step, "partial": s.step % steps_per_epoch != 0,

@@ -81,13 +81,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def prepare_model(model, device, compile=False, compile_mode="default"):
     """Move to device, optionally torch.compile. The implementations (kernels, unpad) are the model's own,
     chosen when it was built (tinytlm/kernel_path.py's Impl). compile_mode "reduce-overhead" records CUDA
