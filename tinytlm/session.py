@@ -22,6 +22,7 @@ import torch
 
 from tinytlm.checkpoint import build_model, save_members, set_rng_state
 from tinytlm.common import Interrupted, UserError, read_json, write_json
+from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.dist import Dist
 from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
 from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, deferred_sigint, grad_norms,
@@ -56,9 +57,13 @@ class Session:
 # setup
 
 def open_device(cfg):
-    """(Dist, device): torchrun's process group when there is one, and the device of --device."""
+    """(Dist, device): torchrun's process group when there is one, and the device of --device. On a CPU, freed
+    tensors' memory stays in the process (tinytlm/cpu_memory.py: no page faults on big tensors every step)."""
     d = Dist()
-    return d, d.setup(resolve_device(cfg.device))
+    device = d.setup(resolve_device(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()
+    return d, device
 
 
 def check_group(states: list, mismatch):
