@@ -60,8 +60,10 @@ def main(argv=None):
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_dataclass_args(ap, ProfileConfig)
     pc = dataclass_from_args(ProfileConfig, ap.parse_args(argv))
-    if pc.head not in ("auto", *HEADS) or min(pc.members, pc.batch_size, pc.steps, pc.rows) < 1 or min(pc.warmup, pc.threads) < 0:
-        raise UserError("--head auto|plain|chunked; --members, --batch_size, --steps, --rows >= 1, --warmup, --threads >= 0")
+    if pc.head not in ("auto", *HEADS) or min(pc.members, pc.batch_size, pc.steps, pc.rows) < 1 \
+            or min(pc.warmup, pc.threads) < 0:
+        raise UserError("--head auto|plain|chunked; --members, --batch_size, --steps, --rows >= 1; "
+                        "--warmup, --threads >= 0")
     device = resolve_device(pc.device)
     if pc.threads > 0:
         torch.set_num_threads(pc.threads)
