@@ -61,6 +61,7 @@ class MembersConfig:
     compile: bool = False  # torch.compile both paths (default mode)
     kernels: str = "torch"  # attention implementation: torch | triton
     threads: int = 0  # CPU threads (torch.set_num_threads); 0: torch's default
+    keep_memory: bool = True  # CPU: keep freed memory in the process (tinytlm/cpu_memory.py), as a training run
     head: str = "auto"  # MLM head (tinytlm/kernel_path.py): plain | chunked | auto (default_head of the device)
     time_limit: float = -1.0  # seconds: no training case starts after this (the first always runs); < 0: none
     lr: float = 5.5e-5  # AdamW learning rate (the paper's); weight decay 0.01
@@ -81,7 +82,7 @@ def parse_config(argv) -> tuple:
     bc.head = default_head(device) if bc.head == "auto" else bc.head
     if bc.threads > 0:
         torch.set_num_threads(bc.threads)
-    if device.type == "cpu":
+    if device.type == "cpu" and bc.keep_memory:
         keep_freed_memory()  # as a training run does (tinytlm/session.py open_device)
     Impl(head=bc.head)  # raises on an unknown head
     if bc.smoke:
@@ -189,7 +190,7 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
     ms = interleaved_ms(fns, steps, device)  # median ms of a stacked step and of a one-by-one round
     seq_ms, stk_ms = ms["seq"], ms.get("stk", ms["seq"])
     cuda, one_bytes = device.type == "cuda", state_bytes(raws[0])
-    amp = "bf16 autocast, fused AdamW" if cuda else "fp32, fused AdamW, freed memory kept"
+    amp = "bf16 autocast, fused AdamW" if cuda else "fp32, fused AdamW" + ", freed memory kept" * bc.keep_memory
     return {"model": model_name, "K": K, "B": B, "status": "ok", "warmup": warmup, "steps": steps,
             "note": f"{amp}, sparse head {bc.per_row} slots/row, {bc.head} head" + (", compiled" * bc.compile)
             + (", K=1: one model, one measurement" if K == 1 else ""),
