@@ -3,6 +3,7 @@ N x 30,522 logits) vs chunked (kernels/linear_ce.py), the same model, weights an
 
     PYTHONPATH=. python bench/mlm_head.py --device cpu                               # tiny B 16, 128; bert1 B 16
     PYTHONPATH=. python bench/mlm_head.py --device cpu --cases tiny:16,tiny:128 --members 5 --chunks 128,512
+    PYTHONPATH=. python bench/mlm_head.py --device cpu --threads 1 --cases tiny:128 --bf16  # under bf16 autocast
     PYTHONPATH=. python bench/mlm_head.py --smoke                                    # shrunk: proves it runs
 
 Per case (preset:batch per member): a forward (the sparse head on --per_row static slots, as `--mask_cap`),
@@ -32,6 +33,7 @@ class HeadConfig:
     per_row: int = 20  # sparse head slots per row (masks capped at this many)
     warmup: int = 1  # untimed steps per path
     steps: int = 3  # timed rounds
+    bf16: bool = False  # every step under torch.autocast(device, bfloat16)
     threads: int = 0  # CPU threads (torch.set_num_threads); 0: torch's default
     device: str = "auto"  # auto | cuda | cpu
     smoke: bool = False  # shrunk models, T 32
@@ -51,7 +53,11 @@ def case(name: str, B: int, hc: HeadConfig, device) -> dict:
         load_members(m, [s.state_dict() for s in singles]) if K > 1 else m.load_state_dict(singles[0].state_dict())
     opts = {p: make_optimizer(m, bc.lr, 0.01, device) for p, m in models.items()}
     (x, am, y), = make_batches(cfg, K * B, bc, device, n=1)
-    fns = {p: (lambda p=p: train_step(models[p], opts[p], x, am, y, bc, device)) for p in models}
+    def step(p):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=hc.bf16):
+            train_step(models[p], opts[p], x, am, y, bc, device)
+
+    fns = {p: (lambda p=p: step(p)) for p in models}
     for _ in range(hc.warmup):
         for f in fns.values():
             f()
@@ -78,7 +84,7 @@ def main(argv=None):
         ms = case(name, B, hc, device)
         rates = ", ".join(f"{p} {ms[p]:.0f} ms ({B / ms[p] * 1e3:.1f} seq/s/member, {ms['plain'] / ms[p]:.2f}x)"
                           for p in ms)
-        print(f"{name} B={B} K={hc.members}: {rates}", flush=True)
+        print(f"{name} B={B} K={hc.members}{' bf16' * hc.bf16}: {rates}", flush=True)
 
 
 if __name__ == "__main__":
