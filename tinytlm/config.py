@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json, violation
-from tinytlm.kernel_path import Impl
+from tinytlm.kernel_path import Impl, default_head
 from tinytlm.model import BertConfig
 from tinytlm.precision import PRECISIONS
 
@@ -100,9 +100,10 @@ class Switches:
     def __post_init__(self):
         validate(self)
 
-    def impl(self) -> Impl:
-        """The implementations every forward of the run's model uses, chosen when it is built."""
-        return Impl(self.kernels, self.unpad)
+    def impl(self, device=None) -> Impl:
+        """The implementations every forward of the run's model uses, chosen when it is built; on `device`,
+        the MLM head its rule picks (tinytlm/kernel_path.py default_head), else the plain reference."""
+        return Impl(self.kernels, self.unpad, head=default_head(device) if device is not None else "plain")
 
 
 @dataclass

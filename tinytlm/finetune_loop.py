@@ -151,7 +151,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                 if d.on:  # this process's share of the batch
                     x, y = d.rows(x, K), d.rows(y, K, fill=-100)
                 # torchrun: summed over this share's rows, / the global batch: DDP's mean is the loss
-                _, loss = train_step(s, lr_at(s.step, total, task.lr), x, y, y, len(xys[0][1]))
+                _, loss = train_step(s, lr_at(s.step, total, task.lr), x, y, len(xys[0][1]))
                 loss_sum += loss.detach().float().view(K)
                 # torchrun: every process is asked at the epoch's end (below), so all stop at the same step
                 if sigint["set"] and not d.on and b < steps_per_epoch - 1:  # at an epoch's end: score it first

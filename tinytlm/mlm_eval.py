@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from tinytlm.data import mask_tokens
-from tinytlm.members import member_loss_sums
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.precision import autocast
 
@@ -44,14 +43,9 @@ class HeldOut:
                 x, inp, tgt = (t[i:i + self.batch_size].repeat(members, 1).to(device)  # member-major
                                for t in (self.ids, self.inputs, self.targets))
                 rows, y = mlm_rows(tgt, 0, members)  # the chosen positions, N per member
-                with autocast(device, precision):
-                    logits, _ = model(inp, attention_mask=x != self.pad, rows=rows)
-                loss_sum = member_loss_sums(logits, y, members)  # (a batch without masks adds 0, not nan)
-                y = y.view(members, -1)
-                valid = y != -100
-                n = valid.sum(1)
-                correct = ((logits.argmax(-1).view(members, -1) == y) & valid).sum(1)
-                sums += torch.stack([loss_sum, correct, n], 1).double().cpu()
+                with autocast(device, precision):  # counts (K, 3): loss sum (0 for a batch without masks), correct, masked
+                    counts, _ = model(inp, attention_mask=x != self.pad, targets=y, rows=rows)
+                sums += counts.double().cpu()
         finally:
             model.train(was)
         return [{"val_loss": s[0] / max(1.0, s[2]), "val_mlm_acc": s[1] / max(1.0, s[2]), "val_masked": int(s[2])}

@@ -155,7 +155,7 @@ def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
         check_group(states, lambda st: "" if st["data"].get("rows_checksum") == data_meta["rows_checksum"] else
                     f"{st['path']}: the pre-training rows differ from the ones this run started with "
                     f"({data_meta['shard']}); prepare the same data again to resume")
-    impl = cfg.impl()  # the implementations every forward runs on, chosen at construction
+    impl = cfg.impl(device)  # the implementations every forward runs on, chosen at construction
     model, model_cfg = build_members(states, lambda k: new_model(seeds[k], cfg.model, overrides, impl), len(seeds),
                                      impl)
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
@@ -181,7 +181,7 @@ class Window:
         self.t, self.steps, self.seqs = time.time(), 0, 0
 
     def add(self, counts, real_tokens, seqs: int):
-        """counts: (K, 3) of this step (masked_counts); real_tokens: (K*B, T) bool, the non-padding."""
+        """counts: (K, 3) of this step (the model's counts); real_tokens: (K*B, T) bool, the non-padding."""
         self.sums += torch.cat([counts, real_tokens.view(self.s.members, -1).sum(1, keepdim=True)], 1)
         self.steps, self.seqs = self.steps + 1, self.seqs + seqs
 
@@ -198,17 +198,6 @@ class Window:
                         tok_s=f"{rec['tok_per_s'] * self.s.members:.0f}")
         self.sums.zero_()
         self.t, self.steps, self.seqs = time.time(), 0, 0
-
-
-def masked_counts(logits, loss, y, K: int, n_global):
-    """(K, 3) per member: its loss times the masked tokens it averages over (torchrun: the global count
-    n_global), its correct predictions and its masked tokens (this process's). y: the head rows' targets."""
-    with torch.no_grad():
-        y = y.view(K, -1)
-        valid = y != -100
-        n_valid = valid.sum(1)
-        return torch.stack([loss.detach().float().view(K) * (n_global if n_global is not None else n_valid),
-                            ((logits.argmax(-1).view(K, -1) == y) & valid).sum(1), n_valid], 1)
 
 
 def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None):
@@ -252,8 +241,9 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
                 # (the key-padding mask comes from the original ids, as in HF)
                 rows, y = mlm_rows(targets, slots, K)  # the sparse head's rows and their targets
-                logits, loss = train_step(s, lr, inputs, y, y, n_global, attention_mask=x != sp["pad"], rows=rows)
-                counts = masked_counts(logits, loss, y, K, n_global if d.on else None)
+                # counts (K, 3): this share's loss sum, correct predictions and masked tokens per member
+                counts, loss = train_step(s, lr, inputs, y, n_global, attention_mask=x != sp["pad"], rows=rows)
+                counts = counts.detach()
                 sums += counts
                 window.add(counts, x != sp["pad"], len(xs[0]))
                 boundary = s.step % cfg.log_every == 0 or s.step == last or b == steps_per_epoch - 1

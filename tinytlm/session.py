@@ -11,7 +11,7 @@ their data, build their members and run their loop; everything else is here, onc
     model, model_cfg = build_members(states, new, K, impl)  # K members, one stacked model
     s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs, precision=precision)
     with interruptible(s, bar, save_now, resume_hint) as sigint:
-        ... logits, loss = train_step(s, lr, x, targets, loss_targets, global_rows, **model_kw) ...
+        ... counts, loss = train_step(s, lr, x, targets, global_rows, **model_kw) ...
         ... save(s, kind, epoch, members) ...
 """
 import contextlib
@@ -23,8 +23,9 @@ import torch
 
 from tinytlm.checkpoint import build_model, save_members, set_rng_state
 from tinytlm.common import Interrupted, UserError, read_json, write_json
+from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.dist import Dist
-from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
+from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
 from tinytlm.precision import autocast, resolve_precision
 from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, deferred_sigint, grad_norms, interrupt_step,
                            make_optimizer, prepare_model, resolve_device)
@@ -59,9 +60,13 @@ class Session:
 # setup
 
 def open_device(cfg):
-    """(Dist, device): torchrun's process group when there is one, and the device of --device."""
+    """(Dist, device): torchrun's process group when there is one, and the device of --device. On a CPU, freed
+    tensors' memory stays in the process (tinytlm/cpu_memory.py: no page faults on big tensors every step)."""
     d = Dist()
-    return d, d.setup(resolve_device(cfg.device))
+    device = d.setup(resolve_device(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()
+    return d, device
 
 
 def run_precision(cfg, device, states=None) -> str:
@@ -130,21 +135,22 @@ def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds
 # -----------------------------------------------------------------------------
 # one optimizer step, and the save
 
-def train_step(s: Session, lr: float, x, targets, loss_targets, global_rows, **model_kw):
-    """Forward (autocast), backward, clip, step, zero_grad; returns (logits, loss), loss the members' (K,).
-    torchrun: loss_targets (this share's targets as the model's loss reads them) summed and divided by the
-    global count global_rows, so that DDP's mean over processes is the loss a single process computes."""
+def train_step(s: Session, lr: float, x, targets, global_rows, **model_kw):
+    """Forward (autocast), backward, clip, step, zero_grad; returns (counts, loss): the model's (K, 3) counts
+    (loss sum, correct, count per member; tinytlm/model.py) and the members' losses (K,). torchrun: the
+    share's loss sums divided by the global count global_rows, so that DDP's mean over processes is the loss a
+    single process computes."""
     K = s.members
     if s.graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
     for g in s.opt.param_groups:
         g["lr"] = lr
     with autocast(s.device, s.precision):
-        logits, loss = s.model(x, targets=targets, **model_kw)
+        counts, loss = s.model(x, targets=targets, **model_kw)
     if s.interrupt_at and s.step + 1 == s.interrupt_at:
         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
     if s.d.on:
-        loss = member_loss_sums(logits, loss_targets, K) / global_rows
+        loss = counts[:, 0] / global_rows
         (loss.sum() * s.d.world).backward()
     else:
         loss.sum().backward()  # K members: the sum of their mean losses, no coupling
@@ -153,7 +159,7 @@ def train_step(s: Session, lr: float, x, targets, loss_targets, global_rows, **m
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     s.step += 1
-    return logits, loss
+    return counts, loss
 
 
 def save(s: Session, kind: str, epoch: int, members: list, finished=False):
