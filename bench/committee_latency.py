@@ -8,12 +8,12 @@ interleaved calls (bench/common.py interleaved_ms), so a passing load falls on e
 """
 import torch
 
-from bench.common import free_memory, interleaved_ms, token_batch
+from bench.common import autocast, free_memory, interleaved_ms, token_batch
 from tinytlm.committee import member_logits
 from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
 from tinytlm.model import BertForClassification
-from tinytlm.train import autocast, prepare_model
+from tinytlm.train import prepare_model
 
 
 def committee_latency(ccfg, scfg, bc, device) -> dict:

@@ -18,6 +18,7 @@ import torch
 
 from tinytlm.common import UserError, atomic_path, git_revision, read_json
 from tinytlm.model import BertConfig
+from tinytlm import precision
 
 CLS, SEP, PAD, MASK = 101, 102, 0, 103  # bert-base-uncased special ids, as train_mlm.py
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,12 @@ RESULTS = REPO / "bench" / "results"
 
 # -----------------------------------------------------------------------------
 # data and configs
+
+def autocast(device):
+    """The benches' fixed precision (the one their committed results were measured in): bf16 autocast on
+    CUDA, fp32 on CPU, whatever this CPU could do (the training commands' --precision is tinytlm/precision.py)."""
+    return precision.autocast(device, "bf16" if device.type == "cuda" else "fp32")
+
 
 def token_batch(B: int, T: int, gen: torch.Generator) -> torch.Tensor:
     """(B, T) int64 ids on the CPU: [CLS] ids in [1000, 30000) ... [SEP], every 4th row padded.

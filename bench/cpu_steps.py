@@ -9,8 +9,9 @@ it has not); compile goes through tinytlm.train.prepare_model as --compile does;
 model of K members (tinytlm/members.py), each fed the same batch.
 
 `default_variant` is what train_mlm.py / train_cls.py do by default on this machine, read from the options this
-version has (getattr with a default: --precision and the head field may not exist yet): its precision is
---precision's default resolved for this CPU, else fp32 (a version without --precision trains in fp32).
+version has (getattr with a default, so it reads a version with or without them): its precision is
+--precision's default resolved for this CPU, else fp32 (a version without --precision trains in fp32); its head
+kernel_path.default_head(device), else Impl's default, else plain.
 """
 import contextlib
 import dataclasses
@@ -20,6 +21,7 @@ import torch
 from bench.common import CLS, MASK, PAD, SEP, token_batch, train_flops
 from tinytlm.config import Switches
 from tinytlm.data import mask_generator, mask_tokens
+from tinytlm import kernel_path
 from tinytlm.kernel_path import Impl
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
@@ -37,8 +39,8 @@ def default_variant(device) -> dict:
         from tinytlm.precision import resolve_precision
         precision = resolve_precision(precision, device)
     mode = compile_mode(sw.compile, device)
-    return {"precision": precision or "fp32", "head": getattr(Impl(), "head", "plain"),
-            "compile": mode or "off", "members": 1}
+    head = getattr(kernel_path, "default_head", lambda d: getattr(Impl(), "head", "plain"))(device)
+    return {"precision": precision or "fp32", "head": head, "compile": mode or "off", "members": 1}
 
 
 def variant_name(v: dict) -> str:

@@ -8,7 +8,8 @@ batch-1 latency of a committee run stacked (bench/README.md, "Stacked members").
 
 Training: the same K BertForMLM on the same rows, stacked (one BertForMLM(cfg, members=K), K*B rows, member
 k's rows k*B .. k*B+B-1) and one by one (K single models, each with its AdamW, K steps of B rows): bf16
-autocast and fused AdamW on CUDA (fp32 on CPU), sparse MLM head on --per_row static slots. After --warmup
+autocast on CUDA (fp32 on CPU), fused AdamW, --head (default: the device's rule), sparse MLM head on --per_row
+static slots; on a CPU freed memory kept (tinytlm/cpu_memory.py), as a training run does. After --warmup
 steps of each path alone, --steps rounds alternate the two (each call timed alone, the order rotating, so a
 passing load on a shared machine falls on both); medians.
 K = 1 is one model. Peak memory: CUDA max_memory_allocated in each path's warm-up (one by one: K models
@@ -28,17 +29,18 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench.committee_latency import committee_latency
-from bench.common import (CLS, MASK, PAD, SEP, device_label, error_note, free_memory, interleaved_ms, result_path,
-                          run_header, smoke_config, token_batch, utc_now, versions, write_report)
+from bench.common import (CLS, MASK, PAD, SEP, autocast, device_label, error_note, free_memory, interleaved_ms,
+                          result_path, run_header, smoke_config, token_batch, utc_now, versions, write_report)
 from bench.members_report import goal_lines, largest_k, md_train, sections
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.config import compile_option
 from tinytlm.data import mask_generator, mask_tokens
-from tinytlm.kernel_path import Impl
+from tinytlm.cpu_memory import keep_freed_memory
+from tinytlm.kernel_path import Impl, default_head
 from tinytlm.members import load_members
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
-from tinytlm.train import (add_dataclass_args, autocast, dataclass_from_args, make_optimizer, prepare_model,
+from tinytlm.train import (add_dataclass_args, dataclass_from_args, make_optimizer, prepare_model,
                            resolve_device)
 
 
@@ -59,6 +61,9 @@ class MembersConfig:
     memory_gb: float = 80.0  # device memory the largest K is computed for, GB (1e9 bytes)
     compile: bool = False  # torch.compile both paths (default mode)
     kernels: str = "torch"  # attention implementation: torch | triton
+    threads: int = 0  # CPU threads (torch.set_num_threads); 0: torch's default
+    keep_memory: bool = True  # CPU: keep freed memory in the process (tinytlm/cpu_memory.py), as a training run
+    head: str = "auto"  # MLM head (tinytlm/kernel_path.py): plain | chunked | auto (default_head of the device)
     time_limit: float = -1.0  # seconds: no training case starts after this (the first always runs); < 0: none
     lr: float = 5.5e-5  # AdamW learning rate (the paper's); weight decay 0.01
     seed: int = 0  # weights, token data and masks
@@ -75,6 +80,12 @@ def parse_config(argv) -> tuple:
     bc = dataclass_from_args(MembersConfig, ap.parse_args(argv))
     device = resolve_device(bc.device)
     gpu = device.type == "cuda"
+    bc.head = default_head(device) if bc.head == "auto" else bc.head
+    if bc.threads > 0:
+        torch.set_num_threads(bc.threads)
+    if device.type == "cpu" and bc.keep_memory:
+        keep_freed_memory()  # as a training run does (tinytlm/session.py open_device)
+    Impl(head=bc.head)  # raises on an unknown head
     if bc.smoke:
         bc.seq_len, bc.per_row = min(bc.seq_len, 32), min(bc.per_row, 8)
     bc.batch_size = bc.batch_size or (2 if bc.smoke else 32 if gpu else 4)
@@ -82,7 +93,7 @@ def parse_config(argv) -> tuple:
     bc.latency_runs = bc.latency_runs or (2 if bc.smoke else 100 if gpu else 10)
     for name in [*bc.models.split(","), bc.committee, bc.single]:
         BertConfig.preset(name)  # raises on an unknown preset
-    if min(bc.members) < 1 or min(bc.committee_size, bc.batch_size, bc.warmup) < 1 or bc.steps < 0 \
+    if min(bc.members) < 1 or min(bc.committee_size, bc.batch_size, bc.warmup) < 1 or min(bc.steps, bc.threads) < 0 \
             or not 0 < bc.per_row <= bc.seq_len or bc.memory_gb <= 0:
         raise UserError("need members, committee_size, batch_size, warmup >= 1, steps >= 0, "
                         "0 < per_row <= seq_len, memory_gb > 0")
@@ -140,7 +151,7 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
     torch._dynamo.reset()
     torch.manual_seed(bc.seed)
     with torch.device(device):  # initialised where they run (a bert6 init on the CPU takes seconds)
-        raws = [BertForMLM(cfg, impl=Impl(bc.kernels)) for _ in range(K)]
+        raws = [BertForMLM(cfg, impl=Impl(bc.kernels, head=bc.head)) for _ in range(K)]
     singles = [prepare_model(m, device, compile_option(bc.compile)).train() for m in raws]
     opts = [make_optimizer(m, bc.lr, 0.01, device) for m in raws]
     count = {"seq": 0, "stk": 0}
@@ -163,7 +174,7 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
         singles_bytes = torch.cuda.memory_allocated(device) - sum(t.nbytes for b in batches for t in b) \
             if device.type == "cuda" else 0
         with torch.device(device):
-            raw = BertForMLM(cfg, members=K, impl=Impl(bc.kernels))
+            raw = BertForMLM(cfg, members=K, impl=Impl(bc.kernels, head=bc.head))
         load_members(raw, [m.state_dict() for m in raws])  # the same K models, stacked
         stacked = prepare_model(raw, device, compile_option(bc.compile)).train()
         opt = make_optimizer(raw, bc.lr, 0.01, device)
@@ -180,9 +191,9 @@ def train_case(model_name: str, K: int, bc, device) -> dict:
     ms = interleaved_ms(fns, steps, device)  # median ms of a stacked step and of a one-by-one round
     seq_ms, stk_ms = ms["seq"], ms.get("stk", ms["seq"])
     cuda, one_bytes = device.type == "cuda", state_bytes(raws[0])
-    amp = "bf16 autocast, fused AdamW" if cuda else "fp32, AdamW"
+    amp = "bf16 autocast, fused AdamW" if cuda else "fp32, fused AdamW" + ", freed memory kept" * bc.keep_memory
     return {"model": model_name, "K": K, "B": B, "status": "ok", "warmup": warmup, "steps": steps,
-            "note": f"{amp}, sparse head {bc.per_row} slots/row" + (", compiled" * "on" if bc.compile else "off")
+            "note": f"{amp}, sparse head {bc.per_row} slots/row, {bc.head} head" + (", compiled" * bc.compile)
             + (", K=1: one model, one measurement" if K == 1 else ""),
             "stacked_ms_per_step": stk_ms, "one_by_one_ms_per_round": seq_ms,
             "stacked_seq_per_s": B / stk_ms * 1e3, "one_by_one_seq_per_s": B / seq_ms * 1e3,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CLS, MASK, PAD, SEP, check_matmul_params, import_transformers
+from bench.common import CLS, MASK, PAD, SEP, autocast, check_matmul_params, import_transformers
 from tinytlm.common import UserError
 from tinytlm.config import compile_option
 from tinytlm.data import mask_generator, mask_tokens
@@ -28,7 +28,7 @@ from tinytlm.hf import hf_config
 from tinytlm.kernel_path import Impl
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
-from tinytlm.train import autocast, make_optimizer, prepare_model
+from tinytlm.train import make_optimizer, prepare_model
 from tinytlm.wikipedia import ensure_wiki
 
 STACKS = ("hf", "eager", "compiled", "triton", "graphs", "graphs+triton")  # each but hf also as S+unpad

@@ -50,14 +50,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from bench.common import (PAD, device_label, error_note, free_memory, markdown_table, mean_step_ms,
+from bench.common import (PAD, autocast, device_label, error_note, free_memory, markdown_table, mean_step_ms,
                           peak_memory_gib, read_peak, result_path, run_header, smoke_config, train_flops, utc_now,
                           versions, write_report)
 from bench.throughput_report import best_paths, blank, md_row, summary
 from bench.train_stacks import STACKS, flags, hf_stack, make_batches, stack_path, tinytlm_stack, wiki_rows
 from tinytlm.common import ArgParser, UserError, cli, git_revision, write_json
 from tinytlm.model import BertConfig, BertForClassification
-from tinytlm.train import add_dataclass_args, autocast, dataclass_from_args, resolve_device
+from tinytlm.train import add_dataclass_args, dataclass_from_args, resolve_device
 from tinytlm.unpad import pack_plan
 
 # One of each family first at the paper's batch, bert6 then bert1, then batch 256, then variants: a time limit

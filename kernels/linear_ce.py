@@ -3,16 +3,20 @@
 The sparse MLM head ends in a decoder to the 30,522 word ids and a cross-entropy. Done plainly
 (`reference` below) the logits of every chosen position, N x V floats, are written, read by log-softmax,
 written again as their gradient and read twice more in the backward: at batch 128 on `tiny` that is
-~300 MB per pass, far out of any CPU cache. Here the rows go through in chunks of `chunk`: per chunk the
-logits are made, their log-sum-exp, loss and argmax taken, and, when a gradient is wanted, the softmax
-minus the one-hot turned at once into this chunk's gradients of the hidden states, the decoder weight and
-its bias (as Liger-Kernel's fused linear cross-entropy does). The backward then only scales those by the
-incoming gradient, so the decoder's matrix products are the same three as the plain path's, and each
-chunk's logits stay in cache between them.
+~300 MB per pass, far out of any CPU cache. Here the rows go through in chunks of `chunk`: per chunk one
+matrix product makes the biased logits (the bias rides as a last column of the weight, so there is no
+broadcast copy and the bias gradient comes out of the weight gradient's product), one fused softmax pass
+gives the loss (log-sum-exp = max logit - log of the max probability, which is >= 1/V, so never the log of
+an underflow) and, minus the one-hot, the gradient of the logits, which is turned at once into this chunk's
+gradients of the hidden states, the decoder weight and its bias (as Liger-Kernel's fused linear
+cross-entropy does). The backward then only scales those by the incoming gradient, so the decoder's matrix
+products are the same three as the plain path's, without the plain path's N x V log-softmax, its backward,
+the zero-filled gradient buffer and the bias passes. The loop's trip count depends on shapes only.
 
 K stacked members (tinytlm/members.py) are one batched call: x (K, N, H), weight (K, V, H) or one shared
 (V, H), bias (K, V) or (V,), targets (K, N). The outputs are per member: the summed loss over its targets
-that are not -100 (a member with none adds 0, not nan), the number of correct argmax predictions, and the
+that are not -100 (a member with none adds 0, not nan), the number of correct predictions (the target's
+logit is the row's largest: argmax == target up to exact ties, which `reference` breaks by index), and the
 count; the caller divides (a mean per member, or by a global count under torchrun).
 
 Precision: inside an enabled autocast region of x's device the products run in the autocast dtype (as
@@ -34,7 +38,7 @@ def reference(x, weight, bias, targets):
     return ce.sum(1), ((logits.argmax(-1) == targets) & valid).sum(1), valid.sum(1)
 
 
-def linear_cross_entropy(x, weight, bias, targets, chunk: int = 64):
+def linear_cross_entropy(x, weight, bias, targets, chunk: int = 256):
     """(loss sums (K,), correct (K,), counts (K,)); only the loss sums carry a gradient. x (N, H) or
     (K, N, H); weight (V, H) or (K, V, H); bias (V,) or (K, V); targets (N,) or (K, N), -100 = ignored."""
     if chunk < 1:
@@ -44,7 +48,8 @@ def linear_cross_entropy(x, weight, bias, targets, chunk: int = 64):
     if bx.size(2) != bw.size(2) or bw.size(1) != bb.size(1) or bt.shape != bx.shape[:2]:
         raise ValueError(f"linear_cross_entropy: shapes x {tuple(shapes[0])}, weight {tuple(shapes[1])}, "
                          f"bias {tuple(shapes[2])}, targets {tuple(shapes[3])} do not fit together")
-    loss, correct, count = _LinearCE.apply(x, weight, bias, targets, chunk)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    loss, correct, count = _LinearCE.apply(x, weight, bias, targets, chunk, grad)
     return loss, correct, count
 
 
@@ -65,41 +70,22 @@ def _compute_dtype(x):
 
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunk):
+    def forward(ctx, x, weight, bias, targets, chunk, grad):
         dtype = _compute_dtype(x)
-        want = ctx.needs_input_grad[:3]
+        want = [grad and w for w in ctx.needs_input_grad[:3]]
         bx, bw, bb, bt = _batched(x, weight, bias, targets)
-        bx, bw, bb = bx.to(dtype), bw.to(dtype), bb.float()
-        k, n, _ = bx.shape
-        loss = torch.zeros(k, dtype=torch.float32, device=x.device)
-        correct = torch.zeros(k, dtype=torch.long, device=x.device)
-        gx = torch.zeros(bx.shape, dtype=torch.float32, device=x.device) if want[0] else None
-        gw = torch.zeros(bw.shape, dtype=torch.float32, device=x.device) if want[1] else None
-        gb = torch.zeros(bb.shape, dtype=torch.float32, device=x.device) if want[2] else None
-        for s in range(0, n, chunk):
-            xc, tc = bx[:, s:s + chunk], bt[:, s:s + chunk]  # (K, c, H), (K, c)
-            logits = torch.bmm(xc, bw.transpose(1, 2)).float().add_(bb.unsqueeze(1))  # (K, c, V) fp32
-            valid = tc != IGNORE
-            safe = tc.clamp(min=0).unsqueeze(-1)
-            lse = logits.logsumexp(-1)  # (K, c)
-            loss += ((lse - logits.gather(-1, safe).squeeze(-1)) * valid).sum(1)
-            correct += ((logits.argmax(-1) == tc) & valid).sum(1)
-            if gx is None and gw is None and gb is None:
-                continue
-            grad = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(-1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-            grad.mul_(valid.unsqueeze(-1))  # d(loss sum)/d(logits); ignored rows give nothing
-            if gb is not None:
-                gb += grad.sum(1)
-            g = grad.to(dtype)
-            if gx is not None:
-                gx[:, s:s + chunk] = torch.bmm(g, bw).float()
-            if gw is not None and dtype == torch.float32:
-                gw.baddbmm_(g.transpose(1, 2), xc)  # (K, V, H), accumulated in place
-            elif gw is not None:  # CPU matmuls cannot accumulate bf16 products into fp32: one rounding per chunk
-                gw += torch.bmm(g.transpose(1, 2), xc)
+        (k, n, h), v = bx.shape, bw.size(1)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        gx = torch.empty(k, n, h, **f32) if want[0] else None
+        gwa = torch.zeros(k, v, h + 1, **f32) if want[1] or want[2] else None  # [d weight, d bias] per member
+        shared = weight.dim() == 2 and bias.dim() == 1
+        wa = _augment_weight(bw[0], bb[0], dtype) if shared else None  # one (V, H+1) for every member
+        loss, correct = torch.zeros(k, **f32), torch.zeros(k, dtype=torch.long, device=x.device)
+        for i in range(k):
+            loss[i], correct[i] = _member(bx[i], wa if shared else _augment_weight(bw[i], bb[i], dtype), bt[i], chunk,
+                                          dtype, None if gx is None else gx[i], None if gwa is None else gwa[i])
         count = (bt != IGNORE).sum(1)
-        ctx.save_for_backward(gx, gw, gb)
+        ctx.save_for_backward(gx, gwa[..., :h] if want[1] else None, gwa[..., h] if want[2] else None)
         ctx.shapes = (x.shape, weight.shape, bias.shape)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         ctx.mark_non_differentiable(correct, count)
@@ -115,5 +101,52 @@ class _LinearCE(torch.autograd.Function):
                 out.append(None)
                 continue
             g = g * sc
-            out.append((g if len(shape) == g.dim() else g.sum(0)).to(dtype))  # a shared weight: members summed
-        return out[0], out[1], out[2], None, None
+            if len(shape) != g.dim():  # a shared weight or one model: the members summed
+                g = g[0] if g.size(0) == 1 else g.sum(0)
+            out.append(g.to(dtype))
+        return out[0], out[1], out[2], None, None, None
+
+
+def _augment_weight(w, b, dtype):
+    """(V, H+1): the decoder weight with its bias as a last column, so one matrix product makes the biased
+    logits and one makes the weight and bias gradients together (no broadcast copy, no separate sum)."""
+    return torch.cat([w, b.unsqueeze(1).to(w.dtype)], 1).to(dtype)
+
+
+def _member(x, wa, t, chunk: int, dtype, gx, gwa):
+    """One member, x (N, H), wa (V, H+1), t (N,): (loss sum, correct); with gradients wanted, writes d x into gx
+    (N, H) and adds d wa into gwa (V, H+1) (fp32, as if the loss sum had gradient 1). Per chunk of rows: the
+    logits, their max, softmax (one fused pass), the loss from the softmax's max (lse = max logit - log max
+    prob: never the log of an underflow), and the softmax minus the one-hot multiplied at once into the
+    gradients. Ignored rows: their x rows are zeroed for the weight gradient and their rows of gx zeroed at
+    the end, so no pass over the logits masks them."""
+    n, h = x.shape
+    grad = gx is not None or gwa is not None
+    valid = t != IGNORE
+    vf = valid.float()
+    xa = torch.cat([x, torch.ones_like(x[:, :1])], 1).to(dtype)  # (N, H+1): a 1 multiplies the bias column
+    safe = t.clamp(min=0).unsqueeze(1)  # (N, 1): an ignored row reads column 0, then counts nothing
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    xv = xa * vf.unsqueeze(1).to(dtype) if gwa is not None else None  # (N, H+1), ignored rows 0
+    minus_one = torch.full((min(chunk, n), 1), -1.0, device=x.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        logits = torch.mm(xa[s:e], wa.t()).float()  # (c, V), fp32
+        target = logits.gather(1, safe[s:e]).squeeze(1)  # (c,)
+        top = logits.amax(1)  # (c,)
+        p = torch.softmax(logits, 1)  # (c, V)
+        loss = loss + ((top - p.amax(1).log() - target) * vf[s:e]).sum()  # lse - target logit
+        correct = correct + ((target == top) & valid[s:e]).sum()  # argmax == target (up to exact ties)
+        if not grad:
+            continue
+        g = p.scatter_add_(1, safe[s:e], minus_one[:e - s]).to(dtype)  # softmax - one-hot = d loss / d logits
+        if gx is not None:
+            gx[s:e] = torch.mm(g, wa[:, :h])  # (c, H)
+        if gwa is not None and dtype == torch.float32:
+            gwa.addmm_(g.t(), xv[s:e])  # (V, H+1), accumulated in place
+        elif gwa is not None:  # CPU matmuls cannot accumulate bf16 products into fp32: one rounding per chunk
+            gwa += torch.mm(g.t(), xv[s:e])
+    if gx is not None:
+        gx.mul_(vf.unsqueeze(1))  # ignored rows: no gradient
+    return loss, correct

@@ -26,7 +26,8 @@ from tests.test_engine import assert_one_line_error, run
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = ["--arch", "dropout=0,attn_dropout=0"]
-SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", "cpu", *NO_DROPOUT]
+FP32 = ["--precision", "fp32"]  # the 1e-5 of this file is fp32's (bf16 rounds 2^-9: tests/test_precision.py)
+SMALL = ["--model", "tiny", "--arch", "n_layer=1,n_head=1,head_dim=32", "--device", "cpu", *NO_DROPOUT, *FP32]
 STEM = ["--arch", "n_conv=1,conv_channels=4"]
 LR = "1e-3"  # large enough that a wrong data order, mask or init moves weights far beyond 1e-5
 TOL = 1e-5
@@ -41,8 +42,8 @@ def mlm_args(roots, out, *extra):
 def cls_args(roots, out, *extra):
     raw, data = roots
     return ["--task", "agnews", "--train-per-label", "6", "--test-per-label", "4", "--epochs", "2",
-            "--batch_size", "8", "--lr", LR, "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data),
-            "--out", str(out), *extra]
+            "--batch_size", "8", "--lr", LR, "--device", "cpu", *FP32, "--quiet", "--raw", str(raw), "--data",
+            str(data), "--out", str(out), *extra]
 
 
 def pre_bn_bias(name: str) -> bool:

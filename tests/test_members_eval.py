@@ -67,8 +67,8 @@ def test_stacked_logits_equal_each_member_alone(members, roots):
 
 def test_ensemble_mixed_shapes_matches_the_unstacked_evaluation(members, roots, tmp_path, capsys):
     raw, data = roots
-    res = ensemble.main([*map(str, members), "--device", "cpu", "--latency-samples", "3", "--raw", str(raw),
-                         "--data", str(data), "--json", str(tmp_path / "ens.json")])
+    res = ensemble.main([*map(str, members), "--device", "cpu", "--precision", "fp32", "--latency-samples", "3",
+                         "--raw", str(raw), "--data", str(data), "--json", str(tmp_path / "ens.json")])
     states = [load_checkpoint(p, kind="cls") for p in members]
     _, test, yte = common_test_set(states, raw, data)
     alone = [predict_logits(build_model(s), test.ids, torch.device("cpu")) for s in states]
@@ -85,6 +85,7 @@ def test_ensemble_mixed_shapes_matches_the_unstacked_evaluation(members, roots, 
     assert json.loads((tmp_path / "ens.json").read_text())["committee"]["latency_ms_b1_stacked"] == \
         comm["latency_ms_b1_stacked"]
     assert "members of one shape stacked (2 forwards: 3 x L1 H1, 2 x L2 H2)" in capsys.readouterr().out
+    assert res["precision"] == "fp32" == json.loads((tmp_path / "ens.json").read_text())["precision"]
 
 
 # -----------------------------------------------------------------------------

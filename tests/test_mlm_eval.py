@@ -40,7 +40,7 @@ def test_ws_is_capped_before_the_held_out_rows(roots, tmp_path):
 
 
 def test_evaluation_scores_fixed_masks_with_the_plain_loss(roots, tmp_path):
-    pretrain.main(mlm_args(roots, tmp_path / "a", "--epochs", "1"))
+    pretrain.main(mlm_args(roots, tmp_path / "a", "--epochs", "1", "--precision", "fp32"))  # evaluate() below: fp32
     state = load_checkpoint(tmp_path / "a")
     model = build_model(state).eval()
     shard = val_shard(roots[1])
@@ -64,8 +64,9 @@ def test_evaluation_scores_fixed_masks_with_the_plain_loss(roots, tmp_path):
 def test_evaluation_changes_nothing_in_training_and_members_score_as_their_single_runs(roots, tmp_path):
     pretrain.main(mlm_args(roots, tmp_path / "off", "--val_every", "0"))
     pretrain.main(mlm_args(roots, tmp_path / "on"))
-    pretrain.main(mlm_args(roots, tmp_path / "stack", "--seeds", "0,1", "--arch", "dropout=0,attn_dropout=0"))
-    pretrain.main(mlm_args(roots, tmp_path / "one", "--seed", "1", "--arch", "dropout=0,attn_dropout=0"))
+    exact = ("--arch", "dropout=0,attn_dropout=0", "--precision", "fp32")  # a member scores as its single run
+    pretrain.main(mlm_args(roots, tmp_path / "stack", "--seeds", "0,1", *exact))
+    pretrain.main(mlm_args(roots, tmp_path / "one", "--seed", "1", *exact))
     a, b = load_checkpoint(tmp_path / "off"), load_checkpoint(tmp_path / "on")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bitwise: no random draws
     assert "val" not in a["extra"] and "val" in b["extra"]

@@ -30,8 +30,10 @@ def test_loss_at_init_is_ln_vocab():
     idx, targets = _batch(cfg.vocab_size)
     rows, y = mlm_rows(targets)
     with torch.no_grad():
-        logits, loss = model(idx, targets=y, rows=rows)
-    assert logits.shape == ((targets != -100).sum().item(), cfg.vocab_size)
+        counts, loss = model(idx, targets=y, rows=rows)
+        logits, none = model(idx, rows=rows)
+    assert logits.shape == ((targets != -100).sum().item(), cfg.vocab_size) and none is None
+    assert counts.shape == (1, 3) and counts[0, 2] == len(y)  # given targets: counts, no logits
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5
 
 
@@ -42,9 +44,11 @@ def test_sparse_head_equals_dense_head():
     idx, targets = _batch(cfg.vocab_size)
     rows, y = mlm_rows(targets)
     with torch.no_grad():
-        sparse_logits, sparse_loss = model(idx, targets=y, rows=rows)
-        dense_logits, dense_loss = model(idx, targets=targets)
-        all_logits, none = model(idx)
+        _, sparse_loss = model(idx, targets=y, rows=rows)
+        sparse_logits, _ = model(idx, rows=rows)
+        _, dense_loss = model(idx, targets=targets)
+        dense_logits, none = model(idx)
+        all_logits = dense_logits
     sel = targets != -100
     assert dense_logits.shape == (*idx.shape, cfg.vocab_size) and none is None
     torch.testing.assert_close(sparse_logits, dense_logits[sel])  # row-major order of the chosen positions
@@ -164,8 +168,8 @@ def test_classifier_loads_pretrained_trunk():
     mlm.eval(), clf.eval()
     idx = torch.randint(1, 100, (2, 8))
     torch.testing.assert_close(clf.bert(idx), mlm.bert(idx))
-    logits, loss = clf(idx, targets=torch.tensor([0, 3]))
-    assert logits.shape == (2, 4) and loss.ndim == 0
+    counts, loss = clf(idx, targets=torch.tensor([0, 3]))
+    assert clf(idx)[0].shape == (2, 4) and counts.shape == (1, 3) and loss.ndim == 0
 
 
 def test_init_and_param_count():
@@ -199,12 +203,12 @@ def test_triton_kernels_match_torch_path(train):
     idx = torch.randint(1, 60, (2, 12), device=device)
     idx[1, 8:] = 0
     y = torch.tensor([0, 2], device=device)
-    ref, ref_loss = model(idx, targets=y)
+    ref, ref_loss = model(idx)[0], model(idx, targets=y)[1]
     ref_loss.backward()
     ref_grad = model.bert.encoder.blocks[0].attn.qkv.weight.grad.clone()
     assert type(triton.bert.encoder.blocks[0].attn.attention).__name__ == "TritonAttention"
     assert triton.bert.stem.infer is not None and model.bert.stem.infer is None
-    out, loss = triton(idx, targets=y)
+    out, loss = triton(idx)[0], triton(idx, targets=y)[1]
     loss.backward()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(triton.bert.encoder.blocks[0].attn.qkv.weight.grad, ref_grad, atol=1e-4, rtol=1e-4)
@@ -224,9 +228,10 @@ def test_static_sparse_head_equals_dynamic():
                                   special_ids=(0, 101, 102), per_row=k)
     rows, y = mlm_rows(targets)
     _, dyn_loss = model(inputs, targets=y, rows=rows)
-    dense_logits, _ = model(inputs, targets=targets)  # (B, T, V)
+    dense_logits, _ = model(inputs)  # (B, T, V)
     rows_st, y_st = mlm_rows(targets, k)
-    st_logits, st_loss = model(inputs, targets=y_st, rows=rows_st)
+    _, st_loss = model(inputs, targets=y_st, rows=rows_st)
+    st_logits, _ = model(inputs, rows=rows_st)
     assert st_logits.shape == (4 * k, 30522)
     assert (y_st != -100).sum() == len(y) == 2 + 3 * k  # the short row leaves 3 slots unused
     torch.testing.assert_close(st_loss, dyn_loss)

@@ -55,6 +55,13 @@ def test_table5_mini_end_to_end_and_cached(shared, tmp_path):
     # every computed cell left a record: the cache alone lost -> nothing recomputed, the report is the same
     records = sorted((results / "cells" / "mini").glob("*.json"))
     assert [p.stem for p in records] == sorted(p.parent.name for p in stamps)
+    # each says the precision its cell was computed in: --precision auto on this CPU (bf16 where it is native)
+    import torch
+    from tinytlm.precision import resolve_precision
+    want = resolve_precision("auto", torch.device("cpu"))
+    recs = [json.loads(p.read_text()) for p in records]
+    assert {r["precision"] for r in recs} == {r["path"]["precision"] for r in recs} == {want}
+    assert f" in {want}, " in md.splitlines()[2]
     lost = sorted(stamps)[0]
     lost.unlink()
     assert main(argv)["table5"]["computed"] == 0 and not lost.is_file()

@@ -63,6 +63,33 @@ def test_committed_records_keep_their_cells(tmp_path):
         assert json.loads(r.read_text())["key"] in keys, r.name
 
 
+def test_committed_fp32_records_under_auto_precision(tmp_path, monkeypatch):
+    """On a CPU with native bf16 (patched: auto = bf16), a bf16 cell is another cell (other keys, no fp32 key
+    changes), yet `--report` without --precision finds every committed record (all fp32) and says fp32; an
+    explicit --precision bf16 report finds none of them, and --plan with auto has all 36 fine-tunings to run."""
+    import shutil
+    from tinytlm import precision
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    results = tmp_path / "r"
+    shutil.copytree(REPO / "results" / "cells" / "cpu", results / "cells" / "cpu")
+    fp32 = table_cells(grid("labels", "cpu"), 3, 1, tmp_path / "c", Runner(tmp_path / "c", "cpu", "", "").switches)
+    bf16 = table_cells(grid("labels", "cpu"), 3, 1, tmp_path / "c", Runner(tmp_path / "c", "cpu", "", "",
+                                                                          precisions=("bf16",)).switches)
+    assert not {c.key for c in fp32} & {c.key for c in bf16} and {c.init.key for c in bf16 if c.init}.isdisjoint(
+        {c.init.key for c in fp32 if c.init})
+    argv = ["labels", "--scale", "cpu", "--cache", str(tmp_path / "c"), "--results", str(results)]
+    rows = main([*argv, "--report"])["labels"]["rows"]
+    assert [r["n"] for r in rows] == [3] * 12 and all(r["precisions"] == ["fp32"] for r in rows)
+    assert "cells (3 seeds x 12 rows) done, on" in (md := (results / "cpu" / "labels.md").read_text())
+    assert " in fp32, " in md.splitlines()[2] and "bf16" not in md
+    assert all(r["n"] == 0 for r in main([*argv, "--report", "--precision", "bf16"])["labels"]["rows"])
+    planned = main([*argv, "--plan"])["labels"]
+    assert sum(c["state"] == "todo" for c in planned if c["cell"] == "finetune") == 36
+    planned = main([*argv, "--plan", "--precision", "fp32"])["labels"]
+    assert sum(c["state"] == "cached" for c in planned if c["cell"] == "finetune") == 36
+    assert not (tmp_path / "c").exists()
+
+
 def test_labels_plan_lists_the_sweep(tmp_path):
     """--plan: 36 fine-tunings and the one pre-training, nothing run; the sequences per cell follow the sizes."""
     planned = main(["labels", "--scale", "cpu", "--plan", "--cache", str(tmp_path / "c"),

@@ -19,6 +19,7 @@ The definitions and which parts are our reading: tinytlm/analyze_apt.py, analyze
 analyze_confusion.py, analyze_shp.py. Outputs go to DIR (default RUN/analysis), every file written
 atomically after all of the analysis succeeded; --plot adds PNGs (tinytlm/analyze_plots.py).
 """
+import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from tinytlm.analyze_run import analyse_cls, analyse_mlm, prepare_cls, prepare_m
 from tinytlm.analyze_shp import NORMS
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.common import ArgParser, UserError, add_option, atomic_path, cli, read_json
+from tinytlm.precision import PRECISIONS, resolve_precision
 from tinytlm.report import member_folder
 from tinytlm.train import resolve_device
 
@@ -141,6 +143,8 @@ def analyse(args) -> list:
     """Analyse every checkpoint RUN holds; returns [(Job, summary line)]. All of them are loaded and their
     data checked first, then computed, and only then written: a failure leaves no file behind."""
     device = resolve_device(args.device)
+    args = argparse.Namespace(**{**vars(args), "precision": resolve_precision(args.precision, device),
+                                 "precision_requested": args.precision})  # the resolved one, in every header
     if args.plot:
         from tinytlm.report import _matplotlib
         _matplotlib()  # a missing matplotlib is a one-line error before any work
@@ -168,8 +172,10 @@ def parser() -> ArgParser:
     add_option(ap, "--plot", action="store_true", help="also draw PNGs beside the JSON (needs matplotlib)")
     add_option(ap, "--what", default="", help="comma-separated: apt, blocks, confusion (pre-training), "
                                               "blocks, shp (classifier); default all that apply", kind="list")
-    add_option(ap, "--device", default="cpu", help="cpu | cuda | auto (cuda: bf16 autocast, as training scores)",
-               pattern=r"auto|cpu|cuda(:\d+)?")
+    add_option(ap, "--device", default="cpu", help="cpu | cuda | auto", pattern=r"auto|cpu|cuda(:\d+)?")
+    add_option(ap, "--precision", default="auto", choices=PRECISIONS,
+               help="bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and CPUs with native bf16")
+
     add_option(ap, "--data", default="", help="prepared data root (default: the paths the run recorded)", kind="dir")
     add_option(ap, "--raw", default="", help="raw data root (a task that is not prepared yet)", kind="dir")
     add_task_args(ap, task_default="")  # --task: show its T_M tokens apart in apt.json

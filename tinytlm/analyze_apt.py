@@ -25,7 +25,7 @@ from tinytlm.common import UserError
 from tinytlm.data import Shard, payload_checksum
 from tinytlm.mlm_eval import VAL_SEED, HeldOut
 from tinytlm.tokstats import counts
-from tinytlm.train import autocast
+from tinytlm.precision import autocast
 
 
 # -----------------------------------------------------------------------------
@@ -85,7 +85,7 @@ def ws_counts(state: dict, rows: np.ndarray, vocab_size: int) -> np.ndarray:
 # predictions and counts
 
 @torch.no_grad()
-def held_out_predictions(model, held: HeldOut, device) -> tuple:
+def held_out_predictions(model, held: HeldOut, device, precision: str = "fp32") -> tuple:
     """(targets (N,), predictions (N,)) at every held-out masked position, int64 numpy, in row-major
     order: the model's own forward on the batches HeldOut.evaluate uses, so the counts are its counts."""
     check_single(model)
@@ -97,7 +97,7 @@ def held_out_predictions(model, held: HeldOut, device) -> tuple:
     try:
         for i in range(0, len(held), held.batch_size):
             x, inp, tgt = (t[i:i + held.batch_size].to(device) for t in (held.ids, held.inputs, held.targets))
-            with autocast(device):
+            with autocast(device, precision):
                 logits, y = mlm_logits(model, inp, x != held.pad, tgt)  # (N_b, V), (N_b,)
             ys.append(y.cpu())
             preds.append(logits.argmax(-1).cpu())
@@ -174,10 +174,11 @@ def apt_report(correct, occ, wsc, min_occ: int = 1, task_counts: np.ndarray = No
 # -----------------------------------------------------------------------------
 # one number for the paper runner
 
-def mean_apt(run_or_model, held: HeldOut = None, device="cpu", data_root=None, min_occ: int = 1) -> float:
+def mean_apt(run_or_model, held: HeldOut = None, device="cpu", data_root=None, min_occ: int = 1,
+             precision: str = "fp32") -> float:
     """<APT> of a pre-training checkpoint (a run folder or ckpt.pt path) or of a BertForMLM on the
-    held-out rows (the run's, or `held` for a model). device: "cpu" or "cuda" (bf16 autocast, as the
-    training loop scores on CUDA)."""
+    held-out rows (the run's, or `held` for a model). device: "cpu" or "cuda"; precision: "fp32" | "bf16"
+    (tinytlm/precision.py; the paper runner scores in its cells' precision)."""
     from tinytlm.checkpoint import build_model, load_checkpoint
     device = torch.device(device)
     if isinstance(run_or_model, (str, Path)):
@@ -188,5 +189,5 @@ def mean_apt(run_or_model, held: HeldOut = None, device="cpu", data_root=None, m
         raise UserError("mean_apt of a model needs its held-out rows (held=HeldOut(...))")
     else:
         model = run_or_model
-    targets, preds = held_out_predictions(model.to(device), held, device)
+    targets, preds = held_out_predictions(model.to(device), held, device, precision)
     return mean_over_tokens(*token_counts(targets, preds, model.config.vocab_size), min_occ)

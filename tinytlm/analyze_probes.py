@@ -27,7 +27,8 @@ from tinytlm.analyze_model import (block_states, check_single, cls_position, hid
                                    state_names, word_weight)
 from tinytlm.common import UserError
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens
-from tinytlm.train import autocast, lr_at
+from tinytlm.precision import autocast
+from tinytlm.train import lr_at
 
 
 @dataclass
@@ -88,7 +89,7 @@ def _step_rows(n: int, cfg: ProbeConfig, step: int) -> np.ndarray:
     return epoch_order(n, cfg.seed, epoch)[b * cfg.batch_size:(b + 1) * cfg.batch_size]
 
 
-def train_mlm_probes(model, rows: np.ndarray, special_ids: dict, cfg: ProbeConfig, device) -> tuple:
+def train_mlm_probes(model, rows: np.ndarray, special_ids: dict, cfg: ProbeConfig, device, precision="fp32") -> tuple:
     """(probes, records): one MLM probe per state trained on the W_s rows (n, T); records = the probes'
     window losses every log_every steps (one list entry per state)."""
     check_single(model)
@@ -107,9 +108,9 @@ def train_mlm_probes(model, rows: np.ndarray, special_ids: dict, cfg: ProbeConfi
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, cfg.lr)
         if chosen.any():
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, precision):
                 states = block_states(model, inputs, x != sp["pad"])  # n_states x (B, T, H)
-            with autocast(device):
+            with autocast(device, precision):
                 losses = torch.stack([F.cross_entropy(p(s[chosen], decoder).float(), targets[chosen])
                                       for p, s in zip(probes, states)])  # (n_states,)
             losses.sum().backward()  # the probes share no weight: each gets its own loss's gradient
@@ -129,7 +130,7 @@ def _record(step: int, cfg: ProbeConfig, window) -> dict:
 
 
 @torch.no_grad()
-def probe_predictions(model, probes: list, held, device) -> list:
+def probe_predictions(model, probes: list, held, device, precision: str = "fp32") -> list:
     """Per state: (targets (N,), predictions (N,)) of its probe at every held-out masked position, in the
     order of tinytlm.analyze_apt.held_out_predictions (the fixed masks of tinytlm/mlm_eval.py)."""
     model.eval()
@@ -138,7 +139,7 @@ def probe_predictions(model, probes: list, held, device) -> list:
     for i in range(0, len(held), held.batch_size):
         x, inp, tgt = (t[i:i + held.batch_size].to(device) for t in (held.ids, held.inputs, held.targets))
         chosen = tgt != -100  # (B, T)
-        with autocast(device):
+        with autocast(device, precision):
             states = block_states(model, inp, x != held.pad)
             for out, p, s in zip(preds, probes, states):
                 out.append(p(s[chosen], decoder).argmax(-1).cpu())  # (N_b,)
@@ -151,14 +152,14 @@ def probe_predictions(model, probes: list, held, device) -> list:
 # classifier runs: linear probes on [CLS]
 
 @torch.no_grad()
-def cls_features(model, ids: np.ndarray, pad_id: int, device, batch_size: int = 256) -> list:
+def cls_features(model, ids: np.ndarray, pad_id: int, device, batch_size: int = 256, precision: str = "fp32") -> list:
     """Per state: the [CLS] position's hidden state (N, H), fp32 on the CPU, eval mode."""
     check_single(model)
     model.eval()
     out = None
     for i in tqdm(range(0, len(ids), batch_size), desc="features", unit="batch", dynamic_ncols=True, disable=None):
         x = torch.from_numpy(np.asarray(ids[i:i + batch_size]).astype(np.int64)).to(device)  # (B, T)
-        with autocast(device):
+        with autocast(device, precision):
             states = [cls_position(s).float().cpu() for s in block_states(model, x, x != pad_id)]  # (B, H) each
         out = [[s] for s in states] if out is None else [o + [s] for o, s in zip(out, states)]
     return [torch.cat(o) for o in out]

@@ -45,10 +45,10 @@ def vocab_words(folder: Path, vocab_size: int):
     return words if len(words) == vocab_size else None
 
 
-def header(state: dict, device) -> dict:
-    """What every output file says about where it comes from."""
+def header(state: dict, device, args) -> dict:
+    """What every output file says about where it comes from (precision: the resolved one, and as asked)."""
     return {"checkpoint": state["path"], "step": state["step"], "model_config": state["model_config"],
-            "device": str(device)}
+            "device": str(device), "precision": args.precision, "precision_requested": args.precision_requested}
 
 
 # -----------------------------------------------------------------------------
@@ -75,11 +75,11 @@ def analyse_mlm(state: dict, ctx: dict, asked: tuple, args, device) -> tuple:
     """({file: content}, summary): apt.json, blocks.json/.npz, probes.jsonl, confusion.json/.npz as asked."""
     model, held, wsc = ctx["model"].to(device), ctx["held"], ctx["wsc"]
     V = model.config.vocab_size
-    targets, preds = apt.held_out_predictions(model, held, device)
+    targets, preds = apt.held_out_predictions(model, held, device, args.precision)
     correct, occ = apt.token_counts(targets, preds, V)
     report = apt.apt_report(correct, occ, wsc, args.min_occ, ctx["task"])
     recorded = (state["extra"].get("val") or {}).get("val_mlm_acc")
-    head = {**header(state, device), "held_out": ctx["held_meta"],
+    head = {**header(state, device, args), "held_out": ctx["held_meta"],
             "ws": {k: state["data"].get(k) for k in ("pretrain_set", "ws", "shard", "rows_checksum", "task")}}
     files = {}
     if "apt" in asked:
@@ -102,9 +102,9 @@ def mlm_blocks(model, ctx, args, device, head: dict, report: dict, occ, files: d
     """Train an MLM probe per state, score it on the held-out masks: blocks.json/.npz and probes.jsonl into
     files; returns (state, targets, predictions) per state for the confusion analysis."""
     cfg = probe_config(args)
-    probes, records = train_mlm_probes(model, ctx["rows"], ctx["special_ids"], cfg, device)
+    probes, records = train_mlm_probes(model, ctx["rows"], ctx["special_ids"], cfg, device, args.precision)
     names = state_names(model)
-    per = probe_predictions(model, probes, ctx["held"], device)
+    per = probe_predictions(model, probes, ctx["held"], device, args.precision)
     counts = [apt.token_counts(y, p, model.config.vocab_size)[0] for y, p in per]
     files["probes.jsonl"] = records
     files["blocks.json"] = {
@@ -156,11 +156,12 @@ def analyse_cls(state: dict, ctx: dict, asked: tuple, args, device) -> tuple:
     model = ctx["model"].to(device)
     names, C = state_names(model), n_labels(model)
     (xtr, ytr), (xte, yte) = ctx["train"], ctx["test"]
-    ftr, fte = (cls_features(model, x, ctx["pad"], device) for x in (xtr, xte))  # per state (N, H)
+    ftr, fte = (cls_features(model, x, ctx["pad"], device, precision=args.precision)
+                for x in (xtr, xte))  # per state (N, H)
     own = head_fields(model, device)(fte[-1], None)  # (N_test, C): the trained head on the last state
     own_acc = float((own.argmax(-1).numpy() == yte).mean())
     recorded = state["extra"].get("acc")
-    head = {**header(state, device), "task_dir": str(ctx["task_dir"]), "labels": ctx["label_names"],
+    head = {**header(state, device, args), "task_dir": str(ctx["task_dir"]), "labels": ctx["label_names"],
             "n_train": len(ytr), "n_test": len(yte), "head_accuracy": own_acc, "recorded_accuracy": recorded}
     files, probes = {}, None
     if "blocks" in asked or ("shp" in asked and args.shp_blocks == "all"):

@@ -19,7 +19,7 @@ from tinytlm.kernel_path import Impl
 from tinytlm.members import load_members
 from tinytlm.model import BertConfig, BertForClassification
 from tinytlm.tasks import TaskSpec, ensure_task, load_task
-from tinytlm.train import autocast
+from tinytlm.precision import autocast
 
 
 def common_test_set(states: list, raw=None, data=None) -> tuple:
@@ -75,24 +75,25 @@ def member_logits(model, x) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_member_logits(model, ids: np.ndarray, device, batch_size: int = 256) -> torch.Tensor:
-    """Each member's logits (K, N, n_labels) in fp32 on the CPU, eval mode; batch_size rows per member."""
+def predict_member_logits(model, ids: np.ndarray, device, batch_size: int = 256, precision: str = "fp32"):
+    """Each member's logits (K, N, n_labels) in fp32 on the CPU, eval mode; batch_size rows per member;
+    the forwards in precision ("fp32" | "bf16", tinytlm/precision.py)."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(ids), batch_size):
         x = torch.from_numpy(np.asarray(ids[i:i + batch_size]).astype(np.int64)).to(device)  # (B, T)
-        with autocast(device):
+        with autocast(device, precision):
             out.append(member_logits(model, x).float().cpu())  # (K, B, C)
     model.train(was_training)
     return torch.cat(out, dim=1)  # (K, N, C)
 
 
-def predict_logits(model, ids: np.ndarray, device, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model, ids: np.ndarray, device, batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
     """Logits (N, n_labels) of a single model in fp32 on the CPU, eval mode."""
     if getattr(model, "members", 1) != 1:
         raise ValueError("predict_logits takes a single model; use predict_member_logits for a stack")
-    return predict_member_logits(model, ids, device, batch_size)[0]
+    return predict_member_logits(model, ids, device, batch_size, precision)[0]
 
 
 def committee_logits(member_logits) -> torch.Tensor:
@@ -106,7 +107,7 @@ def committee_forward(models, x, streams=None) -> torch.Tensor:
 
     The members only read x, so on a GPU their kernels may overlap (at batch 1 one BERT-1 fills a
     fraction of the SMs). Pass the same `streams` (one torch.cuda.Stream per member) on every call.
-    On CPU it is a plain loop. Call under torch.no_grad() and autocast(device).
+    On CPU it is a plain loop. Call under torch.no_grad() and the run's autocast (tinytlm/precision.py).
     """
     if x.device.type != "cuda":
         return torch.cat([member_logits(m, x).float() for m in models]).sum(0)  # (M, B, C) -> (B, C)
@@ -137,7 +138,8 @@ def per_label_accuracy(logits, labels, n_labels) -> list:
 
 
 @torch.no_grad()
-def batch1_latency_ms(models, ids: np.ndarray, device, n: int = 50, warmup: int = 5, parallel=False) -> float:
+def batch1_latency_ms(models, ids: np.ndarray, device, n: int = 50, warmup: int = 5, parallel=False,
+                      precision: str = "fp32") -> float:
     """Median wall time (ms) to classify one sequence with every model in `models`: one after
     another, or with parallel=True through committee_forward (one CUDA stream per model). A stacked
     model is one forward of all its members (the sequence repeated once per member)."""
@@ -150,7 +152,7 @@ def batch1_latency_ms(models, ids: np.ndarray, device, n: int = 50, warmup: int 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with autocast(device):
+        with autocast(device, precision):
             if parallel:
                 committee_forward(models, x, streams)
             else:

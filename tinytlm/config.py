@@ -19,8 +19,9 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json, violation
-from tinytlm.kernel_path import Impl
+from tinytlm.kernel_path import Impl, default_head
 from tinytlm.model import BertConfig
+from tinytlm.precision import PRECISIONS
 
 
 # -----------------------------------------------------------------------------
@@ -120,6 +121,8 @@ class Switches:
     kernels: str = switch("torch", "attention/conv-stem kernels: torch (the reference) or triton",
                           choices=("torch", "triton"))
     unpad: bool = switch(False, "run on the packed real tokens, not the padding (tinytlm/unpad.py)")
+    precision: str = switch("auto", "bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and on CPUs with "
+                            "native bf16 (tinytlm/precision.py; --resume: the run's own)", choices=PRECISIONS)
     data: str = switch("", "prepared data root (default $TINYTLM_DATA or ./data)", kind="dir")
     raw: str = switch("", "raw data root (default $TINYTLM_RAW, else ../shared/data if it exists, else data/raw)",
                       kind="dir")
@@ -129,9 +132,10 @@ class Switches:
         self.compile = {"true": "on", "false": "off"}.get(str(self.compile).lower(), self.compile)
         validate(self)
 
-    def impl(self) -> Impl:
-        """The implementations every forward of the run's model uses, chosen when it is built."""
-        return Impl(self.kernels, self.unpad)
+    def impl(self, device=None) -> Impl:
+        """The implementations every forward of the run's model uses, chosen when it is built; on `device`,
+        the MLM head its rule picks (tinytlm/kernel_path.py default_head), else the plain reference."""
+        return Impl(self.kernels, self.unpad, head=default_head(device) if device is not None else "plain")
 
 
 @dataclass

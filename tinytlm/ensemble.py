@@ -24,6 +24,7 @@ from tinytlm.committee import (accuracy, batch1_latency_ms, committee_logits, co
                                predict_member_logits, shape_groups, stack_checkpoints)
 from tinytlm.common import ArgParser, add_option, cli, default_data_root, default_raw_root, write_json
 from tinytlm.kernel_path import Impl
+from tinytlm.precision import PRECISIONS, resolve_precision
 from tinytlm.train import prepare_model, resolve_device
 
 
@@ -38,6 +39,8 @@ def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_option(ap, "ckpts", nargs="+", help="classifier checkpoints or run directories", kind="run")
     add_option(ap, "--device", default="auto", help="auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
+    add_option(ap, "--precision", default="auto", choices=PRECISIONS,
+               help="bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and CPUs with native bf16")
     add_option(ap, "--kernels", default="torch", help="torch | triton", choices=("torch", "triton"))
     add_option(ap, "--latency-samples", type=int, default=50, help="test sequences timed at batch 1", low=1)
     add_option(ap, "--json", default="", help="write the table as JSON here", kind="outfile")
@@ -49,6 +52,7 @@ def parser() -> ArgParser:
 def main(argv=None):
     args = parser().parse_args(argv)
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     impl = Impl(args.kernels)
 
     states = [load_checkpoint(p, kind="cls") for p in args.ckpts]
@@ -59,28 +63,30 @@ def main(argv=None):
     stacks = [prepare_model(stack_checkpoints([states[i] for i in g], impl), device) for g in groups]
     logits = [None] * len(states)
     for g, stack in zip(groups, stacks):
-        for i, lg in zip(g, predict_member_logits(stack, test.ids, device)):
+        for i, lg in zip(g, predict_member_logits(stack, test.ids, device, precision=precision)):
             logits[i] = lg  # (N, C), in the order the checkpoints were given
     group_of = {i: n for n, g in enumerate(groups) for i in g}
 
     models = [prepare_model(build_model(s, impl), device) for s in states]  # alone, for the latency
+
+    def latency(ms, parallel=False):
+        return batch1_latency_ms(ms, test.ids, device, args.latency_samples, parallel=parallel, precision=precision)
+
     rows = []
     for i, (s, m) in enumerate(zip(states, models)):
         cfg = m.config
         rows.append({"member": s["path"], "arch": describe(cfg), "params": m.num_params(),
-                     "latency_layers": cfg.latency_layers,
-                     "latency_ms_b1": batch1_latency_ms([m], test.ids, device, args.latency_samples),
+                     "latency_layers": cfg.latency_layers, "latency_ms_b1": latency([m]),
                      "acc": accuracy(logits[i], yte), "group": group_of[i]})
     comm = {"member": f"committee of {len(models)}", "arch": "sum of logits",
             "params": sum(r["params"] for r in rows), "latency_layers": max(r["latency_layers"] for r in rows),
-            "latency_ms_b1": batch1_latency_ms(models, test.ids, device, args.latency_samples),
-            "latency_ms_b1_parallel": batch1_latency_ms(models, test.ids, device, args.latency_samples, parallel=True),
-            "latency_ms_b1_stacked": batch1_latency_ms(stacks, test.ids, device, args.latency_samples),
+            "latency_ms_b1": latency(models), "latency_ms_b1_parallel": latency(models, parallel=True),
+            "latency_ms_b1_stacked": latency(stacks),
             "acc": accuracy(committee_logits(logits), yte)}
     group_rows = [{"arch": rows[g[0]]["arch"], "n_labels": states[g[0]]["n_labels"], "members": len(g),
                    "checkpoints": [states[i]["path"] for i in g]} for g in groups]
 
-    print(f"task {task_dir.name}, {len(test)} test rows, device {device}")
+    print(f"task {task_dir.name}, {len(test)} test rows, device {device}, {precision}")
     print(f"{'member':<48} {'arch':<24} {'params':>9} {'layers':>6} {'ms@b1':>7} {'acc':>7}")
     for r in rows + [comm]:
         name = r["member"] if len(r["member"]) <= 48 else "..." + r["member"][-45:]
@@ -91,7 +97,8 @@ def main(argv=None):
     shapes = ", ".join(f"{g['members']} x {g['arch']}" for g in group_rows)
     print(f"committee batch-1 latency with the members of one shape stacked ({len(stacks)} forward"
           f"{'s' * (len(stacks) > 1)}: {shapes}): {comm['latency_ms_b1_stacked']:.2f} ms")
-    result = {"task": task_dir.name, "n_test": len(test), "device": str(device), "members": rows, "committee": comm,
+    result = {"task": task_dir.name, "n_test": len(test), "device": str(device), "precision": precision,
+              "precision_requested": args.precision, "members": rows, "committee": comm,
               "groups": group_rows}
     if args.json:
         write_json(args.json, result)

@@ -18,7 +18,8 @@ from tinytlm.common import UserError, write_json
 from tinytlm.data import Shard, epoch_order, get_batch
 from tinytlm.kernel_path import Impl
 from tinytlm.model import BertConfig, BertForClassification
-from tinytlm.session import build_members, check_group, interruptible, open_device, save, setup, train_step
+from tinytlm.session import (build_members, check_group, interruptible, open_device, precision_fields, run_precision,
+                             save, setup, train_step)
 from tinytlm.tasks import ensure_task, load_task
 from tinytlm.tokstats import pair_stats, task_counts, wiki_counts
 from tinytlm.train import StopAtBoundary, check_rows, device_name, lr_at, print_config, roots
@@ -79,6 +80,7 @@ def start(cfgs: list, overrides: dict, init_states: list, outs: list, resume_sta
     member knew when it started and has done since (kept in its checkpoints' extra)."""
     cfg = cfgs[0]
     d, device = open_device(cfg)
+    precision = run_precision(cfg, device, resume_states)
     task = load(cfg, d)
     if resume_states:  # what each member knew when it started, kept in its checkpoint
         check_group(resume_states, lambda st: "" if st["extra"]["test_fingerprint"] == task.test.checksum.hex() else
@@ -92,13 +94,14 @@ def start(cfgs: list, overrides: dict, init_states: list, outs: list, resume_sta
         cfgs[k].seed, init_states[k], cfg.model, overrides, len(task.label_names), impl), len(cfgs), impl)
     check_rows(max(int(task.train.ids.max(initial=0)), int(task.test.ids.max(initial=0))), task.train.row_len,
                model_cfg, task.task_dir)
-    configs = [{**asdict(c), "lr": task.lr, "weight_decay": task.wd, "task_dir": task.task_dir.name,
-                "model_config": model_cfg.to_dict()} for c in cfgs]
+    configs = [{**asdict(c), **precision_fields(c, precision), "lr": task.lr, "weight_decay": task.wd,
+                "task_dir": task.task_dir.name, "model_config": model_cfg.to_dict()} for c in cfgs]
     if not cfg.quiet:
         seeds = ",".join(str(c.seed) for c in cfgs)
         print_config("config", {k: v for k, v in configs[0].items() if k not in ("model_config", "seed", "out")}
                      | {"seeds" if len(cfgs) > 1 else "seed": seeds, "out": ", ".join(map(str, outs))})
-    s = setup(cfg, d, device, model, resume_states, task.lr, task.wd, outs, [c.seed for c in cfgs], configs)
+    s = setup(cfg, d, device, model, resume_states, task.lr, task.wd, outs, [c.seed for c in cfgs], configs,
+              precision=precision)
     return s, task, progress, configs
 
 
@@ -148,7 +151,7 @@ def run_members(cfgs: list, overrides: dict, init_states: list, outs: list, resu
                 if d.on:  # this process's share of the batch
                     x, y = d.rows(x, K), d.rows(y, K, fill=-100)
                 # torchrun: summed over this share's rows, / the global batch: DDP's mean is the loss
-                _, loss = train_step(s, lr_at(s.step, total, task.lr), x, y, y, len(xys[0][1]))
+                _, loss = train_step(s, lr_at(s.step, total, task.lr), x, y, len(xys[0][1]))
                 loss_sum += loss.detach().float().view(K)
                 # torchrun: every process is asked at the epoch's end (below), so all stop at the same step
                 if sigint["set"] and not d.on and b < steps_per_epoch - 1:  # at an epoch's end: score it first
@@ -180,7 +183,8 @@ def score_epoch(s, task: TaskData, progress: list, epoch: int, epoch_loss, t0: f
     epoch_loss = epoch_loss.tolist()  # syncs: the steps are done
     s.nonfinite.check()
     t1 = time.perf_counter()
-    logits = predict_member_logits(s.model.module if s.d.on else s.model, task.test.ids, s.device)  # syncs
+    logits = predict_member_logits(s.model.module if s.d.on else s.model, task.test.ids, s.device,
+                                   precision=s.precision)  # syncs
     t2 = time.perf_counter()
     for k, (p, log) in enumerate(zip(progress, s.logs)):
         p["train_s"] += t1 - t0
@@ -207,7 +211,7 @@ def result(task: TaskData, p: dict, c, logits, s, cfg, K: int) -> dict:
         "per_label_acc": dict(zip(task.label_names, per_label_accuracy(logits, task.yte, n_labels))),
         "token_stats": p["stats"], "n_train": len(task.train), "n_test": len(task.test), "seed": c.seed,
         "lr": task.lr, "wd": task.wd, "epochs": cfg.epochs, "model_config": s.raw_model.config.to_dict(),
-        "params": s.raw_model.num_params(), "device": device_name(s.device),
+        "params": s.raw_model.num_params(), "device": device_name(s.device), "precision": s.precision,
         # wall time per sequence, first epoch (compilation) included; stacked: this member's share
         "seq_per_s": round(len(task.train) * cfg.epochs / max(p["train_s"], 1e-9), 1),
         "eval_seq_per_s": round(len(task.test) * cfg.epochs / max(p["eval_s"], 1e-9), 1),

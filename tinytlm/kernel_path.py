@@ -1,10 +1,14 @@
-"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad)`.
+"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad, head)`.
 
     impl = Impl(kernels="triton", unpad=True)    # validated here, once: a bad name is a one-line UserError
-    model = BertForMLM(cfg, impl=impl)           # passed down to every SelfAttention and ConvStem
+    model = BertForMLM(cfg, impl=impl)           # passed down to every SelfAttention, ConvStem and MLMHead
 
 kernels: "torch" (the plain-torch reference, any device) or "triton" (kernels/, CUDA or the interpreter).
 unpad: the encoder runs on the packed real tokens (tinytlm/unpad.py) instead of the padded (B, T) batch.
+head: how the MLM decoder and its cross-entropy run when the model is given targets: "plain" (the full
+(N, V) logits, then F.cross_entropy: the reference) or "chunked" (kernels/linear_ce.py: `head_chunk` rows
+at a time, never all N x V logits; faster on CPU, bench/results/2026-12-07-cpu-members.md).
+`default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there).
 
 The attention implementations below have one method per token layout: `padded` (a (B, T) batch and its
 key-padding mask) and `packed` (the packed real tokens and their tinytlm.unpad.Packing). The layout
@@ -21,9 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from tinytlm.common import UserError
+from tinytlm.members import linear, member_counts
 from tinytlm.unpad import pack, unpack
 
 KERNELS = ("torch", "triton")
+HEADS = ("plain", "chunked")
+
+
+def default_head(device) -> str:
+    """The MLM head a run on `device` uses: chunked where it measured faster (the CPU), else the reference."""
+    return "chunked" if torch.device(device).type == "cpu" else "plain"
 
 
 def kernel_module(name: str):
@@ -40,6 +51,8 @@ class Impl:
     """The implementations a model runs (frozen: chosen once, when the model is built)."""
     kernels: str = "torch"  # attention and conv stem: "torch" (reference) or "triton" (kernels/)
     unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
+    head: str = "plain"  # MLM decoder + cross-entropy: "plain" (full logits, the reference) or "chunked"
+    head_chunk: int = 256  # rows of logits the chunked head holds at once
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -48,6 +61,9 @@ class Impl:
             raise UserError("--kernels triton needs the triton package; use --kernels torch")
         if type(self.unpad) is not bool:
             raise UserError(f"--unpad {self.unpad!r}: expected true or false")
+        if self.head not in HEADS or type(self.head_chunk) is not int or self.head_chunk < 1:
+            raise UserError(f"MLM head {self.head!r} (chunk {self.head_chunk!r}): choose {' or '.join(HEADS)}, "
+                            "chunk >= 1")
 
     def check_device(self, device):
         """Triton kernels run on CUDA, or on the CPU under the (slow) interpreter only."""
@@ -61,6 +77,32 @@ class Impl:
     def conv_stem_kernels(self):
         """kernels/conv_stem.py for the Triton stem, or None for the torch reference."""
         return kernel_module("conv_stem") if self.kernels == "triton" else None
+
+
+    def mlm_head(self):
+        """The MLM decoder + cross-entropy MLMHead calls with targets: PlainHead or ChunkedHead."""
+        return ChunkedHead(self.head_chunk) if self.head == "chunked" else PlainHead()
+
+
+class PlainHead:
+    """The reference: the full logits (N, V), then member_counts' F.cross_entropy and argmax."""
+
+    def counts(self, x, weight, bias, targets, members: int):
+        # x (K*N, H) member-major; weight (V, H) or (K, V, H); bias (V,) or (K, V); targets (K*N,) -> (K, 3)
+        return member_counts(linear(x, weight, bias), targets, members)
+
+
+class ChunkedHead:
+    """kernels/linear_ce.py: the same (K, 3) counts, `chunk` rows of logits at a time."""
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+        self._lce = kernel_module("linear_ce").linear_cross_entropy
+
+    def counts(self, x, weight, bias, targets, members: int):
+        xk, tk = x.reshape(members, -1, x.size(-1)), targets.reshape(members, -1)  # (K, N, H), (K, N)
+        loss, correct, count = self._lce(xk, weight, bias, tk, self.chunk)
+        return torch.stack([loss, correct.float(), count.float()], 1)  # (K, 3)
 
 
 def _heads(qkv, n_head):

@@ -91,18 +91,22 @@ class Embedding(nn.Embedding):
         return e
 
 
-def member_loss(losses, targets, members: int):
-    """The members' mean losses (K,) from per-element losses (K*N,) (reduction="none"), ignoring
-    targets of -100, as F.cross_entropy's mean reduction computes each member's alone."""
+def member_counts(logits, targets, members: int):
+    """(K, 3) per member, from logits (K*N, V) and targets (K*N,) member-major: the cross-entropy summed over
+    its targets != -100 (0, not nan, for a member without any: a torchrun share, a held-out batch), its
+    correct argmax predictions and its count of targets. Only the loss sums carry a gradient; the caller
+    divides (each member's mean, or by a global count under torchrun). The plain path (tinytlm/kernel_path.py)."""
+    ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none").view(members, -1)
     valid = (targets != -100).view(members, -1)
-    return losses.view(members, -1).sum(1) / valid.sum(1)
+    correct = ((logits.detach().argmax(-1).view(members, -1) == targets.view(members, -1)) & valid).sum(1)
+    return torch.stack([ce.sum(1), correct.float(), valid.sum(1).float()], 1)
 
 
-def member_loss_sums(logits, targets, members: int):
-    """Per member, the cross-entropy summed over its targets != -100, (K,): 0 (not nan) for a member without
-    any, where a mean would divide by zero (a torchrun share, a held-out batch)."""
-    ce = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="none")
-    return ce.view(members, -1).sum(1)
+def member_means(counts, members: int):
+    """The members' mean losses from member_counts: (K,), or a scalar for one model (as F.cross_entropy's
+    mean: nan where a member has no target)."""
+    loss = counts[:, 0] / counts[:, 2]
+    return loss if members > 1 else loss.squeeze(0)
 
 
 def clip_grad_norm_members(params, max_norm: float, members: int):

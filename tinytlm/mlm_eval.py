@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from tinytlm.data import mask_tokens
-from tinytlm.members import member_loss_sums
 from tinytlm.mlm_rows import mlm_rows
-from tinytlm.train import autocast
+from tinytlm.precision import autocast
 
 VAL_SEED = 20260101  # the validation masks' seed: the same for every run
 
@@ -30,9 +29,10 @@ class HeldOut:
         return len(self.ids)
 
     @torch.no_grad()
-    def evaluate(self, model, device, members: int = 1) -> list:
+    def evaluate(self, model, device, members: int = 1, precision: str = "fp32") -> list:
         """Per member: {"val_loss", "val_mlm_acc", "val_masked"} over every held-out masked token (the loss
-        is the mean over those tokens, as the training loss is per step). model: a BertForMLM, stacked or not."""
+        is the mean over those tokens, as the training loss is per step). model: a BertForMLM, stacked or not;
+        precision: "fp32" | "bf16", the run's (tinytlm/precision.py)."""
         if len(self) == 0:
             return [{} for _ in range(members)]
         was = model.training
@@ -43,14 +43,9 @@ class HeldOut:
                 x, inp, tgt = (t[i:i + self.batch_size].repeat(members, 1).to(device)  # member-major
                                for t in (self.ids, self.inputs, self.targets))
                 rows, y = mlm_rows(tgt, 0, members)  # the chosen positions, N per member
-                with autocast(device):
-                    logits, _ = model(inp, attention_mask=x != self.pad, rows=rows)
-                loss_sum = member_loss_sums(logits, y, members)  # (a batch without masks adds 0, not nan)
-                y = y.view(members, -1)
-                valid = y != -100
-                n = valid.sum(1)
-                correct = ((logits.argmax(-1).view(members, -1) == y) & valid).sum(1)
-                sums += torch.stack([loss_sum, correct, n], 1).double().cpu()
+                with autocast(device, precision):  # counts (K, 3): loss sum (0 for a batch without masks), correct, masked
+                    counts, _ = model(inp, attention_mask=x != self.pad, targets=y, rows=rows)
+                sums += counts.double().cpu()
         finally:
             model.train(was)
         return [{"val_loss": s[0] / max(1.0, s[2]), "val_mlm_acc": s[1] / max(1.0, s[2]), "val_masked": int(s[2])}

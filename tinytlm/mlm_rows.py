@@ -5,7 +5,7 @@ largest of a small model) runs on those rows only. The training loop and the hel
 them here, outside the model, and hand the model flat positions:
 
     rows, y = mlm_rows(targets, slots, members=K)   # rows (N,) into the (B*T) positions, y (N,) targets
-    logits, loss = model(inputs, attention_mask, targets=y, rows=rows)   # logits (N, V)
+    counts, loss = model(inputs, attention_mask, targets=y, rows=rows)   # counts (K, 3), no logits
 
 slots=0: every chosen position, in row-major order (a dynamic N: one host sync). K members: N slots per
 member (the most any member chose), a member with fewer filled with unchosen positions whose target is

@@ -7,9 +7,15 @@ encoder: the (B, T, H) embedding output is treated as a one-channel (T x H) imag
 
     cfg = BertConfig.preset("tiny")
     model = BertForMLM(cfg)                         # impl=Impl(kernels="triton", unpad=True) for the fast paths
-    logits, loss = model(idx, attention_mask)       # the head on every position: logits (B, T, V)
+    logits, _ = model(idx, attention_mask)          # the head on every position: logits (B, T, V)
     rows, y = mlm_rows(targets)                     # tinytlm/mlm_rows.py: the chosen positions
-    logits, loss = model(idx, attention_mask, y, rows=rows)   # the sparse head: logits (N, V), the MLM loss
+    counts, loss = model(idx, attention_mask, y, rows=rows)   # the sparse head's counts (K, 3), the MLM loss
+
+Given targets, a model returns no logits but `counts` (K, 3) per member: [cross-entropy summed over its
+targets != -100, correct argmax predictions, number of targets] (only the sums carry a gradient) and the
+loss, each member's mean (a scalar for one model). The MLM head's decoder + cross-entropy is then the
+implementation chosen when the model is built (Impl.head): the plain full logits or kernels/linear_ce.py's
+chunks, which never hold all N x 30,522 logits at once.
 
 Every module takes `members` (default 1): K > 1 builds K independent models of this shape as one
 stacked model (weights with a leading member dimension, the members folded into the batch, see
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 
 from tinytlm.common import UserError
 from tinytlm.kernel_path import Impl
-from tinytlm.members import Embedding, LayerNorm, Linear, linear, member_loss
+from tinytlm.members import Embedding, LayerNorm, Linear, linear, member_counts, member_means
 from tinytlm.stem import ConvStem, fold_bn  # noqa: F401 (fold_bn: part of the model API)
 from tinytlm.unpad import layout
 
@@ -209,17 +215,23 @@ class Encoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """dense + GELU + LayerNorm, then a decoder tied to the word embeddings plus its own bias."""
+    """dense + GELU + LayerNorm, then a decoder tied to the word embeddings plus its own bias; given targets,
+    the decoder and the cross-entropy run as impl.head chooses (tinytlm/kernel_path.py)."""
 
-    def __init__(self, cfg: BertConfig, members=1):
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
         self.dense = Linear(cfg.hidden, cfg.hidden, members)
         self.ln = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.bias = nn.Parameter(torch.zeros(members, cfg.vocab_size) if members > 1 else torch.zeros(cfg.vocab_size))
+        self.decode, self.members = impl.mlm_head(), members
 
     def forward(self, h, word_weight):
         # h (..., H); word_weight (V, H) is passed in, so the tie is one parameter and one state_dict key
         return linear(self.ln(F.gelu(self.dense(h))), word_weight, self.bias)  # (..., V)
+
+    def counts(self, h, word_weight, targets):
+        """h (K*N, H) member-major, targets (K*N,) -> (K, 3) per member: loss sum, correct, count."""
+        return self.decode.counts(self.ln(F.gelu(self.dense(h))), word_weight, self.bias, targets, self.members)
 
 
 class ClassifierHead(nn.Module):
@@ -291,12 +303,9 @@ class _Pretrained(nn.Module):
         """Parameter count (of one member); a tied weight is one parameter and counted once."""
         return sum(p.numel() for p in self.parameters()) // self.members
 
-    def loss(self, logits, targets):
-        """Mean cross-entropy over targets != -100; K members: each member's mean, shape (K,)."""
-        if self.members == 1:
-            return F.cross_entropy(logits, targets, ignore_index=-100)
-        return member_loss(F.cross_entropy(logits, targets, ignore_index=-100, reduction="none"), targets,
-                           self.members)
+    def counts_and_loss(self, counts):
+        """(counts (K, 3), the members' mean losses: (K,), or a scalar for one model)."""
+        return counts, member_means(counts, self.members)
 
 
 class BertForMLM(_Pretrained):
@@ -304,7 +313,7 @@ class BertForMLM(_Pretrained):
         super().__init__()
         self.config, self.members, self.impl = cfg, members, impl
         self.bert = BertModel(cfg, members, impl)
-        self.head = MLMHead(cfg, members)
+        self.head = MLMHead(cfg, members, impl)
         self._init()
 
     def with_members(self, k: int):
@@ -313,17 +322,17 @@ class BertForMLM(_Pretrained):
 
     def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None, rows=None):
         """rows (N,): the flat positions in (B*T) the head reads (the sparse head: tinytlm/mlm_rows.py
-        chooses them), logits (N, V); None: every position, logits (B, T, V). targets: the ids at those
-        positions, -100 = ignored ((N,) with rows, (B, T) without); loss = their mean cross-entropy, or None.
-        K members: B = K*B' rows, member-major, rows N/K per member; the loss is the members' mean losses (K,).
-        Unpadded, the logits at padding are the head's on hidden states 0 (a sparse head never reads them)."""
+        chooses them); None: every position. Without targets: (logits (N, V) or (B, T, V), None). targets: the
+        ids at those positions, -100 = ignored ((N,) with rows, (B, T) without): (counts (K, 3), loss), no
+        logits (module docstring). K members: B = K*B' rows, member-major, rows N/K per member; the loss is the
+        members' mean losses (K,). Unpadded, the logits at padding are the head's on hidden states 0."""
         h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
-        if rows is not None:
-            h = h.reshape(-1, h.size(-1)).index_select(0, rows)  # (N, H)
-        logits = self.head(h, self.bert.embeddings.word.weight)  # (N, V) or (B, T, V)
+        h = h.reshape(-1, h.size(-1)) if rows is None else h.reshape(-1, h.size(-1)).index_select(0, rows)  # (N, H)
+        word = self.bert.embeddings.word.weight
         if targets is None:
-            return logits, None
-        return logits, self.loss(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+            logits = self.head(h, word)  # (N, V)
+            return (logits if rows is not None else logits.view(*idx.shape, -1)), None
+        return self.counts_and_loss(self.head.counts(h, word, targets.reshape(-1)))
 
 
 class BertForClassification(_Pretrained):
@@ -340,9 +349,9 @@ class BertForClassification(_Pretrained):
         return BertForClassification(self.config, self.n_labels, members=k, impl=self.impl)
 
     def forward(self, idx, attention_mask=None, targets=None, token_type_ids=None):
-        """targets (B,) label indices. Returns logits (B, n_labels) and the mean cross-entropy or None
-        (K members: B = K*B' rows, member-major, and the members' mean losses (K,)). Unpadded, [CLS]
-        (read at position 0) must be a real token."""
+        """targets (B,) label indices. Returns (logits (B, n_labels), None), or given targets (counts (K, 3),
+        the mean cross-entropy) as BertForMLM (K members: B = K*B' rows, member-major, the members' mean
+        losses (K,)). Unpadded, [CLS] (read at position 0) must be a real token."""
         h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
         logits = self.head(h)  # (B, n_labels)
-        return logits, self.loss(logits, targets) if targets is not None else None
+        return (logits, None) if targets is None else self.counts_and_loss(member_counts(logits, targets, self.members))

@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from tinytlm.common import ArgParser, UserError, add_option, cli, home
 from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args, refuse_removed
 from tinytlm.paper_analyze import analyze_table
@@ -42,6 +44,7 @@ from tinytlm.paper_overlap import overlap
 from tinytlm.paper_report import summarize, write_report
 from tinytlm.paper_plots import plot
 from tinytlm.paper_tables import SCALES, TITLES, default_seeds
+from tinytlm.precision import PRECISIONS, resolve_precision
 
 TABLES = [f"table{i}" for i in range(1, 10)]
 EXTRA = ["budget", "labels"]  # beyond the paper, not part of "all"
@@ -145,7 +148,19 @@ def runner_of(args) -> Runner:
     speed = {"compile": sw.compile, "kernels": sw.kernels, "unpad": sw.unpad}
     mode = "plan" if args.plan else "report" if args.report else "run"
     return Runner(args.cache, sw.device, sw.data, sw.raw, mode=mode, records=args.results / "cells" / args.scale,
-                  scale=args.scale, speed=speed, stack=not args.no_stack)
+                  scale=args.scale, speed=speed, stack=not args.no_stack,
+                  precisions=cell_precisions(sw, mode == "report" or args.table == "analyze"))
+
+
+def cell_precisions(sw: Switches, reading: bool) -> tuple:
+    """The precisions of the cells a command looks at, the one it computes in first: --precision fp32 or bf16
+    alone; auto: what it resolves to on --device (tinytlm/precision.py). A command that only reads cells
+    (--report, analyze) with auto reads those of every precision, this machine's first: the records made
+    elsewhere, or before --precision existed (fp32), are found without a flag."""
+    on_gpu = sw.device.startswith("cuda") or (sw.device == "auto" and torch.cuda.is_available())
+    first = resolve_precision(sw.precision, torch.device("cuda" if on_gpu else "cpu"))  # (--plan for a GPU, too)
+    others = [p for p in PRECISIONS if p not in ("auto", first)] if reading and sw.precision == "auto" else []
+    return (first, *others)
 
 
 def run_tables(tables: list, scale: str, seeds: int, runner: Runner, results: Path) -> dict:

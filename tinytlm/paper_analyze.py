@@ -24,20 +24,21 @@ TASK_FLAGS = {"task": "--task", "labels": "--labels", "train_per_label": "--trai
 
 def checkpoints(table: str, scale: str, seeds: int, runner: Runner) -> tuple:
     """([(cell, kind)], missing): the table's distinct pre-trainings ("mlm") and fine-tunings ("cls") in row
-    order, those whose checkpoint is in the local cache, and how many are not."""
-    cells = table_cells(grid(table, scale), seeds, pretrain_seeds(table, scale), runner.cache, runner.switches)
-    found, missing, seen = [], 0, set()
-    for c in cells:
-        for cell, kind in ([(c.init, "mlm")] if c.init else []) + ([(c, "cls")] if c.kind == "finetune" else []):
-            if cell.out in seen:
+    order, those whose checkpoint is in the local cache, and how many are not. A runner of several precisions
+    takes each checkpoint from the first precision that has it in the cache."""
+    g, n = grid(table, scale), pretrain_seeds(table, scale)
+    variants = zip(*[table_cells(g, seeds, n, runner.cache, {**runner.switches, "precision": p})
+                     for p in runner.precisions])  # the same cell in each precision
+    slots = {}  # the first precision's cell folder -> (the cell found in the cache, kind), or None; in row order
+    for cs in variants:
+        for kind in ("mlm", "cls"):
+            alike = [c.init for c in cs if c.init] if kind == "mlm" else [c for c in cs if c.kind == "finetune"]
+            if not alike or alike[0].out in slots:
                 continue
-            seen.add(cell.out)
-            ready = (cell.out / "done.json").is_file() if kind == "mlm" else local(cell)
-            if ready:
-                found.append((cell, kind))
-            else:
-                missing += 1
-    return found, missing
+            ready = [c for c in alike if ((c.out / "done.json").is_file() if kind == "mlm" else local(c))]
+            slots[alike[0].out] = (ready[0], kind) if ready else None
+    found = [s for s in slots.values() if s is not None]
+    return found, sum(cell is None for cell in slots.values())
 
 
 def analyse_checkpoint(cell, kind: str, runner: Runner, folder: Path, extra: tuple = ()) -> dict:
@@ -46,7 +47,8 @@ def analyse_checkpoint(cell, kind: str, runner: Runner, folder: Path, extra: tup
     if (folder / "summary.json").is_file():
         return read_json(folder / "summary.json")
     from tinytlm.analyze import main as analyze
-    argv = [str(cell.out), "--out", str(folder), "--plot", "--device", runner.switches["device"], *extra]
+    argv = [str(cell.out), "--out", str(folder), "--plot", "--device", runner.switches["device"], "--precision",
+            cell.cfg.precision, *extra]
     for flag in ("data", "raw"):
         if runner.switches.get(flag):
             argv += [f"--{flag}", runner.switches[flag]]

@@ -60,10 +60,11 @@ def load_mlm(out: Path) -> dict:
     return load_checkpoint(out, kind="mlm")
 
 
-def checkpoint_apt(out: Path, device: str, data: str) -> float:
+def checkpoint_apt(out: Path, device: str, data: str, precision: str = "fp32") -> float:
     """<APT> of a finished pre-training (tinytlm.analyze_apt.mean_apt: every token the held-out masks select
-    at least once, on the held-out rows it was scored on; data: another prepared-data root, "" = recorded)."""
-    return mean_apt(out, device=resolve_device(device), data_root=data or None)
+    at least once, on the held-out rows it was scored on; data: another prepared-data root, "" = recorded),
+    its forwards in precision (the cell's: "fp32" | "bf16")."""
+    return mean_apt(out, device=resolve_device(device), data_root=data or None, precision=precision)
 
 
 def load_mlm_group(outs: list) -> list:
@@ -73,14 +74,14 @@ def load_mlm_group(outs: list) -> list:
 
 def score_committee(outs: list, cfg) -> dict:
     """Soft committee (sum of raw logits) of the classifiers saved in outs, on their shared test set;
-    cfg: a member's config (its device and data roots)."""
+    cfg: a member's config (its device, data roots and resolved precision)."""
     device = resolve_device(cfg.device)
     states = [load_checkpoint(o, kind="cls") for o in outs]
     _, test, yte = common_test_set(states, *roots(cfg))
     logits = [None] * len(states)
     for group in shape_groups(states):  # members of one shape: one stacked forward
         stacked = stack_checkpoints([states[i] for i in group]).to(device)
-        for i, lg in zip(group, predict_member_logits(stacked, test.ids, device)):
+        for i, lg in zip(group, predict_member_logits(stacked, test.ids, device, precision=cfg.precision)):
             logits[i] = lg
     return {"acc": accuracy(committee_logits(logits), yte), "member_acc": [accuracy(lg, yte) for lg in logits],
-            "device": device_name(device)}
+            "device": device_name(device), "precision": cfg.precision}

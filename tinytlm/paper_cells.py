@@ -47,6 +47,14 @@ def key_fields(fields: dict) -> dict:
     return {KEY_NAMES.get(k, k): v for k, v in fields.items()}
 
 
+def precision_key(switch: dict) -> dict:
+    """The precision as a cell key holds it: nothing for fp32 (every cell recorded before --precision existed
+    was computed in fp32 and keeps its key), else {"precision": "bf16"}: a cell computed in another precision
+    is another cell."""
+    p = switch.get("precision", "fp32")
+    return {} if p == "fp32" else {"precision": p}
+
+
 def config_fields(cfg, explicit) -> dict:
     """The fields that define a run: those the grid sets, plus any other that differs from its default;
     never the switches (tinytlm.train.switch: paths, device, speed, logging) nor --init (a cell names its
@@ -86,7 +94,8 @@ class Cell:
 def pretrain_cell(row: dict, seed: int, cache: Path, switch: dict) -> Cell:
     """The row's pre-training at this seed; its key hashes the resolved train_mlm config and the overrides."""
     cfg = mlm_config(row, seed, switch)
-    key = key_of({"mlm": config_fields(cfg, {"model", "seed", *row["pretrain"]}), "overrides": row["overrides"]})
+    key = key_of({"mlm": config_fields(cfg, {"model", "seed", *row["pretrain"]}), "overrides": row["overrides"],
+                  **precision_key(switch)})
     ws = f"{cfg.ws:,}" if cfg.ws else "all rows"  # a constructed set with no cap
     what = f"pretrain {cfg.model} {cfg.pretrain_set} W_s {ws} x{cfg.epochs} seed {seed}"
     return Cell("pretrain", key, cache / "mlm" / f"{cfg.run_name()}-{key}", what, row, seed, cfg=cfg)
@@ -97,7 +106,8 @@ def finetune_cell(row: dict, trial: int, init, cache: Path, switch: dict) -> Cel
     seed = trial + row["seed_offset"]
     cfg = cls_config(row, seed, switch)
     fields = config_fields(cfg, {"model", "seed", *row["finetune"]})
-    match = key_of({"cls": key_fields(fields), "model": row["model"], "overrides": row["overrides"]})  # both arms
+    match = key_of({"cls": key_fields(fields), "model": row["model"], "overrides": row["overrides"],
+                    **precision_key(switch)})  # both arms
     key = key_of({"match": match, "init": init.key if init else None})
     out = cache / "cls" / f"{cfg.task}-{row['model']}-{'pt' if init else 'scratch'}-s{seed}-{key}"
     return Cell("finetune", key, out, f"finetune {row['name']} seed {seed}", row, seed, trial, cfg, fields, match, init)
@@ -151,15 +161,17 @@ class Runner:
 
     speed: train_mlm/train_cls flags that change speed, not results (compile, kernels, unpad,
     save_every). stack: train a row's missing seeds as one stacked model (tinytlm/members.py; less time),
-    else each alone; one seed is a stack of one."""
+    else each alone; one seed is a stack of one. precisions: the resolved precisions ("fp32", "bf16") of the
+    cells it looks at, the one it computes in first (a report may read the cells of several: run_table)."""
 
     def __init__(self, cache: Path, device: str, data: str, raw: str, mode: str = "run", records: Path = None,
-                 scale: str = "", speed: dict = None, stack: bool = True):
+                 scale: str = "", speed: dict = None, stack: bool = True, precisions: tuple = ("fp32",)):
         assert mode in MODES, mode
-        self.cache, self.mode, self.stack = Path(cache), mode, stack
+        self.cache, self.mode, self.stack, self.precisions = Path(cache), mode, stack, tuple(precisions)
         self.records = Records(records, scale)
-        # the switches every cell's train_mlm / train_cls config gets: paths, device, speed (in no key)
-        self.switches = {"device": device, "data": data, "raw": raw, **(speed or {})}
+        # the switches every cell's train_mlm / train_cls config gets: paths, device, speed (in no key), and the
+        # precision (in the key unless fp32: precision_key)
+        self.switches = {"device": device, "data": data, "raw": raw, **(speed or {}), "precision": self.precisions[0]}
         self.computed, self.cached = 0, 0
         # plan mode: cell dir -> {"cell", "what", "state", "seqs" (trained), "eval_seqs" (forward only), "model"}
         self.plan_cells = {}
@@ -250,7 +262,8 @@ class Runner:
             return done["mean_apt"]
         t0 = time.time()
         try:
-            done["mean_apt"] = checkpoint_apt(cell.out, self.switches["device"], self.switches["data"])
+            done["mean_apt"] = checkpoint_apt(cell.out, self.switches["device"], self.switches["data"],
+                                              cell.cfg.precision)
         except UserError as e:  # e.g. trained with --val_every 0: no held-out rows to score
             print(f"{cell.what}: no <APT> ({e})", file=sys.stderr)
             done["mean_apt"] = None
@@ -285,7 +298,7 @@ class Runner:
         s = score_committee([m.out for m in cell.members], cell.members[0].cfg)
         r = self.records.write(cell, {"acc": s["acc"], "members": [m["key"] for m in members],
                                     "member_acc": s["member_acc"], "device": s["device"], "seed": members[0]["seed"],
-                                    "key": cell.key})
+                                    "key": cell.key, "precision": s["precision"]})
         self._log(cell.what, False, t0, f" acc {r['acc']:.4f}")
         return r
 
@@ -337,12 +350,18 @@ class Runner:
 def run_table(table: str, scale: str, seeds: int, runner: Runner, only=None) -> dict:
     """Every cell of a table; returns {'grid', 'cells': {row: [result per seed]}}. Each result carries
     "trial" (the table's seed index, which pairs a gap's arms and a committee's members); in report
-    mode a missing cell is left out. only: run just these (row name, seed) cells (the GPU scheduler)."""
+    mode a missing cell is left out. only: run just these (row name, seed) cells (the GPU scheduler).
+    Each result also says its "precision" (its cell's). A runner of several precisions (a report of every
+    precision) takes each (row, seed) from the first precision that has it."""
     g = grid(table, scale)
-    cells = table_cells(g, seeds, pretrain_seeds(table, scale), runner.cache, runner.switches, only)
-    got = runner.results(cells)
     out = {r["name"]: [] for r in g["rows"]}
-    for c in cells:
-        if got.get(c.out) is not None:
-            out[c.row["name"]].append({**got[c.out], "trial": c.trial})
+    for p in runner.precisions:
+        cells = table_cells(g, seeds, pretrain_seeds(table, scale), runner.cache, {**runner.switches, "precision": p},
+                            only)
+        got = runner.results(cells)
+        for c in cells:
+            if got.get(c.out) is not None and c.trial not in {r["trial"] for r in out[c.row["name"]]}:
+                out[c.row["name"]].append({**got[c.out], "trial": c.trial, "precision": p})
+    for rs in out.values():
+        rs.sort(key=lambda r: r["trial"])
     return {"grid": g, "cells": out}

@@ -91,6 +91,7 @@ def mlm_summary(run_dir: Path, seconds=None, mean_apt=None) -> dict:
 
 
 def path_of(cfg: dict) -> dict:
-    """The speed switches a run used (they do not change what is computed, but are worth knowing)."""
+    """The speed switches a run used (they do not change what is computed, but are worth knowing), and its
+    precision (which does: it is in the cell's key too, tinytlm/paper_cells.py precision_key)."""
     cfg = fold_compile(cfg)  # a config from before --compile took a mode
-    return {k: cfg.get(k) for k in ("compile", "kernels", "unpad")}
+    return {k: cfg.get(k) for k in ("compile", "kernels", "unpad", "precision")}

@@ -52,7 +52,8 @@ def summarize(out: dict) -> list:
                "paper": row["paper"], "ws": (row.get("pretrain") or {}).get("ws", 0),
                "pretrain_set": (row.get("pretrain") or {}).get("pretrain_set"),
                "per_label": (row.get("finetune") or {}).get("train_per_label"),
-               "devices": sorted({r.get("device") or "unknown" for r in rs})}
+               "devices": sorted({r.get("device") or "unknown" for r in rs}),
+               "precisions": sorted({r.get("precision") or "fp32" for r in rs})}
         if rs:
             rec["acc_mean"], rec["acc_std"] = _stats(rec["acc"])
         if row.get("pretrain"):
@@ -124,7 +125,7 @@ def provenance(out: dict) -> list:
     for name, rs in out["cells"].items():
         for r in rs:
             m = mlm_of(r) or {}
-            path = path_text(r.get("path"))
+            path = path_text(r.get("path")) + f", {r.get('precision') or 'fp32'}"
             lines.append(f"| {name} | {r['seed']} | {_short_device(r.get('device'))} | {r.get('date', '')} "
                          f"| {r.get('git', '')} | {fmt(r.get('seconds'), 0)} | {fmt(r.get('seq_per_s'), 0)} "
                          f"| {fmt(m.get('seq_per_s'), 0)} | {path} |")
@@ -153,12 +154,13 @@ def write_report(out: dict, recs: list, results: Path, meta: dict):
 def head_lines(g: dict, cells: list, meta: dict) -> list:
     """Title, how many cells are done and where, the command, how to read the table."""
     devices = sorted({_short_device(c.get("device")) for c in cells})
+    precisions = sorted({c.get("precision") or "fp32" for c in cells})  # (a record from before --precision: fp32)
     dates = sorted(c["date"][:10] for c in cells if c.get("date"))
     expected = len(g["rows"]) * meta["seeds"]
     return [f"# {g['title']}", "",
             f"Scale **{g['scale']}**; {len(cells)} of {expected} cells ({meta['seeds']} seeds x {len(g['rows'])} "
             f"rows) "
-            f"done, on {', '.join(devices) or 'nothing yet'}"
+            f"done, on {', '.join(devices) or 'nothing yet'}" + (f" in {' and '.join(precisions)}" if cells else "")
             + (f", {dates[0]} to {dates[-1]}" if dates else "") + ".", "",
             f"Command: `{meta['command']}` (cells come from the records in results/cells/{g['scale']}/ and the "
             "local cache; this command rebuilds the report and runs what is missing)", "",
@@ -182,11 +184,18 @@ def row_table(recs: list, not_reproduced: list) -> list:
         acc = f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}" if r["n"] else "not run yet"
         lines.append(f"| {r['name']} | {ws} | {fmt(r.get('T_W'))} | {fmt(r.get('T_M'))} | {fmt(r.get('mean_apt'), 4)} "
                      f"| {acc} | {'; '.join(gap)} "
-                     f"| {r['n']} | {verdict(r)} | {', '.join(map(_short_device, r['devices']))} | {paper} |")
+                     f"| {r['n']} | {verdict(r)} | {', '.join(map(_short_device, r['devices']))}{precision_note(r)} "
+                     f"| {paper} |")
     for r in not_reproduced:
         lines.append(f"| {r['name']} | | | | | not reproduced | not reproduced | 0 | | | "
                      + ", ".join(f"{k} {fmt(v)}" for k, v in r["paper"].items()) + " |")
     return lines
+
+
+def precision_note(r: dict) -> str:
+    """' (bf16)' after a row's devices when its cells were not all computed in fp32."""
+    ps = r.get("precisions") or ["fp32"]
+    return "" if ps == ["fp32"] else f" ({', '.join(ps)})"
 
 
 def data_lines(cells: list) -> list:

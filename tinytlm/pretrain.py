@@ -30,8 +30,8 @@ from tinytlm.config import RunSwitches, from_saved, given_fields, option, parse_
 from tinytlm.data import epoch_order, get_batch, mask_generator, mask_tokens, special_ids
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForMLM
-from tinytlm.session import (build_members, check_group, interruptible, open_device, read_stack, save, setup,
-                             train_step, write_stack)
+from tinytlm.session import (build_members, check_group, interruptible, open_device, precision_fields, read_stack,
+                             run_precision, save, setup, train_step, write_stack)
 from tinytlm.tasks import TASKS, TaskFields
 from tinytlm.train import StopAtBoundary, check_rows, lr_at, member_seeds, print_config, refuse_existing, roots
 
@@ -145,6 +145,7 @@ def new_model(seed: int, model: str, overrides: dict, impl):
 def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
     """(session, ids, data meta, held-out set or None, member configs): data, members and the shared setup."""
     d, device = open_device(cfg)
+    precision = run_precision(cfg, device, states)
     seeds = member_seeds(cfg)
     torch.manual_seed(seeds[0])
     with d.main_first():  # rank 0 prepares the data, the others read it
@@ -154,16 +155,19 @@ def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
         check_group(states, lambda st: "" if st["data"].get("rows_checksum") == data_meta["rows_checksum"] else
                     f"{st['path']}: the pre-training rows differ from the ones this run started with "
                     f"({data_meta['shard']}); prepare the same data again to resume")
-    impl = cfg.impl()  # the implementations every forward runs on, chosen at construction
+    impl = cfg.impl(device)  # the implementations every forward runs on, chosen at construction
     model, model_cfg = build_members(states, lambda k: new_model(seeds[k], cfg.model, overrides, impl), len(seeds),
                                      impl)
     check_rows(int(ids.max(initial=0)), ids.shape[1], model_cfg, data_meta["shard"])
     member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
-    configs = [{**asdict(c), "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
-    print_config("config", {**asdict(cfg), "data": data_meta})
+    prec = precision_fields(cfg, precision)
+    member_cfgs = [replace(c, precision=precision) for c in member_cfgs]  # (their checkpoints' train_config)
+    configs = [{**asdict(c), **prec, "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
+    print_config("config", {**asdict(cfg), **prec, "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
           + (f"; {len(seeds)} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
-    s = setup(cfg, d, device, model, states, cfg.lr, cfg.weight_decay, outs, seeds, configs, cfg.grad_clip)
+    s = setup(cfg, d, device, model, states, cfg.lr, cfg.weight_decay, outs, seeds, configs, cfg.grad_clip,
+              precision)
     return s, ids, data_meta, held, member_cfgs
 
 
@@ -177,7 +181,7 @@ class Window:
         self.t, self.steps, self.seqs = time.time(), 0, 0
 
     def add(self, counts, real_tokens, seqs: int):
-        """counts: (K, 3) of this step (masked_counts); real_tokens: (K*B, T) bool, the non-padding."""
+        """counts: (K, 3) of this step (the model's counts); real_tokens: (K*B, T) bool, the non-padding."""
         self.sums += torch.cat([counts, real_tokens.view(self.s.members, -1).sum(1, keepdim=True)], 1)
         self.steps, self.seqs = self.steps + 1, self.seqs + seqs
 
@@ -194,17 +198,6 @@ class Window:
                         tok_s=f"{rec['tok_per_s'] * self.s.members:.0f}")
         self.sums.zero_()
         self.t, self.steps, self.seqs = time.time(), 0, 0
-
-
-def masked_counts(logits, loss, y, K: int, n_global):
-    """(K, 3) per member: its loss times the masked tokens it averages over (torchrun: the global count
-    n_global), its correct predictions and its masked tokens (this process's). y: the head rows' targets."""
-    with torch.no_grad():
-        y = y.view(K, -1)
-        valid = y != -100
-        n_valid = valid.sum(1)
-        return torch.stack([loss.detach().float().view(K) * (n_global if n_global is not None else n_valid),
-                            ((logits.argmax(-1).view(K, -1) == y) & valid).sum(1), n_valid], 1)
 
 
 def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None):
@@ -248,8 +241,9 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     x, inputs, targets = d.rows(x, K), d.rows(inputs, K), d.rows(targets, K, fill=-100)
                 # (the key-padding mask comes from the original ids, as in HF)
                 rows, y = mlm_rows(targets, slots, K)  # the sparse head's rows and their targets
-                logits, loss = train_step(s, lr, inputs, y, y, n_global, attention_mask=x != sp["pad"], rows=rows)
-                counts = masked_counts(logits, loss, y, K, n_global if d.on else None)
+                # counts (K, 3): this share's loss sum, correct predictions and masked tokens per member
+                counts, loss = train_step(s, lr, inputs, y, n_global, attention_mask=x != sp["pad"], rows=rows)
+                counts = counts.detach()
                 sums += counts
                 window.add(counts, x != sp["pad"], len(xs[0]))
                 boundary = s.step % cfg.log_every == 0 or s.step == last or b == steps_per_epoch - 1
@@ -261,8 +255,8 @@ def train(cfg: MLMConfig, overrides: dict, resume_state=None, outs: list = None)
                     raise StopAtBoundary
                 if s.step == last:
                     break
-            vals = held.evaluate(s.raw_model, device, K) if held and ((epoch + 1) % cfg.val_every == 0 or
-                                                                     s.step == last) else [{}] * K
+            due = held and ((epoch + 1) % cfg.val_every == 0 or s.step == last)
+            vals = held.evaluate(s.raw_model, device, K, s.precision) if due else [{}] * K
             last_val = vals if any(vals) else last_val  # fixed masks; draws no random numbers
             for log, m, v in zip(s.logs, d.all_sum(sums).tolist(), vals):
                 log.write({"kind": "epoch", "epoch": epoch, "step": s.step, "partial": s.step % steps_per_epoch != 0,

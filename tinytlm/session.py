@@ -5,12 +5,13 @@ tinytlm/pretrain.py (masked-language modelling) and tinytlm/finetune_loop.py (cl
 their data, build their members and run their loop; everything else is here, once:
 
     d, device = open_device(cfg)
+    precision = run_precision(cfg, device, states)          # "fp32" | "bf16", once
     ... data ...
     check_group(states, mismatch)                           # resuming: same data, one common step
     model, model_cfg = build_members(states, new, K, impl)  # K members, one stacked model
-    s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs)
+    s = setup(cfg, d, device, model, states, lr, wd, outs, seeds, configs, precision=precision)
     with interruptible(s, bar, save_now, resume_hint) as sigint:
-        ... logits, loss = train_step(s, lr, x, targets, loss_targets, global_rows, **model_kw) ...
+        ... counts, loss = train_step(s, lr, x, targets, global_rows, **model_kw) ...
         ... save(s, kind, epoch, members) ...
 """
 import contextlib
@@ -22,10 +23,12 @@ import torch
 
 from tinytlm.checkpoint import build_model, save_members, set_rng_state
 from tinytlm.common import Interrupted, UserError, read_json, write_json
+from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.dist import Dist
-from tinytlm.members import clip_grad_norm_members, member_loss_sums, stack_models, stack_optimizer_states
-from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, autocast, compile_mode, deferred_sigint,
-                           grad_norms, interrupt_step, make_optimizer, prepare_model, resolve_device)
+from tinytlm.members import clip_grad_norm_members, stack_models, stack_optimizer_states
+from tinytlm.precision import autocast, resolve_precision
+from tinytlm.train import (NonFinite, QuietLog, RunLog, StopAtBoundary, compile_mode, deferred_sigint, grad_norms,
+                           interrupt_step, make_optimizer, prepare_model, resolve_device)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Session:
     graphs: bool = False  # CUDA graphs (compile mode reduce-overhead): mark each step's start
     interrupt_at: int = 0  # testing: a Ctrl-C in the middle of this 1-based step (TINYTLM_INTERRUPT_AT)
     grad_clip: float = 0.0  # max gradient norm per member (0 = off)
+    precision: str = "fp32"  # "fp32" | "bf16": the autocast every forward runs in (run_precision)
 
     @property
     def members(self) -> int:
@@ -56,9 +60,31 @@ class Session:
 # setup
 
 def open_device(cfg):
-    """(Dist, device): torchrun's process group when there is one, and the device of --device."""
+    """(Dist, device): torchrun's process group when there is one, and the device of --device. On a CPU, freed
+    tensors' memory stays in the process (tinytlm/cpu_memory.py: no page faults on big tensors every step)."""
     d = Dist()
-    return d, d.setup(resolve_device(cfg.device))
+    device = d.setup(resolve_device(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()
+    return d, device
+
+
+def run_precision(cfg, device, states=None) -> str:
+    """"fp32" or "bf16": what the run computes in (tinytlm/precision.py). Resuming (states: the checkpoints),
+    the checkpoints' own precision (a checkpoint from before the switch: fp32 on CPU, bf16 on CUDA, the rule
+    of its time); an explicit --precision other than theirs is a one-line error (--precision auto: theirs)."""
+    if not states:
+        return resolve_precision(cfg.precision, device)
+    saved = states[0]["train_config"].get("precision") or ("bf16" if device.type == "cuda" else "fp32")
+    if cfg.precision not in ("auto", saved):
+        raise UserError(f"--precision {cfg.precision}: {states[0]['path']} was trained in {saved}; --resume "
+                        f"continues in it (leave --precision out)")
+    return saved
+
+
+def precision_fields(cfg, precision: str) -> dict:
+    """What a run's records say of its precision: the resolved one and the one asked for."""
+    return {"precision": precision, "precision_requested": cfg.precision}
 
 
 def check_group(states: list, mismatch):
@@ -82,9 +108,10 @@ def build_members(states, new, members: int, impl) -> tuple:
 
 
 def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds: list, configs: list,
-          grad_clip: float = 0.0) -> Session:
+          grad_clip: float = 0.0, precision: str = "fp32") -> Session:
     """The rest of the setup, alike for both loops: device, compile and DDP; AdamW; when resuming, the
-    optimizer, RNG and step of the checkpoints; each member's run log (header first)."""
+    optimizer, RNG and step of the checkpoints; each member's run log (header first); precision: what
+    run_precision resolved (every forward of train_step runs in its autocast)."""
     outs = [Path(o) for o in outs]
     mode = compile_mode(cfg.compile, device)  # "" = eager
     prepared = d.wrap(prepare_model(model, device, mode or "off"), device, mode)
@@ -96,7 +123,7 @@ def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds
                 NonFinite(outs, seeds, device, "try a lower --lr, or --grad_clip" if hasattr(cfg, "grad_clip") else
                           "try a lower --lr"),
                 graphs=mode == "reduce-overhead", interrupt_at=interrupt_step(),
-                grad_clip=grad_clip)
+                grad_clip=grad_clip, precision=precision)
     if states:
         opt.load_state_dict(stack_optimizer_states(model, [st["optimizer"] for st in states]) if len(outs) > 1
                             else states[0]["optimizer"])
@@ -109,21 +136,22 @@ def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds
 # -----------------------------------------------------------------------------
 # one optimizer step, and the save
 
-def train_step(s: Session, lr: float, x, targets, loss_targets, global_rows, **model_kw):
-    """Forward (autocast), backward, clip, step, zero_grad; returns (logits, loss), loss the members' (K,).
-    torchrun: loss_targets (this share's targets as the model's loss reads them) summed and divided by the
-    global count global_rows, so that DDP's mean over processes is the loss a single process computes."""
+def train_step(s: Session, lr: float, x, targets, global_rows, **model_kw):
+    """Forward (autocast), backward, clip, step, zero_grad; returns (counts, loss): the model's (K, 3) counts
+    (loss sum, correct, count per member; tinytlm/model.py) and the members' losses (K,). torchrun: the
+    share's loss sums divided by the global count global_rows, so that DDP's mean over processes is the loss a
+    single process computes."""
     K = s.members
     if s.graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
     for g in s.opt.param_groups:
         g["lr"] = lr
-    with autocast(s.device):
-        logits, loss = s.model(x, targets=targets, **model_kw)
+    with autocast(s.device, s.precision):
+        counts, loss = s.model(x, targets=targets, **model_kw)
     if s.interrupt_at and s.step + 1 == s.interrupt_at:
         signal.raise_signal(signal.SIGINT)  # testing: a Ctrl-C in the middle of a step
     if s.d.on:
-        loss = member_loss_sums(logits, loss_targets, K) / global_rows
+        loss = counts[:, 0] / global_rows
         (loss.sum() * s.d.world).backward()
     else:
         loss.sum().backward()  # K members: the sum of their mean losses, no coupling
@@ -132,7 +160,7 @@ def train_step(s: Session, lr: float, x, targets, loss_targets, global_rows, **m
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     s.step += 1
-    return logits, loss
+    return counts, loss
 
 
 def save(s: Session, kind: str, epoch: int, members: list, finished=False):
