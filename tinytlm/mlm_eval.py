@@ -43,7 +43,8 @@ class HeldOut:
                 x, inp, tgt = (t[i:i + self.batch_size].repeat(members, 1).to(device)  # member-major
                                for t in (self.ids, self.inputs, self.targets))
                 rows, y = mlm_rows(tgt, 0, members)  # the chosen positions, N per member
-                with autocast(device, precision):  # counts (K, 3): loss sum (0 for a batch without masks), correct, masked
+                # counts (K, 3): loss sum (0 for a batch without masks), correct, masked
+                with autocast(device, precision):
                     counts, _ = model(inp, attention_mask=x != self.pad, targets=y, rows=rows)
                 sums += counts.double().cpu()
         finally:
