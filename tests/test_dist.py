@@ -13,7 +13,8 @@ from tinytlm import finetune, pretrain
 from tinytlm.checkpoint import load_checkpoint
 from tests.test_engine import REPO, mlm_args
 
-NO_DROPOUT = ["--arch", "dropout=0,attn_dropout=0"]
+# fp32: 2 processes equal 1 to fp32 rounding (1e-5); bf16 autocast rounds the shares' partial sums differently
+NO_DROPOUT = ["--arch", "dropout=0,attn_dropout=0", "--precision", "fp32"]
 
 
 def torchrun(script, argv):
