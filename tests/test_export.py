@@ -125,7 +125,8 @@ def test_classifier_loads_with_the_task_labels(runs, exported):
     y = torch.tensor([1, 2])
     mine = ours(runs["cls"])
     with torch.no_grad():
-        a, la = mine(idx, mask, y)
+        a, _ = mine(idx, mask)  # logits (without targets the model returns them)
+        _, la = mine(idx, mask, y)  # given targets: (counts, the mean loss)
         r = hf(input_ids=idx, attention_mask=mask, labels=y, output_hidden_states=True)
         h = mine.bert(idx, mask)  # the trunk: O(1) values (the logits are ~0.1, near a fresh head's)
     assert (a - r.logits).abs().max() <= 1e-5 and abs(la - r.loss) <= 1e-5
