@@ -78,7 +78,6 @@ class Impl:
         """kernels/conv_stem.py for the Triton stem, or None for the torch reference."""
         return kernel_module("conv_stem") if self.kernels == "triton" else None
 
-
     def mlm_head(self):
         """The MLM decoder + cross-entropy MLMHead calls with targets: PlainHead or ChunkedHead."""
         return ChunkedHead(self.head_chunk) if self.head == "chunked" else PlainHead()
