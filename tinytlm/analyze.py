@@ -31,7 +31,7 @@ from tinytlm.analyze_run import analyse_cls, analyse_mlm, prepare_cls, prepare_m
 from tinytlm.analyze_shp import NORMS
 from tinytlm.checkpoint import load_checkpoint
 from tinytlm.common import ArgParser, UserError, add_option, atomic_path, cli, read_json
-from tinytlm.precision import PRECISIONS, resolve_precision
+from tinytlm.precision import HELP as PRECISION_HELP, PRECISIONS, resolve_precision
 from tinytlm.report import member_folder
 from tinytlm.train import resolve_device
 
@@ -173,9 +173,7 @@ def parser() -> ArgParser:
     add_option(ap, "--what", default="", help="comma-separated: apt, blocks, confusion (pre-training), "
                                               "blocks, shp (classifier); default all that apply", kind="list")
     add_option(ap, "--device", default="cpu", help="cpu | cuda | auto", pattern=r"auto|cpu|cuda(:\d+)?")
-    add_option(ap, "--precision", default="auto", choices=PRECISIONS,
-               help="bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and CPUs with native bf16")
-
+    add_option(ap, "--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     add_option(ap, "--data", default="", help="prepared data root (default: the paths the run recorded)", kind="dir")
     add_option(ap, "--raw", default="", help="raw data root (a task that is not prepared yet)", kind="dir")
     add_task_args(ap, task_default="")  # --task: show its T_M tokens apart in apt.json

@@ -24,7 +24,7 @@ from tinytlm.committee import (accuracy, batch1_latency_ms, committee_logits, co
                                predict_member_logits, shape_groups, stack_checkpoints)
 from tinytlm.common import ArgParser, add_option, cli, default_data_root, default_raw_root, write_json
 from tinytlm.kernel_path import Impl
-from tinytlm.precision import PRECISIONS, resolve_precision
+from tinytlm.precision import HELP as PRECISION_HELP, PRECISIONS, resolve_precision
 from tinytlm.train import prepare_model, resolve_device
 
 
@@ -39,8 +39,7 @@ def parser() -> ArgParser:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_option(ap, "ckpts", nargs="+", help="classifier checkpoints or run directories", kind="run")
     add_option(ap, "--device", default="auto", help="auto | cpu | cuda | cuda:N", pattern=r"auto|cpu|cuda(:\d+)?")
-    add_option(ap, "--precision", default="auto", choices=PRECISIONS,
-               help="bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and CPUs with native bf16")
+    add_option(ap, "--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     add_option(ap, "--kernels", default="torch", help="torch | triton", choices=("torch", "triton"))
     add_option(ap, "--latency-samples", type=int, default=50, help="test sequences timed at batch 1", low=1)
     add_option(ap, "--json", default="", help="write the table as JSON here", kind="outfile")

@@ -16,6 +16,7 @@ import torch
 from tinytlm.common import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+HELP = "bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and CPUs with native bf16"  # --precision
 _X86_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

@@ -113,8 +113,8 @@ def setup(cfg, d, device, model, states, lr: float, wd: float, outs: list, seeds
     optimizer, RNG and step of the checkpoints; each member's run log (header first); precision: what
     run_precision resolved (every forward of train_step runs in its autocast)."""
     outs = [Path(o) for o in outs]
-    mode = compile_mode(cfg.compile, device)  # "" = eager
-    prepared = d.wrap(prepare_model(model, device, mode or "off"), device, mode)
+    mode = compile_mode(cfg.compile, device)  # "" = eager (DDP and CUDA graphs read the resolved mode)
+    prepared = d.wrap(prepare_model(model, device, cfg.compile), device, mode)
     opt = make_optimizer(model, lr, wd, device)
     stack = {"seeds": seeds, "members": [str(o) for o in outs]} if len(outs) > 1 else None
     logs = [RunLog(o, {**c, "world_size": d.world}, device, resume=bool(states), stack=stack) if d.main
