@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json, violation
-from tinytlm.kernel_path import Impl, default_head
+from tinytlm.kernel_path import Impl, default_dropout, default_head
 from tinytlm.model import BertConfig
 from tinytlm.precision import PRECISIONS
 
@@ -133,9 +133,12 @@ class Switches:
         validate(self)
 
     def impl(self, device=None) -> Impl:
-        """The implementations every forward of the run's model uses, chosen when it is built; on `device`,
-        the MLM head its rule picks (tinytlm/kernel_path.py default_head), else the plain reference."""
-        return Impl(self.kernels, self.unpad, head=default_head(device) if device is not None else "plain")
+        """The implementations every forward of the run's model uses, chosen when it is built; on `device`, the
+        MLM head and the dropout their rules pick (tinytlm/kernel_path.py default_head, default_dropout), else
+        the references (plain, torch)."""
+        if device is None:
+            return Impl(self.kernels, self.unpad)
+        return Impl(self.kernels, self.unpad, head=default_head(device), dropout=default_dropout(device))
 
 
 @dataclass
