@@ -1,0 +1,130 @@
+"""The fast dropout path on a CPU (issue 21): Impl(dropout="torch") vs Impl(dropout="fast") (tinytlm/kernel_path.py,
+kernels/dropout.py), A/B in interleaved rounds.
+
+    PYTHONPATH=. python bench/dropout.py            # ~10 minutes on a shared 2-core machine
+    PYTHONPATH=. python bench/dropout.py --quick    # shrunk sizes, seconds: proves it runs, not speeds
+
+Sections:
+  ops    the dropout alone on --op_elems elements, fp32 and bf16: F.dropout vs kernels/dropout.py, forward and
+         forward + backward (ms per call, medians of --rounds interleaved rounds).
+  steps  per model (--models) and kind (mlm, cls): one optimizer step of the default variant (bench/cpu_steps.py
+         default_variant: what train_mlm.py / train_cls.py do by default here) with dropout torch vs fast, on the
+         same batch (--batch x --seq_len), interleaved rounds (bench/common.py interleaved_times); the fastest
+         round's ms (the one a shared machine's load slowed least) and the median, and torch / fast.
+
+Results: the markdown report (--out; default bench/results/<date>-cpu-dropout.md, none with --quick unless asked)
+with the command, git revision, CPU and the machine's load (os.getloadavg) before and after.
+"""
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import interleaved_times, markdown_table, result_path, run_header, write_report
+from bench.cpu_steps import batch, default_variant, step_fn, variant_name
+from kernels.dropout import dropout
+from tinytlm.common import ArgParser, cli
+from tinytlm.cpu_memory import keep_freed_memory
+from tinytlm.model import BertConfig
+from tinytlm.train import add_dataclass_args, dataclass_from_args
+
+CPU = torch.device("cpu")
+P = 0.1  # BertConfig's dropout and attn_dropout
+
+
+@dataclass
+class DropoutBenchConfig:
+    models: str = "tiny,bert1"  # BertConfig presets, comma-separated
+    kinds: str = "mlm,cls"  # training steps: MLM pre-training, classification fine-tuning
+    batch: int = 32  # sequences per step
+    seq_len: int = 128  # T, tokens per sequence
+    rounds: int = 0  # interleaved timed rounds per comparison; 0 = auto: 9, --quick 2
+    op_elems: int = 1 << 20  # elements of the ops section
+    sections: str = "ops,steps"  # which to run, comma-separated
+    quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing
+    seed: int = 0  # batches and weights
+    out: str = ""  # markdown report; default bench/results/<date>-cpu-dropout.md (none with --quick)
+
+
+def parse(argv=None) -> DropoutBenchConfig:
+    ap = ArgParser(description=__doc__.split("\n\n")[0])
+    add_dataclass_args(ap, DropoutBenchConfig)
+    c = dataclass_from_args(DropoutBenchConfig, ap.parse_args(argv))
+    if c.quick:
+        c.models, c.batch, c.seq_len, c.op_elems = "tiny", 4, 32, 1 << 12
+    c.rounds = c.rounds or (2 if c.quick else 9)
+    return c
+
+
+def _stats(times: dict) -> dict:
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def ops(c: DropoutBenchConfig) -> list:
+    """Rows: dtype, pass, F.dropout and fast ms (fastest round / median), F.dropout / fast."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(c.op_elems).to(dtype).requires_grad_()
+        g = torch.ones_like(x)
+        for what in ("forward", "forward + backward"):
+            def call(f, back=what != "forward"):
+                y = f(x, P, True)
+                if back:
+                    y.backward(g)
+            fns = {"F.dropout": lambda: call(F.dropout), "fast": lambda: call(dropout)}
+            for f in fns.values():
+                f()
+            st = _stats(interleaved_times(fns, c.rounds, CPU))
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "pass": what,
+                         **{f"{k} ms": f"{st[k][0]:.2f} / {st[k][1]:.2f}" for k in fns},
+                         "F.dropout / fast": f"{st['F.dropout'][0] / st['fast'][0]:.2f}x"})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def steps(c: DropoutBenchConfig) -> tuple:
+    """(the default variant, rows: model, kind, torch and fast ms (fastest / median), torch / fast)."""
+    default = default_variant(CPU)
+    rows = []
+    for model in c.models.split(","):
+        cfg = BertConfig.preset(model, **({"n_layer": 1} if c.quick else {}))
+        for kind in c.kinds.split(","):
+            b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
+            fns = {d: step_fn(kind, cfg, {**default, "dropout": d}, b) for d in ("torch", "fast")}
+            for f in fns.values():  # warm-up: first-call allocations, the optimizer's state
+                f(), f()
+            st = _stats(interleaved_times(fns, c.rounds, CPU))
+            rows.append({"model": model, "kind": kind, **{f"{d} ms": f"{st[d][0]:.1f} / {st[d][1]:.1f}" for d in fns},
+                         "torch / fast": f"{st['torch'][0] / st['fast'][0]:.2f}x",
+                         "(medians)": f"{st['torch'][1] / st['fast'][1]:.2f}x"})
+            print(rows[-1], flush=True)
+    return default, rows
+
+
+def main(argv=None):
+    c = parse(argv)
+    keep_freed_memory()  # as a training run on a CPU does (tinytlm/cpu_memory.py)
+    md = result_path("dropout", CPU, c.out, c.quick)
+    load_before = os.getloadavg()
+    sections = []
+    if "ops" in c.sections.split(","):
+        sections.append(f"## The dropout alone, p = {P}, {c.op_elems} elements\n\nms per call, fastest round / "
+                        f"median of {c.rounds} interleaved rounds.\n\n"
+                        + markdown_table(["dtype", "pass", "F.dropout ms", "fast ms", "F.dropout / fast"], ops(c)))
+    if "steps" in c.sections.split(","):
+        default, rows = steps(c)
+        sections.append(f"## One training step, batch {c.batch} x {c.seq_len}: dropout torch vs fast\n\n"
+                        f"The default variant ({variant_name(default)}, {default}) with Impl dropout torch or fast; "
+                        f"ms per step, fastest round / median of {c.rounds} interleaved rounds; the ratio of the "
+                        "fastest rounds, and of the medians.\n\n"
+                        + markdown_table(["model", "kind", "torch ms", "fast ms", "torch / fast", "(medians)"], rows))
+    load = f"- load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()}"
+    write_report(md, "Fast dropout on the CPU (bench/dropout.py)", run_header(CPU, asdict(c)) + [load], sections)
+    return sections
+
+
+if __name__ == "__main__":
+    cli(main)
