@@ -12,6 +12,10 @@ Sections:
          same batch (--batch x --seq_len), interleaved rounds (bench/common.py interleaved_times); the fastest
          round's ms (the one a shared machine's load slowed least) and the median, and torch / fast.
 
+--threads N sets torch's threads: on a shared machine whose cores are busy, an op split over every core waits for
+the slowest (a 1M-element compare ran 20x slower at 2 threads than at 1 on the loaded 2-core machine), so the
+one-thread numbers are the steadier ones there.
+
 Results: the markdown report (--out; default bench/results/<date>-cpu-dropout.md, none with --quick unless asked)
 with the command, git revision, CPU and the machine's load (os.getloadavg) before and after.
 """
@@ -46,6 +50,7 @@ class DropoutBenchConfig:
     sections: str = "ops,steps"  # which to run, comma-separated
     quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing
     seed: int = 0  # batches and weights
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default (the cores)
     out: str = ""  # markdown report; default bench/results/<date>-cpu-dropout.md (none with --quick)
 
 
@@ -107,6 +112,8 @@ def steps(c: DropoutBenchConfig) -> tuple:
 def main(argv=None):
     c = parse(argv)
     keep_freed_memory()  # as a training run on a CPU does (tinytlm/cpu_memory.py)
+    if c.threads:
+        torch.set_num_threads(c.threads)
     md = result_path("dropout", CPU, c.out, c.quick)
     load_before = os.getloadavg()
     sections = []

@@ -83,9 +83,15 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x, keep, scale: float):
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x.mul(keep).mul_(scale)  # the mask multiplies exactly; one rounding, at the scale
+        return _scaled(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
+        return _scaled(grad, keep, ctx.scale), None, None
+
+
+def _scaled(x, keep, scale: float):
+    """x * keep * scale in one pass (addcmul onto a broadcast 0: no second pass over x), computed in fp32 and
+    rounded once to x's dtype; exact where keep is False (0)."""
+    return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
