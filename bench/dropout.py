@@ -10,7 +10,8 @@ Sections:
   steps  per model (--models) and kind (mlm, cls): one optimizer step of the default variant (bench/cpu_steps.py
          default_variant: what train_mlm.py / train_cls.py do by default here) with dropout torch vs fast, on the
          same batch (--batch x --seq_len), interleaved rounds (bench/common.py interleaved_times); the fastest
-         round's ms (the one a shared machine's load slowed least) and the median, and torch / fast.
+         round's ms (the one a shared machine's load slowed least) and the median, torch / fast of both, and the
+         median of the rounds' own ratios (the two calls of a round are adjacent: a slowly changing load cancels).
 
 --threads N sets torch's threads: on a shared machine whose cores are busy, an op split over every core waits for
 the slowest (a 1M-element compare ran 20x slower at 2 threads than at 1 on the loaded 2-core machine), so the
@@ -45,7 +46,7 @@ class DropoutBenchConfig:
     kinds: str = "mlm,cls"  # training steps: MLM pre-training, classification fine-tuning
     batch: int = 32  # sequences per step
     seq_len: int = 128  # T, tokens per sequence
-    rounds: int = 0  # interleaved timed rounds per comparison; 0 = auto: 9, --quick 2
+    rounds: int = 0  # interleaved timed rounds per comparison; 0 = auto: 15, --quick 2
     op_elems: int = 1 << 20  # elements of the ops section
     sections: str = "ops,steps"  # which to run, comma-separated
     quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing
@@ -60,12 +61,18 @@ def parse(argv=None) -> DropoutBenchConfig:
     c = dataclass_from_args(DropoutBenchConfig, ap.parse_args(argv))
     if c.quick:
         c.models, c.batch, c.seq_len, c.op_elems = "tiny", 4, 32, 1 << 12
-    c.rounds = c.rounds or (2 if c.quick else 9)
+    c.rounds = c.rounds or (2 if c.quick else 15)
     return c
 
 
 def _stats(times: dict) -> dict:
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def _paired(times: dict, a: str, b: str) -> float:
+    """The median over rounds of a's ms / b's ms in the same round: the two calls of a round are adjacent, so a
+    load that changes slowly cancels in each ratio."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def ops(c: DropoutBenchConfig) -> list:
@@ -82,10 +89,12 @@ def ops(c: DropoutBenchConfig) -> list:
             fns = {"F.dropout": lambda: call(F.dropout), "fast": lambda: call(dropout)}
             for f in fns.values():
                 f()
-            st = _stats(interleaved_times(fns, c.rounds, CPU))
+            times = interleaved_times(fns, c.rounds, CPU)
+            st = _stats(times)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "pass": what,
                          **{f"{k} ms": f"{st[k][0]:.2f} / {st[k][1]:.2f}" for k in fns},
-                         "F.dropout / fast": f"{st['F.dropout'][0] / st['fast'][0]:.2f}x"})
+                         "F.dropout / fast": f"{st['F.dropout'][0] / st['fast'][0]:.2f}x",
+                         "paired": f"{_paired(times, 'F.dropout', 'fast'):.2f}x"})
             print(rows[-1], flush=True)
     return rows
 
@@ -101,10 +110,12 @@ def steps(c: DropoutBenchConfig) -> tuple:
             fns = {d: step_fn(kind, cfg, {**default, "dropout": d}, b) for d in ("torch", "fast")}
             for f in fns.values():  # warm-up: first-call allocations, the optimizer's state
                 f(), f()
-            st = _stats(interleaved_times(fns, c.rounds, CPU))
+            times = interleaved_times(fns, c.rounds, CPU)
+            st = _stats(times)
             rows.append({"model": model, "kind": kind, **{f"{d} ms": f"{st[d][0]:.1f} / {st[d][1]:.1f}" for d in fns},
                          "torch / fast": f"{st['torch'][0] / st['fast'][0]:.2f}x",
-                         "(medians)": f"{st['torch'][1] / st['fast'][1]:.2f}x"})
+                         "(medians)": f"{st['torch'][1] / st['fast'][1]:.2f}x",
+                         "paired": f"{_paired(times, 'torch', 'fast'):.2f}x"})
             print(rows[-1], flush=True)
     return default, rows
 
@@ -119,15 +130,18 @@ def main(argv=None):
     sections = []
     if "ops" in c.sections.split(","):
         sections.append(f"## The dropout alone, p = {P}, {c.op_elems} elements\n\nms per call, fastest round / "
-                        f"median of {c.rounds} interleaved rounds.\n\n"
-                        + markdown_table(["dtype", "pass", "F.dropout ms", "fast ms", "F.dropout / fast"], ops(c)))
+                        f"median of {c.rounds} interleaved rounds; ratios of the fastest rounds and the median of each "
+                        "round's ratio (paired).\n\n"
+                        + markdown_table(["dtype", "pass", "F.dropout ms", "fast ms", "F.dropout / fast", "paired"],
+                                         ops(c)))
     if "steps" in c.sections.split(","):
         default, rows = steps(c)
         sections.append(f"## One training step, batch {c.batch} x {c.seq_len}: dropout torch vs fast\n\n"
                         f"The default variant ({variant_name(default)}, {default}) with Impl dropout torch or fast; "
                         f"ms per step, fastest round / median of {c.rounds} interleaved rounds; the ratio of the "
-                        "fastest rounds, and of the medians.\n\n"
-                        + markdown_table(["model", "kind", "torch ms", "fast ms", "torch / fast", "(medians)"], rows))
+                        "fastest rounds, of the medians, and the median of each round's ratio (paired).\n\n"
+                        + markdown_table(["model", "kind", "torch ms", "fast ms", "torch / fast", "(medians)",
+                                          "paired"], rows))
     load = f"- load average (1, 5, 15 min) before: {load_before}, after: {os.getloadavg()}"
     write_report(md, "Fast dropout on the CPU (bench/dropout.py)", run_header(CPU, asdict(c)) + [load], sections)
     return sections
