@@ -15,14 +15,15 @@ Sections:
 
 --threads N sets torch's threads: on a shared machine whose cores are busy, an op split over every core waits for
 the slowest (a 1M-element compare ran 20x slower at 2 threads than at 1 on the loaded 2-core machine), so the
-one-thread numbers are the steadier ones there.
+one-thread numbers are the steadier ones there; --clock cpu with --threads 1 times each call by the process's CPU
+time, the work done rather than the wait for a core (what an oversubscribed machine adds to the wall clock).
 
 Results: the markdown report (--out; default bench/results/<date>-cpu-dropout.md, none with --quick unless asked)
 with the command, git revision, CPU and the machine's load (os.getloadavg) before and after.
 """
 import os
 import statistics
-import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from bench.common import interleaved_times, markdown_table, result_path, run_header, write_report
 from bench.cpu_steps import batch, default_variant, step_fn, variant_name
 from kernels.dropout import dropout
-from tinytlm.common import ArgParser, cli
+from tinytlm.common import ArgParser, UserError, cli
 from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.model import BertConfig
 from tinytlm.train import add_dataclass_args, dataclass_from_args
@@ -52,6 +53,7 @@ class DropoutBenchConfig:
     quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing
     seed: int = 0  # batches and weights
     threads: int = 0  # torch.set_num_threads; 0 = torch's default (the cores)
+    clock: str = "wall"  # wall: perf_counter; cpu: this process's CPU time (with --threads 1: the work, not the wait)
     out: str = ""  # markdown report; default bench/results/<date>-cpu-dropout.md (none with --quick)
 
 
@@ -62,11 +64,27 @@ def parse(argv=None) -> DropoutBenchConfig:
     if c.quick:
         c.models, c.batch, c.seq_len, c.op_elems = "tiny", 4, 32, 1 << 12
     c.rounds = c.rounds or (2 if c.quick else 15)
+    if c.clock not in ("wall", "cpu"):
+        raise UserError(f"--clock {c.clock!r}: choose wall or cpu")
     return c
 
 
 def _stats(times: dict) -> dict:
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def _times(fns: dict, c: DropoutBenchConfig) -> dict:
+    """Every call's ms per fn over c.rounds interleaved rounds: bench/common.py interleaved_times (wall clock), or
+    the same rotation timed by the process's CPU time (--clock cpu)."""
+    if c.clock == "wall":
+        return interleaved_times(fns, c.rounds, CPU)
+    names, times = list(fns), {k: [] for k in fns}
+    for i in range(c.rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.process_time()
+            fns[name]()
+            times[name].append((time.process_time() - t0) * 1e3)
+    return times
 
 
 def _paired(times: dict, a: str, b: str) -> float:
@@ -89,7 +107,7 @@ def ops(c: DropoutBenchConfig) -> list:
             fns = {"F.dropout": lambda: call(F.dropout), "fast": lambda: call(dropout)}
             for f in fns.values():
                 f()
-            times = interleaved_times(fns, c.rounds, CPU)
+            times = _times(fns, c)
             st = _stats(times)
             rows.append({"dtype": str(dtype).removeprefix("torch."), "pass": what,
                          **{f"{k} ms": f"{st[k][0]:.2f} / {st[k][1]:.2f}" for k in fns},
@@ -110,7 +128,7 @@ def steps(c: DropoutBenchConfig) -> tuple:
             fns = {d: step_fn(kind, cfg, {**default, "dropout": d}, b) for d in ("torch", "fast")}
             for f in fns.values():  # warm-up: first-call allocations, the optimizer's state
                 f(), f()
-            times = interleaved_times(fns, c.rounds, CPU)
+            times = _times(fns, c)
             st = _stats(times)
             rows.append({"model": model, "kind": kind, **{f"{d} ms": f"{st[d][0]:.1f} / {st[d][1]:.1f}" for d in fns},
                          "torch / fast": f"{st['torch'][0] / st['fast'][0]:.2f}x",
