@@ -100,7 +100,7 @@ def test_torch_attention_takes_the_explicit_path_only_with_fast_dropout_and_p():
 
 
 def _cfg(**kw):
-    return BertConfig.preset("tiny", n_layer=2, vocab_size=300, max_pos=24, **kw)
+    return BertConfig.preset("tiny", **{"n_layer": 2, "vocab_size": 300, "max_pos": 24, **kw})
 
 
 def _batch(B=4, T=24, seed=0):
@@ -178,3 +178,13 @@ def test_a_bad_dropout_name_is_one_line():
     with pytest.raises(UserError, match="dropout implementation 'bernoulli': choose torch or fast") as e:
         Impl(dropout="bernoulli")
     assert "\n" not in str(e.value)
+
+
+def test_a_training_forward_with_fast_dropout_is_one_graph():
+    """--compile on: dynamo traces every fast dropout and the explicit attention with no graph break."""
+    model = BertForMLM(_cfg(n_layer=1), impl=Impl(head="chunked", dropout="fast")).train()
+    x, am, t = _batch()
+    rows, y = mlm_rows(t)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(lambda *a: model(*a, rows=rows)[1])(x, am, y)
+    assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons

@@ -168,7 +168,7 @@ def math_attention(q, k, v, mask, p, dropout):
         s = q.size(-1) ** -0.25
         scores = (q * s) @ (k * s).transpose(-2, -1)  # (B, nh, T, T)
         scores = scores.masked_fill(~mask, float("-inf"))  # SDPA adds 0 / -inf for a boolean mask
-        probs = torch._safe_softmax(scores, -1)  # (B, nh, T, T), 0 on a row with no key
+        probs = torch.ops.aten._safe_softmax(scores, -1)  # (B, nh, T, T), 0 on a row with no key (traceable)
         return (dropout(probs, p) @ v).to(dtype)  # (B, nh, T, D)
 
 
