@@ -52,7 +52,7 @@ class Impl:
     kernels: str = "torch"  # attention and conv stem: "torch" (reference) or "triton" (kernels/)
     unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
     head: str = "plain"  # MLM decoder + cross-entropy: "plain" (full logits, the reference) or "chunked"
-    head_chunk: int = 256  # rows of logits the chunked head holds at once
+    head_chunk: int = 1024  # rows of logits the chunked head holds at once (at most; bench/mlm_head.py)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
