@@ -1,4 +1,4 @@
-"""The MLM decoder and its cross-entropy in one op that never holds all (N x V) logits at once.
+"""The MLM decoder and its cross-entropy in one op that holds at most `chunk` rows of (N x V) logits at once.
 
 The sparse MLM head ends in a decoder to the 30,522 word ids and a cross-entropy. Done plainly
 (`reference` below) the logits of every chosen position, N x V floats, are written, read by log-softmax,
