@@ -89,7 +89,7 @@ def start(cfgs: list, overrides: dict, init_states: list, outs: list, resume_sta
     else:
         counts = task_counts(task.task_dir)
         progress = [new_progress(task, ini, counts) for ini in init_states]
-    impl = cfg.impl()  # the implementations every forward runs on, chosen at construction
+    impl = cfg.impl(device)  # the implementations every forward runs on, chosen at construction
     model, model_cfg = build_members(resume_states, lambda k: new_classifier(
         cfgs[k].seed, init_states[k], cfg.model, overrides, len(task.label_names), impl), len(cfgs), impl)
     check_rows(max(int(task.train.ids.max(initial=0)), int(task.test.ids.max(initial=0))), task.train.row_len,
