@@ -187,6 +187,8 @@ def test_training_loops_unpadded_equal_padded(roots, tmp_path):
     for name, extra in (("padded", ["--unpad", "off"]), ("unpad", ["--unpad"])):
         pretrain.main([*mlm, "--out", str(tmp_path / name), *extra])
     assert step_losses(tmp_path / "unpad") == pytest.approx(step_losses(tmp_path / "padded"), rel=TOL)
+    for name, packed in (("unpad", True), ("padded", False)):  # config.json says what ran
+        assert json.loads((tmp_path / name / "config.json").read_text())["impl"]["unpad"] is packed
     assert_same_weights(load_checkpoint(tmp_path / "unpad"), load_checkpoint(tmp_path / "padded"))
     cls = ["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "2", "--batch_size", "4",
            "--lr", "1e-3", "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data), "--seeds", "0,1",
