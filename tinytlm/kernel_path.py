@@ -7,8 +7,9 @@ kernels: "torch" (the plain-torch reference, any device) or "triton" (kernels/, 
 unpad: the encoder runs on the packed real tokens (tinytlm/unpad.py) instead of the padded (B, T) batch.
 head: how the MLM decoder and its cross-entropy run when the model is given targets: "plain" (the full
 (N, V) logits, then F.cross_entropy: the reference) or "chunked" (kernels/linear_ce.py: `head_chunk` rows
-at a time, never all N x V logits; faster on CPU, bench/results/2026-12-07-cpu-members.md).
-`default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there).
+at a time (at most), not all N x V logits at large batches; faster on CPU, bench/results/2026-12-07-cpu-members.md).
+`default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there);
+`default_unpad(device)` is --unpad auto's: packed on the CPU.
 dropout: every dropout of the model (embeddings, attention output, FFN output, classifier, attention
 probabilities): "torch" (nn.Dropout and SDPA's dropout_p: the reference) or "fast" (kernels/dropout.py: the
 keep-mask from four 15-bit lanes per 64-bit draw, p quantized to 1/32768; the attention then runs SDPA's math
@@ -46,6 +47,13 @@ def default_head(device) -> str:
     return "chunked" if torch.device(device).type == "cpu" else "plain"
 
 
+def default_unpad(device) -> bool:
+    """Whether --unpad auto packs the real tokens on `device`: on a CPU, where the padding is time spent for
+    nothing (AG News rows 41% real tokens: a `tiny` fine-tuning step 1.32x, Wikipedia 68%: 1.11x, bf16, batch
+    32; docs/scaling.md); not elsewhere, where it has not been measured (the GPU session measures it)."""
+    return torch.device(device).type == "cpu"
+
+
 def default_dropout(device) -> str:
     """The dropout a run on `device` uses: fast where it measured faster (the CPU), else the reference."""
     return "fast" if torch.device(device).type == "cpu" else "torch"
@@ -66,7 +74,7 @@ class Impl:
     kernels: str = "torch"  # attention and conv stem: "torch" (reference) or "triton" (kernels/)
     unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
     head: str = "plain"  # MLM decoder + cross-entropy: "plain" (full logits, the reference) or "chunked"
-    head_chunk: int = 256  # rows of logits the chunked head holds at once
+    head_chunk: int = 1024  # rows of logits the chunked head holds at once (at most; bench/mlm_head.py)
     dropout: str = "torch"  # every dropout: "torch" (nn.Dropout, SDPA's dropout_p: the reference) or "fast"
 
     def __post_init__(self):
