@@ -1,12 +1,13 @@
 """Dropout with a cheaper mask: four 15-bit uniform lanes from every 64-bit draw of torch's generator.
 
 F.dropout draws its keep-mask with `aten::bernoulli_`, one generator call per element: ~8 ns an element on
-the 2-core EPYC of docs/kernels-and-speed.md, whatever the dtype, 10-28% of a default CPU training step.
+the 2-core EPYC of docs/kernels-and-speed.md, whatever the dtype; a profile put it at 10-28% of a default CPU
+training step.
 Here one `torch.randint` of numel/4 int64 words (one 64-bit draw of the generator each, reduced modulo
 2^63 -- a power of two, so exactly uniform -- onto [-2^62, 2^62)) is viewed as int16 lanes; each lane's low
 15 bits are a uniform integer u in [0, 32768) (the top lane's too: subtracting 2^62 shifts it modulo 2^15)
-and an element is kept when u >= thr. Then the output is x * keep * scale, and the backward grad * keep * scale
-with the bool mask saved (1 byte an element; F.dropout saves its mask in x's dtype).
+and an element is kept when u >= thr. Then the output is x * keep * scale, and the backward grad * keep * scale,
+each one addcmul pass, with the bool mask saved (1 byte an element; F.dropout saves its mask in x's dtype).
 
 Quantization: thr = round(p * 32768), so the drop probability is p_eff = thr / 32768, with
 |p_eff - p| <= 2^-16 (p = 0.1: p_eff = 3277 / 32768 = 0.100006). scale = 32768 / (32768 - thr) = 1 / (1 - p_eff),
