@@ -1,5 +1,6 @@
-"""This CPU's speed ratios in one run (issue 21): what the defaults buy over today's fp32 eager, stacked members
-against one by one, our step against Hugging Face's, and how close it all comes to the matmul peaks.
+"""This CPU's speed ratios in one run (issue 21): what the defaults buy over the code before issue 21 and over
+today's fp32 eager, stacked members against one by one, our step against Hugging Face's, and how close it all
+comes to the matmul peaks.
 
     PYTHONPATH=. python bench/cpu.py              # the full run: ~15 minutes on a shared 2-core machine
     PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes, well under a minute: proves it runs, not speeds
