@@ -29,7 +29,7 @@ from tinytlm.train import add_dataclass_args, dataclass_from_args, make_optimize
 class HeadConfig:
     cases: str = "tiny:16,tiny:128,bert1:16"  # preset:sequences per member per step, comma-separated
     members: int = 1  # K stacked members per model
-    chunks: str = "256"  # the chunked head's rows per chunk, comma-separated (one path each)
+    chunks: str = "1024"  # the chunked head's rows per chunk, comma-separated (one path each)
     per_row: int = 20  # sparse head slots per row (masks capped at this many)
     warmup: int = 1  # untimed steps per path
     steps: int = 3  # timed rounds

@@ -1,9 +1,10 @@
-"""The MLM decoder and its cross-entropy in one op that never holds all (N x V) logits at once.
+"""The MLM decoder and its cross-entropy in one op that holds at most `chunk` rows of (N x V) logits at once.
 
 The sparse MLM head ends in a decoder to the 30,522 word ids and a cross-entropy. Done plainly
 (`reference` below) the logits of every chosen position, N x V floats, are written, read by log-softmax,
 written again as their gradient and read twice more in the backward: at batch 128 on `tiny` that is
-~300 MB per pass, far out of any CPU cache. Here the rows go through in chunks of `chunk`: per chunk one
+~300 MB per pass. Here the rows go through in chunks of at most `chunk` rows, as even as can be (a short
+last chunk's products run slowly; wide chunks measured fastest on CPU, bench/mlm_head.py): per chunk one
 matrix product makes the biased logits (the bias rides as a last column of the weight, so there is no
 broadcast copy and the bias gradient comes out of the weight gradient's product), one fused softmax pass
 gives the loss (log-sum-exp = max logit - log of the max probability, which is >= 1/V, so never the log of
@@ -38,7 +39,7 @@ def reference(x, weight, bias, targets):
     return ce.sum(1), ((logits.argmax(-1) == targets) & valid).sum(1), valid.sum(1)
 
 
-def linear_cross_entropy(x, weight, bias, targets, chunk: int = 256):
+def linear_cross_entropy(x, weight, bias, targets, chunk: int = 1024):
     """(loss sums (K,), correct (K,), counts (K,)); only the loss sums carry a gradient. x (N, H) or
     (K, N, H); weight (V, H) or (K, V, H); bias (V,) or (K, V); targets (N,) or (K, N), -100 = ignored."""
     if chunk < 1:
@@ -109,8 +110,19 @@ class _LinearCE(torch.autograd.Function):
 
 def _augment_weight(w, b, dtype):
     """(V, H+1): the decoder weight with its bias as a last column, so one matrix product makes the biased
-    logits and one makes the weight and bias gradients together (no broadcast copy, no separate sum)."""
-    return torch.cat([w, b.unsqueeze(1).to(w.dtype)], 1).to(dtype)
+    logits and one makes the weight and bias gradients together (no broadcast copy, no separate sum); written
+    once, in the compute dtype (under bf16 autocast: one pass over the fp32 weight, no fp32 copy)."""
+    wa = torch.empty(w.size(0), w.size(1) + 1, dtype=dtype, device=w.device)
+    wa[:, :-1].copy_(w)
+    wa[:, -1].copy_(b)
+    return wa
+
+
+def _chunk_rows(n: int, chunk: int) -> int:
+    """Rows per chunk: the fewest chunks of at most `chunk` rows, as even as can be (600 rows at chunk 512: two
+    of 300, not 512 and a slow 88); at least 1."""
+    chunks = max(1, -(-n // chunk))
+    return max(1, -(-n // chunks))
 
 
 def _member(x, wa, t, chunk: int, dtype, gx, gwa):
@@ -129,13 +141,14 @@ def _member(x, wa, t, chunk: int, dtype, gx, gwa):
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     xv = xa * vf.unsqueeze(1).to(dtype) if gwa is not None else None  # (N, H+1), ignored rows 0
-    minus_one = torch.full((min(chunk, n), 1), -1.0, device=x.device)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        logits = torch.mm(xa[s:e], wa.t()).float()  # (c, V), fp32
-        target = logits.gather(1, safe[s:e]).squeeze(1)  # (c,)
-        top = logits.amax(1)  # (c,)
-        p = torch.softmax(logits, 1)  # (c, V)
+    size = _chunk_rows(n, chunk)
+    minus_one = torch.full((min(size, n), 1), -1.0, device=x.device)
+    for s in range(0, n, size):
+        e = min(n, s + size)
+        logits = torch.mm(xa[s:e], wa.t())  # (c, V), in the compute dtype
+        target = logits.gather(1, safe[s:e]).squeeze(1).float()  # (c,)
+        top = logits.amax(1).float()  # (c,)
+        p = torch.softmax(logits, 1, dtype=torch.float32)  # (c, V), fp32
         loss = loss + ((top - p.amax(1).log() - target) * vf[s:e]).sum()  # lse - target logit
         correct = correct + ((target == top) & valid[s:e]).sum()  # argmax == target (up to exact ties)
         if not grad:

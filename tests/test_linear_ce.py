@@ -4,7 +4,7 @@ decoders, and K members sharing one; fp32 to float rounding, bf16 autocast withi
 import pytest
 import torch
 
-from kernels.linear_ce import linear_cross_entropy, reference
+from kernels.linear_ce import _chunk_rows, linear_cross_entropy, reference
 
 
 def _case(k, shared, n=50, h=16, v=97, seed=0):
@@ -77,3 +77,11 @@ def test_bad_shapes_and_chunk():
         linear_cross_entropy(x, w[:, :5], b, t)
     with pytest.raises(ValueError, match="chunk=0"):
         linear_cross_entropy(x, w, b, t, chunk=0)
+
+
+@pytest.mark.parametrize("n,chunk,want", [(600, 512, 300), (460, 1024, 460), (1025, 1024, 513), (7, 3, 3),
+                                          (6, 3, 3), (0, 8, 1), (1, 1, 1)])
+def test_chunks_are_as_even_as_can_be(n, chunk, want):
+    """The fewest chunks of at most `chunk` rows, even: no short tail chunk (its products run slowly)."""
+    size = _chunk_rows(n, chunk)
+    assert size == want and size <= max(chunk, 1) and -(-max(n, 1) // size) == -(-max(n, 1) // chunk)

@@ -7,7 +7,7 @@ kernels: "torch" (the plain-torch reference, any device) or "triton" (kernels/, 
 unpad: the encoder runs on the packed real tokens (tinytlm/unpad.py) instead of the padded (B, T) batch.
 head: how the MLM decoder and its cross-entropy run when the model is given targets: "plain" (the full
 (N, V) logits, then F.cross_entropy: the reference) or "chunked" (kernels/linear_ce.py: `head_chunk` rows
-at a time, never all N x V logits; faster on CPU, bench/results/2026-12-07-cpu-members.md).
+at a time (at most), not all N x V logits at large batches; faster on CPU, bench/results/2026-12-07-cpu-members.md).
 `default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there).
 
 The attention implementations below have one method per token layout: `padded` (a (B, T) batch and its
@@ -52,7 +52,7 @@ class Impl:
     kernels: str = "torch"  # attention and conv stem: "torch" (reference) or "triton" (kernels/)
     unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
     head: str = "plain"  # MLM decoder + cross-entropy: "plain" (full logits, the reference) or "chunked"
-    head_chunk: int = 256  # rows of logits the chunked head holds at once
+    head_chunk: int = 1024  # rows of logits the chunked head holds at once (at most; bench/mlm_head.py)
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
