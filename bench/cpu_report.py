@@ -46,7 +46,8 @@ def steps_markdown(st: dict) -> str:
             "beside)\n\n"
             f"- baseline: the code before issue 21, revision `{st['baseline_rev']}` (`{st['baseline_commit']}`), "
             "fp32, eager, plain head, its own AdamW and malloc, imported from a temporary tree of that revision "
-            "(`git archive`); the other variants: today's code, this checkout\n"
+            f"(`git archive`; tinytlm from `{st['cases'][0]['timings']['baseline']['tinytlm']}`); the other "
+            f"variants: today's code, this checkout (`{st['cases'][0]['timings']['default']['tinytlm']}`)\n"
             "- each variant ran in its own worker process (bench/cpu_worker.py: the process a run would have), "
             "the timed rounds interleaved across them, the order rotating\n\n"
             + markdown_table(["model", "kind", "variant", "freed memory kept", "ms/step", "seq/s", "GFLOP/s",
