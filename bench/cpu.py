@@ -3,7 +3,7 @@ today's fp32 eager, stacked members against one by one, our step against Hugging
 comes to the matmul peaks.
 
     PYTHONPATH=. python bench/cpu.py              # the full run: ~15 minutes on a shared 2-core machine
-    PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes, well under a minute: proves it runs, not speeds
+    PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes: proves it runs, not speeds (see --quick)
 
 Sections (every ratio is measured in this run, on this machine):
   peaks     the bf16 and fp32 matmul rates (GFLOP/s, best of repeats, --matmul_n square; bench/probe.py).
@@ -75,7 +75,7 @@ class CpuConfig:
     members: int = 5  # K of the members section
     member_ws: int = 640  # members section: Wikipedia rows each run pre-trains on (one epoch of batch --batch)
     sections: str = "peaks,steps,members,hf,compile"  # which to run, comma-separated
-    quick: bool = False  # shrunk sizes (well under a minute): proves the code runs, numbers mean nothing
+    quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing (steps: 8 worker processes)
     seed: int = 0  # batches and weights
     baseline_rev: str = "0cb7440"  # steps section: git revision of the baseline, the last commit before issue 21
     raw: str = ""  # members section: raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)
