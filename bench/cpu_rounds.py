@@ -57,7 +57,7 @@ class Worker:
     up its step (its facts); round() is one timed step (ms, the worker's own clock)."""
 
     def __init__(self, name: str, spec: dict, tree: Path, cwd: str):
-        self.name, self.tree = name, Path(tree).resolve()
+        self.name, self.tree, self.facts = name, Path(tree).resolve(), None
         self.err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker never blocks on it
         self.p = subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=self.err, text=True, cwd=cwd,
@@ -73,6 +73,7 @@ class Worker:
         return line.strip()
 
     def ready(self) -> dict:
+        """Wait for `ready <facts>`; the facts (also kept as .facts), their tinytlm checked to be the tree's."""
         word, _, facts = self._line().partition(" ")
         if word != "ready":
             raise RuntimeError(f"bench/cpu_worker.py {self.name}: expected `ready ...`, got {word!r}")
@@ -80,6 +81,7 @@ class Worker:
         if not Path(facts["tinytlm"]).resolve().is_relative_to(self.tree):
             raise RuntimeError(f"bench/cpu_worker.py {self.name} imported tinytlm from {facts['tinytlm']}, "
                                f"not from its tree {self.tree}")
+        self.facts = facts
         return facts
 
     def round(self) -> float:
@@ -110,7 +112,7 @@ def workers(specs: dict):
             for name, (spec, tree) in specs.items():
                 ws[name] = Worker(name, spec, tree, cwd)
             for w in ws.values():
-                w.facts = w.ready()
+                w.ready()
             yield ws
         finally:
             for w in ws.values():

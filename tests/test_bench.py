@@ -180,3 +180,26 @@ def test_cpu_worker_rounds_rotate_and_a_failed_worker_reports_its_error(tmp_path
         with revision_tree("HEAD") as (tree, commit), workers({"baseline": (spec, tree)}):
             pass
     assert not tree.exists() and len(commit) == 40
+
+
+def test_a_worker_steps_from_its_own_tree_and_one_importing_another_tinytlm_is_refused(tmp_path):
+    """A worker round trip: built from its tree (HEAD's tinytlm, not this process's), a positive ms per `go`,
+    exit 0 at `quit`. A worker whose tinytlm is not its tree's (here a link to this checkout's; in life the
+    editable install of another checkout): an error, not a silent measurement of the wrong code."""
+    import torch
+    from bench.cpu_rounds import interleaved_rounds, revision_tree, workers
+    from bench.cpu_steps import batch
+    from tinytlm.model import BertConfig
+    small = {"n_layer": 1, "n_head": 2, "head_dim": 32}
+    torch.save(batch("mlm", BertConfig.preset("tiny", **small), 4, 16, 0), tmp_path / "b.pt")
+    spec = {"kind": "mlm", "model": "tiny", "overrides": small, "batch": str(tmp_path / "b.pt"), "variant": "pre-issue"}
+    with revision_tree("HEAD") as (tree, _), workers({"w": (spec, tree)}) as ws:
+        assert Path(ws["w"].facts["tinytlm"]) == tree.resolve() / "tinytlm" / "__init__.py"
+        assert ws["w"].facts["keeps_freed_memory"]  # HEAD's open_device keeps freed memory on a CPU
+        times = interleaved_rounds(ws, 2)["w"]
+    assert len(times) == 2 and all(t > 0 for t in times) and ws["w"].p.returncode == 0
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "tinytlm").symlink_to(REPO / "tinytlm")
+    with pytest.raises(RuntimeError, match="imported tinytlm from"):
+        with workers({"stray": (spec, tmp_path / "stray")}):
+            pass
