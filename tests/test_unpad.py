@@ -184,15 +184,18 @@ def test_training_loops_unpadded_equal_padded(roots, tmp_path):
     raw, data = roots
     mlm = [*SMALL, "--ws", "16", "--epochs", "1", "--batch_size", "4", "--log_every", "1", "--raw", str(raw),
            "--data", str(data)]
-    for name, extra in (("padded", []), ("unpad", ["--unpad"])):
+    for name, extra in (("padded", ["--unpad", "off"]), ("unpad", ["--unpad"])):
         pretrain.main([*mlm, "--out", str(tmp_path / name), *extra])
     assert step_losses(tmp_path / "unpad") == pytest.approx(step_losses(tmp_path / "padded"), rel=TOL)
+    for name, packed in (("unpad", True), ("padded", False)):  # config.json says what ran
+        assert json.loads((tmp_path / name / "config.json").read_text())["impl"]["unpad"] is packed
     assert_same_weights(load_checkpoint(tmp_path / "unpad"), load_checkpoint(tmp_path / "padded"))
     cls = ["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "2", "--batch_size", "4",
            "--lr", "1e-3", "--device", "cpu", "--quiet", "--raw", str(raw), "--data", str(data), "--seeds", "0,1",
            "--init", str(tmp_path / "padded")]
     results = {}
-    for name, extra in (("padded", []), ("unpad", ["--unpad"])):  # stacked members, trained and scored unpadded
+    # stacked members, trained and scored unpadded
+    for name, extra in (("padded", ["--unpad", "off"]), ("unpad", ["--unpad"])):
         finetune.main([*cls, "--out", str(tmp_path / f"cls-{name}"), *extra])
         results[name] = [json.loads((tmp_path / f"cls-{name}" / f"s{s}" / "result.json").read_text()) for s in (0, 1)]
     for a, b in zip(results["unpad"], results["padded"]):
@@ -219,3 +222,23 @@ def test_compiled_unpadded_forward_equals_eager():
             got, want = compiled(x, mask, targets=y, rows=rows)[1], model(x, mask, targets=y, rows=rows)[1]
         assert (got - want).abs() <= TOL * want.abs()
     assert budgets[0] != budgets[1] and max(budgets) < 4 * 24
+
+
+def test_unpad_switch_auto_packs_on_cpu_only():
+    """--unpad off | on | auto (default): auto packs on a CPU (kernel_path.default_unpad), not on CUDA; --unpad
+    alone = on; the old boolean spellings (a saved config's true/false) read as on/off; a bad value names --unpad."""
+    from tinytlm.config import Switches, add_dataclass_args, dataclass_from_args
+    from tinytlm.common import ArgParser, UserError
+    assert Switches().unpad == "auto"
+    assert Switches().impl(torch.device("cpu")).unpad is True
+    assert Switches().impl(torch.device("cuda", 0)).unpad is False
+    assert Switches().impl().unpad is False  # no device: the reference, padded
+    assert Switches(unpad="off").impl(torch.device("cpu")).unpad is False
+    assert Switches(unpad="on").impl(torch.device("cuda", 0)).unpad is True
+    assert [Switches(unpad=v).unpad for v in (True, False, "true", "False")] == ["on", "off", "on", "off"]
+    ap = ArgParser()
+    add_dataclass_args(ap, Switches)
+    assert [dataclass_from_args(Switches, ap.parse_args(a)).unpad for a in (["--unpad"], [], ["--unpad", "off"])] \
+        == ["on", "auto", "off"]
+    with pytest.raises(UserError, match="--unpad"):
+        Switches(unpad="sometimes")

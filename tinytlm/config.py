@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json, violation
-from tinytlm.kernel_path import Impl, default_head
+from tinytlm.kernel_path import Impl, default_head, default_unpad
 from tinytlm.model import BertConfig
 from tinytlm.precision import PRECISIONS
 
@@ -77,6 +77,12 @@ def validate(cfg):
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE = ("off", "auto", "on") + COMPILE_MODES  # --compile: on = the default mode; auto: train.py's AUTO_COMPILE
+UNPAD = ("off", "auto", "on")  # --unpad: auto = tinytlm/kernel_path.py default_unpad(device)
+
+
+def _on_off(v):
+    """A switch's old boolean spelling (true/false, a config file's bool) as on/off; any other value as it is."""
+    return {"true": "on", "false": "off"}.get(str(v).lower(), v)
 
 
 def compile_option(on, mode: str = "default") -> str:
@@ -120,7 +126,9 @@ class Switches:
                           bare="on")
     kernels: str = switch("torch", "attention/conv-stem kernels: torch (the reference) or triton",
                           choices=("torch", "triton"))
-    unpad: bool = switch(False, "run on the packed real tokens, not the padding (tinytlm/unpad.py)")
+    unpad: str = switch("auto", "run on the packed real tokens, not the padding (tinytlm/unpad.py): off | on | auto "
+                        "(on a CPU, where it measured faster; off elsewhere, not measured there); --unpad alone = on",
+                        choices=UNPAD, bare="on")
     precision: str = switch("auto", "bf16 autocast around the forwards, or fp32; auto: bf16 on CUDA and on CPUs with "
                             "native bf16 (tinytlm/precision.py; --resume: the run's own)", choices=PRECISIONS)
     data: str = switch("", "prepared data root (default $TINYTLM_DATA or ./data)", kind="dir")
@@ -128,14 +136,17 @@ class Switches:
                       kind="dir")
 
     def __post_init__(self):
-        # the old boolean spellings (--compile true, "compile": false in a config file) stay readable
-        self.compile = {"true": "on", "false": "off"}.get(str(self.compile).lower(), self.compile)
+        # the old boolean spellings (--compile true, "unpad": false in a config file) stay readable
+        self.compile, self.unpad = (_on_off(v) for v in (self.compile, self.unpad))
         validate(self)
 
     def impl(self, device=None) -> Impl:
         """The implementations every forward of the run's model uses, chosen when it is built; on `device`,
-        the MLM head its rule picks (tinytlm/kernel_path.py default_head), else the plain reference."""
-        return Impl(self.kernels, self.unpad, head=default_head(device) if device is not None else "plain")
+        the MLM head and --unpad auto as its rules pick (tinytlm/kernel_path.py default_head, default_unpad),
+        else the plain reference, padded."""
+        auto = device is not None and default_unpad(device)
+        return Impl(self.kernels, self.unpad == "on" or (self.unpad == "auto" and auto),
+                    head=default_head(device) if device is not None else "plain")
 
 
 @dataclass

@@ -89,13 +89,14 @@ def start(cfgs: list, overrides: dict, init_states: list, outs: list, resume_sta
     else:
         counts = task_counts(task.task_dir)
         progress = [new_progress(task, ini, counts) for ini in init_states]
-    impl = cfg.impl()  # the implementations every forward runs on, chosen at construction
+    impl = cfg.impl(device)  # the implementations every forward runs on, chosen at construction
     model, model_cfg = build_members(resume_states, lambda k: new_classifier(
         cfgs[k].seed, init_states[k], cfg.model, overrides, len(task.label_names), impl), len(cfgs), impl)
     check_rows(max(int(task.train.ids.max(initial=0)), int(task.test.ids.max(initial=0))), task.train.row_len,
                model_cfg, task.task_dir)
-    configs = [{**asdict(c), **precision_fields(c, precision), "lr": task.lr, "weight_decay": task.wd,
-                "task_dir": task.task_dir.name, "model_config": model_cfg.to_dict()} for c in cfgs]
+    configs = [{**asdict(c), **precision_fields(c, precision), "impl": asdict(impl), "lr": task.lr,
+                "weight_decay": task.wd, "task_dir": task.task_dir.name, "model_config": model_cfg.to_dict()}
+               for c in cfgs]  # config.json and the metrics header: what ran, the resolved Impl included
     if not cfg.quiet:
         seeds = ",".join(str(c.seed) for c in cfgs)
         print_config("config", {k: v for k, v in configs[0].items() if k not in ("model_config", "seed", "out")}

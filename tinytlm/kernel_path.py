@@ -8,7 +8,8 @@ unpad: the encoder runs on the packed real tokens (tinytlm/unpad.py) instead of 
 head: how the MLM decoder and its cross-entropy run when the model is given targets: "plain" (the full
 (N, V) logits, then F.cross_entropy: the reference) or "chunked" (kernels/linear_ce.py: `head_chunk` rows
 at a time (at most), not all N x V logits at large batches; faster on CPU, bench/results/2026-12-07-cpu-members.md).
-`default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there).
+`default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there);
+`default_unpad(device)` is --unpad auto's: packed on the CPU.
 
 The attention implementations below have one method per token layout: `padded` (a (B, T) batch and its
 key-padding mask) and `packed` (the packed real tokens and their tinytlm.unpad.Packing). The layout
@@ -35,6 +36,13 @@ HEADS = ("plain", "chunked")
 def default_head(device) -> str:
     """The MLM head a run on `device` uses: chunked where it measured faster (the CPU), else the reference."""
     return "chunked" if torch.device(device).type == "cpu" else "plain"
+
+
+def default_unpad(device) -> bool:
+    """Whether --unpad auto packs the real tokens on `device`: on a CPU, where the padding is time spent for
+    nothing (AG News rows 41% real tokens: a `tiny` fine-tuning step 1.32x, Wikipedia 68%: 1.11x, bf16, batch
+    32; docs/scaling.md); not elsewhere, where it has not been measured (the GPU session measures it)."""
+    return torch.device(device).type == "cpu"
 
 
 def kernel_module(name: str):

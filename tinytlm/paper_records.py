@@ -92,6 +92,8 @@ def mlm_summary(run_dir: Path, seconds=None, mean_apt=None) -> dict:
 
 def path_of(cfg: dict) -> dict:
     """The speed switches a run used (they do not change what is computed, but are worth knowing), and its
-    precision (which does: it is in the cell's key too, tinytlm/paper_cells.py precision_key)."""
+    precision (which does: it is in the cell's key too, tinytlm/paper_cells.py precision_key), and the
+    implementations those switches resolved to on its device (`impl`: tinytlm/kernel_path.py Impl; a run from
+    before it was recorded has none)."""
     cfg = fold_compile(cfg)  # a config from before --compile took a mode
-    return {k: cfg.get(k) for k in ("compile", "kernels", "unpad", "precision")}
+    return {k: cfg.get(k) for k in ("compile", "kernels", "unpad", "precision", "impl")}

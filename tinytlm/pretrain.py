@@ -162,7 +162,8 @@ def start(cfg: MLMConfig, overrides: dict, states, outs: list) -> tuple:
     member_cfgs = [replace(cfg, seed=s, seeds="", out=str(o)) if cfg.seeds else cfg for s, o in zip(seeds, outs)]
     prec = precision_fields(cfg, precision)
     member_cfgs = [replace(c, precision=precision) for c in member_cfgs]  # (their checkpoints' train_config)
-    configs = [{**asdict(c), **prec, "model_config": model_cfg.to_dict(), "data": data_meta} for c in member_cfgs]
+    configs = [{**asdict(c), **prec, "impl": asdict(impl), "model_config": model_cfg.to_dict(), "data": data_meta}
+               for c in member_cfgs]  # config.json and the metrics header: what ran, the resolved Impl included
     print_config("config", {**asdict(cfg), **prec, "data": data_meta})
     print(f"model {cfg.model}: {model.num_params() / 1e6:.1f}M parameters, latency {model_cfg.latency_layers} layers"
           + (f"; {len(seeds)} members stacked (seeds {cfg.seeds})" if cfg.seeds else ""))
