@@ -58,8 +58,8 @@ from tinytlm.train import add_dataclass_args, dataclass_from_args
 CPU = torch.device("cpu")
 DEMO = {"model": "tiny", "batch": 32, "mlm_steps": 375, "finetune_steps": 3 * 375}  # tinytlm/demo.py's defaults
 QUICK_ARCH = "n_layer=1,n_head=2,head_dim=32"  # --quick: one small block
-# the steps section's variants, each in a worker process of its own (bench/cpu_worker.py): fields over today's
-# default variant (bench/cpu_steps.py default_variant), or "pre-issue": the code of --baseline_rev
+# the steps section's variants, each in a worker process of its own (bench/cpu_worker.py): fields over what a run
+# does by default here (cpu_worker.py today_step: its precision, compile and Impl), or "pre-issue": --baseline_rev
 VARIANTS = {"default": {}, "bf16": {"precision": "bf16", "head": "plain", "compile": "off"},
             "fp32": {"precision": "fp32", "head": "plain", "compile": "off"}, "baseline": "pre-issue"}
 GOALS = {("tiny", "mlm"): 2.5, ("bert1", "mlm"): 2.0, ("tiny", "cls"): 2.0, ("bert1", "cls"): 2.0}  # issue 21
@@ -148,6 +148,11 @@ def timed_workers(kind: str, model: str, c: CpuConfig, pk: dict, base: Path, tmp
     return out
 
 
+def full_name(v: dict) -> str:
+    """variant_name and the Impl fields a today's worker ran that are not the references' ("unpad=True")."""
+    return variant_name(v) + "".join(f" {k}={x}" for k, x in v.get("impl", {}).items())
+
+
 def steps(c: CpuConfig, pk: dict) -> dict:
     """Per model and kind: every variant in its own process; speed over the baseline (the code of --baseline_rev,
     issue 21's goals) and over today's fp32 eager plain head."""
@@ -163,7 +168,7 @@ def steps(c: CpuConfig, pk: dict) -> dict:
                                      "goal": goal, "goal_met": None if goal is None else x["default"] >= goal})
                 print(f"steps {model} {kind}: " + ", ".join(f"{k} {v['ms']:.0f} ms" for k, v in t.items()) +
                       f"; default {x['default']:.2f}x pre-issue", flush=True)
-    out["variants"] = {k: {**t["variant"], "name": variant_name(t["variant"])}
+    out["variants"] = {k: {**t["variant"], "name": full_name(t["variant"])}
                        for k, t in out["cases"][0]["timings"].items()}
     return out
 

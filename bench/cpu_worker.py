@@ -9,8 +9,8 @@ tree of its own revision.
 spec: kind "mlm" | "cls"; model a BertConfig preset and overrides of its fields; batch a torch.save'd
 {"x", "am", "y"} (bench/cpu_steps.py batch, made once by the parent so that every worker steps on the same
 rows); variant "pre-issue" (fp32 eager plain head, the revision's own optimizer and memory: the API below
-only) or a dict of fields over today's default variant (bench/cpu_steps.py default_variant and step_fn: {}
-is what train_mlm.py / train_cls.py do by default here).
+only) or a dict of fields over today's default (today_step: {} is what train_mlm.py / train_cls.py do by
+default here, the Impl their switches resolve to included).
 
 Line protocol: the worker opens the device as a run does (the revision's tinytlm.session.open_device: today's
 keeps freed memory on a CPU), builds the step, runs WARMUP steps and prints `ready <json>` (the tinytlm it
@@ -24,6 +24,7 @@ differs), only the API that revision 0cb7440 (the last commit before issue 21) a
 BertConfig.preset, BertForMLM / BertForClassification(cfg, ..., impl=Impl()), session.open_device,
 mlm_rows.mlm_rows, train.make_optimizer.
 """
+import dataclasses
 import inspect
 import json
 import os
@@ -62,10 +63,19 @@ def pre_issue_step(kind: str, cfg, b: dict, device):
 
 
 def today_step(kind: str, cfg, b: dict, fields: dict, device):
-    """(variant, step): today's default variant with `fields` replaced, through bench/cpu_steps.py's step_fn."""
+    """(variant, step): what a run does by default here -- bench/cpu_steps.py default_variant's precision and
+    compile, the Impl a run's switches resolve to on this device (tinytlm/config.py Switches.impl, as pretrain.py
+    and finetune_loop.py call it: head, unpad, ...) -- with `fields` replaced, through cpu_steps.step_fn. The
+    variant records the Impl's fields that are not the references' (`impl`, beside the head)."""
     from bench.cpu_steps import default_variant, step_fn
-    v = {**default_variant(device), **fields}
-    return v, step_fn(kind, cfg, v, b, LR)
+    from tinytlm.config import Switches
+    from tinytlm.kernel_path import Impl
+    impl = Switches().impl(device)
+    v = {**default_variant(device), "head": impl.head, **fields}
+    impl = dataclasses.replace(impl, head=v["head"])
+    ref = dataclasses.asdict(Impl())
+    v["impl"] = {k: x for k, x in dataclasses.asdict(impl).items() if k != "head" and x != ref[k]}
+    return v, step_fn(kind, cfg, v, b, LR, impl=impl)
 
 
 def build(spec: dict):
