@@ -156,12 +156,18 @@ def timed_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved_times(fns: dict, n: int, device) -> dict:
-    """Every call's ms of each fn over n rounds; a round calls every fn once, the order rotating, so a
-    load that comes and goes (a shared CPU) falls on every path alike."""
-    names, times = list(fns), {k: [] for k in fns}
+def rotations(names: list, n: int):
+    """n rounds of names, each round every name once, the first one rotating: the order interleaved_times calls
+    its fns in (and bench/cpu.py its worker processes), so a load that comes and goes falls on every path alike."""
     for i in range(n):
-        for name in names[i % len(names):] + names[:i % len(names)]:
+        yield names[i % len(names):] + names[:i % len(names)]
+
+
+def interleaved_times(fns: dict, n: int, device) -> dict:
+    """Every call's ms of each fn over n rounds (rotations: every fn once a round, the order rotating)."""
+    times = {k: [] for k in fns}
+    for names in rotations(list(fns), n):
+        for name in names:
             times[name].append(timed_ms(fns[name], device))
     return times
 

@@ -1,17 +1,22 @@
-"""This CPU's speed ratios in one run (issue 21): what the defaults buy over today's fp32 eager, stacked members
-against one by one, our step against Hugging Face's, and how close it all comes to the matmul peaks.
+"""This CPU's speed ratios in one run (issue 21): what the defaults buy over the code before issue 21 and over
+today's fp32 eager, stacked members against one by one, our step against Hugging Face's, and how close it all
+comes to the matmul peaks.
 
     PYTHONPATH=. python bench/cpu.py              # the full run: ~15 minutes on a shared 2-core machine
-    PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes, well under a minute: proves it runs, not speeds
+    PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes: proves it runs, not speeds (see --quick)
 
 Sections (every ratio is measured in this run, on this machine):
   peaks     the bf16 and fp32 matmul rates (GFLOP/s, best of repeats, --matmul_n square; bench/probe.py).
   steps     per model (--models) and kind (MLM pre-training, classification fine-tuning): one optimizer step of
-            each variant (bench/cpu_steps.py: {precision, head, compile, members}) on the same batch (--batch x
-            --seq_len), interleaved rounds (bench/common.py interleaved_times): the default variant (what
-            train_mlm.py / train_cls.py do by default here), bf16 autocast, and today's fp32 eager plain head
-            (the baseline); seq/s, achieved GFLOP/s (bench/common.py train_flops) and its share of the peak of
-            the variant's precision, speed-up over the baseline.
+            each variant, every variant in its own worker process (bench/cpu_worker.py, bench/cpu_rounds.py) on
+            the same batch (--batch x --seq_len, made here and handed over as a file), timed rounds interleaved
+            across the workers (bench/common.py rotations): the default (today's code as train_mlm.py /
+            train_cls.py run it by default here, kept freed memory included), bf16 and fp32 (today's code, the
+            plain head, eager), and the baseline: the code before issue 21 (--baseline_rev, checked out from git
+            into a temporary tree and imported from there: fp32, eager, plain head, unfused AdamW, glibc's
+            default malloc). seq/s, achieved GFLOP/s (bench/common.py train_flops) and its share of the peak of
+            the variant's precision; speed over the baseline (issue 21's goals: 2.5x tiny MLM, 2x bert1 MLM, 2x
+            fine-tuning) and over today's fp32.
   members   K = --members stacked (train_mlm.py --seeds 0..K-1) vs K single runs (--seed k) of the same work:
             the real commands as subprocesses, start-up included as a user pays it, on prepared data (prepared
             before the clock starts, in a temporary data root); `tiny`, --member_ws rows, one epoch.
@@ -43,7 +48,8 @@ import torch
 
 from bench.common import REPO, interleaved_times, result_path, run_header, utc_now, versions, write_report
 from bench.cpu_report import cpu_facts, markdown
-from bench.cpu_steps import BASELINE, batch, default_variant, flops, step_fn, variant_name
+from bench.cpu_rounds import interleaved_rounds, resolve_commit, revision_tree, workers
+from bench.cpu_steps import BASELINE, batch, flops, step_fn, variant_name
 from bench.probe import matmul_rate
 from tinytlm.common import ArgParser, cli, default_raw_root, git_revision, write_json
 from tinytlm.model import BertConfig
@@ -52,6 +58,11 @@ from tinytlm.train import add_dataclass_args, dataclass_from_args
 CPU = torch.device("cpu")
 DEMO = {"model": "tiny", "batch": 32, "mlm_steps": 375, "finetune_steps": 3 * 375}  # tinytlm/demo.py's defaults
 QUICK_ARCH = "n_layer=1,n_head=2,head_dim=32"  # --quick: one small block
+# the steps section's variants, each in a worker process of its own (bench/cpu_worker.py): fields over what a run
+# does by default here (cpu_worker.py today_step: its precision, compile and Impl), or "pre-issue": --baseline_rev
+VARIANTS = {"default": {}, "bf16": {"precision": "bf16", "head": "plain", "compile": "off"},
+            "fp32": {"precision": "fp32", "head": "plain", "compile": "off"}, "baseline": "pre-issue"}
+GOALS = {("tiny", "mlm"): 2.5, ("bert1", "mlm"): 2.0, ("tiny", "cls"): 2.0, ("bert1", "cls"): 2.0}  # issue 21
 
 
 @dataclass
@@ -64,8 +75,9 @@ class CpuConfig:
     members: int = 5  # K of the members section
     member_ws: int = 640  # members section: Wikipedia rows each run pre-trains on (one epoch of batch --batch)
     sections: str = "peaks,steps,members,hf,compile"  # which to run, comma-separated
-    quick: bool = False  # shrunk sizes (well under a minute): proves the code runs, numbers mean nothing
+    quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing (steps: 8 worker processes)
     seed: int = 0  # batches and weights
+    baseline_rev: str = "0cb7440"  # steps section: git revision of the baseline, the last commit before issue 21
     raw: str = ""  # members section: raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)
     out: str = ""  # markdown report; default bench/results/<date>-cpu-cpu.md (none with --quick)
     json: str = ""  # machine-readable results; default beside the report
@@ -79,12 +91,19 @@ def parse(argv=None) -> CpuConfig:
     if c.quick:
         c.models, c.batch, c.seq_len, c.matmul_n, c.members, c.member_ws = "tiny", 8, 32, 256, 2, 16
     c.rounds = c.rounds or (2 if c.quick else 7)
+    if "steps" in c.sections.split(","):
+        resolve_commit(c.baseline_rev)  # a revision git does not know: one line, exit 2, before anything runs
     return c
 
 
-def model_cfg(name: str, c: CpuConfig) -> BertConfig:
+def arch(c: CpuConfig) -> dict:
+    """BertConfig fields over the presets (--quick: one small block)."""
     from tinytlm.config import arch_overrides
-    return BertConfig.preset(name, **(arch_overrides(QUICK_ARCH) if c.quick else {}))
+    return arch_overrides(QUICK_ARCH) if c.quick else {}
+
+
+def model_cfg(name: str, c: CpuConfig) -> BertConfig:
+    return BertConfig.preset(name, **arch(c))
 
 
 # -----------------------------------------------------------------------------
@@ -105,35 +124,52 @@ def best_ms(fns: dict, c: CpuConfig) -> tuple:
     return {k: min(v) for k, v in times.items()}, {k: statistics.median(v) for k, v in times.items()}
 
 
-def timed_variants(kind: str, cfg: BertConfig, variants: dict, c: CpuConfig, pk: dict) -> dict:
-    """{name: {variant, ms, ms_median, seq_per_s, gflops, of_peak}}: every variant on the same batch, interleaved
-    (ms: the fastest round's, which seq/s and GFLOP/s are read from)."""
+def timed_workers(kind: str, model: str, c: CpuConfig, pk: dict, base: Path, tmp: str) -> dict:
+    """{name: {variant, ms, ms_median, seq_per_s, gflops, of_peak, tinytlm, keeps_freed_memory, threads}}: each
+    of VARIANTS in its own worker process (today's from this checkout, the baseline from the tree `base`), on
+    one batch made here and handed over as a file, rounds interleaved (ms: the fastest round's, which seq/s and
+    GFLOP/s are read from)."""
+    cfg = model_cfg(model, c)
     b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
-    fns = {name: step_fn(kind, cfg, v, b) for name, v in variants.items()}
-    for f in fns.values():  # warm-up: the first calls allocate (and a compiled variant compiles)
-        f(), f()
-    ms, median = best_ms(fns, c)
+    path = Path(tmp) / f"batch-{model}-{kind}.pt"
+    torch.save(b, path)
+    spec = {"kind": kind, "model": model, "overrides": arch(c), "batch": str(path)}
+    specs = {name: ({**spec, "variant": v}, base if v == "pre-issue" else REPO) for name, v in VARIANTS.items()}
+    with workers(specs) as ws:
+        facts = {name: w.facts for name, w in ws.items()}
+        times = interleaved_rounds(ws, c.rounds)
     out = {}
-    for name, v in variants.items():
-        K, s = v["members"], ms[name] / 1e3
-        gflops = K * flops(kind, cfg, b) / s / 1e9
-        out[name] = {"variant": v, "ms": ms[name], "ms_median": median[name], "seq_per_s": K * c.batch / s,
-                     "gflops": gflops,
-                     "of_peak": gflops / pk[v["precision"]]}
+    for name, f in facts.items():
+        v, ms = f["variant"], min(times[name])
+        gflops = flops(kind, cfg, b) / (ms / 1e3) / 1e9
+        out[name] = {"variant": v, "ms": ms, "ms_median": statistics.median(times[name]),
+                     "seq_per_s": c.batch / (ms / 1e3), "gflops": gflops, "of_peak": gflops / pk[v["precision"]],
+                     **{k: f[k] for k in ("tinytlm", "keeps_freed_memory", "threads")}}
     return out
 
 
+def full_name(v: dict) -> str:
+    """variant_name and the Impl fields a today's worker ran that are not the references' ("unpad=True")."""
+    return variant_name(v) + "".join(f" {k}={x}" for k, x in v.get("impl", {}).items())
+
+
 def steps(c: CpuConfig, pk: dict) -> dict:
-    """Per model and kind: default, bf16 and the baseline; speed-ups over the baseline."""
-    default = default_variant(CPU)
-    variants = {"default": default, "bf16": {**BASELINE, "precision": "bf16"}, "baseline": BASELINE}
-    out = {"variants": {k: {**v, "name": variant_name(v)} for k, v in variants.items()}, "cases": []}
-    for model in c.models.split(","):
-        for kind in ("mlm", "cls"):
-            t = timed_variants(kind, model_cfg(model, c), variants, c, pk)
-            out["cases"].append({"model": model, "kind": kind, "timings": t,
-                                 "speedup": {k: t["baseline"]["ms"] / t[k]["ms"] for k in ("default", "bf16")}})
-            print(f"steps {model} {kind}: " + ", ".join(f"{k} {t[k]['seq_per_s']:.1f} seq/s" for k in t), flush=True)
+    """Per model and kind: every variant in its own process; speed over the baseline (the code of --baseline_rev,
+    issue 21's goals) and over today's fp32 eager plain head."""
+    out = {"baseline_rev": c.baseline_rev, "cases": []}
+    with revision_tree(c.baseline_rev) as (base, commit), tempfile.TemporaryDirectory() as tmp:
+        out["baseline_commit"] = commit
+        for model in c.models.split(","):
+            for kind in ("mlm", "cls"):
+                t = timed_workers(kind, model, c, pk, base, tmp)
+                goal, x = GOALS.get((model, kind)), {k: t["baseline"]["ms"] / v["ms"] for k, v in t.items()}
+                out["cases"].append({"model": model, "kind": kind, "timings": t, "x_pre_issue": x,
+                                     "x_fp32": {k: t["fp32"]["ms"] / v["ms"] for k, v in t.items()},
+                                     "goal": goal, "goal_met": None if goal is None else x["default"] >= goal})
+                print(f"steps {model} {kind}: " + ", ".join(f"{k} {v['ms']:.0f} ms" for k, v in t.items()) +
+                      f"; default {x['default']:.2f}x pre-issue", flush=True)
+    out["variants"] = {k: {**t["variant"], "name": full_name(t["variant"])}
+                       for k, t in out["cases"][0]["timings"].items()}
     return out
 
 

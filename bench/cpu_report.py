@@ -29,6 +29,33 @@ def _f(x, digits=1) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def steps_markdown(st: dict) -> str:
+    """The steps section: a row per model, kind and variant, the baseline's revision, the goals met or not."""
+    v = st["variants"]
+    rows = [{"model": c["model"], "kind": c["kind"], "variant": f"{k}: {v[k]['name']}",
+             "freed memory kept": "yes" if t["keeps_freed_memory"] else "no",
+             "ms/step": f"{t['ms']:.0f} ({t['ms_median']:.0f})", "seq/s": _f(t["seq_per_s"]),
+             "GFLOP/s": _f(t["gflops"]), "of peak": f"{100 * t['of_peak']:.0f}%",
+             "x pre-issue": _f(c["x_pre_issue"][k], 2), "x today's fp32": _f(c["x_fp32"][k], 2)}
+            for c in st["cases"] for k, t in c["timings"].items()]
+    kinds = {"mlm": "MLM pre-training", "cls": "fine-tuning"}
+    goals = [f"- `{c['model']}` {kinds[c['kind']]}: default {c['x_pre_issue']['default']:.2f}x the pre-issue "
+             f"code, goal {c['goal']:.1f}x: **{'met' if c['goal_met'] else 'not met'}**"
+             for c in st["cases"] if c["goal"] is not None]
+    return ("## Steps: default vs the code before issue 21 and today's fp32 (same batch; fastest round, median "
+            "beside)\n\n"
+            f"- baseline: the code before issue 21, revision `{st['baseline_rev']}` (`{st['baseline_commit']}`), "
+            "fp32, eager, plain head, its own AdamW and malloc, imported from a temporary tree of that revision "
+            f"(`git archive`; tinytlm from `{st['cases'][0]['timings']['baseline']['tinytlm']}`); the other "
+            f"variants: today's code, this checkout (`{st['cases'][0]['timings']['default']['tinytlm']}`)\n"
+            "- each variant ran in its own worker process (bench/cpu_worker.py: the process a run would have), "
+            "the timed rounds interleaved across them, the order rotating\n\n"
+            + markdown_table(["model", "kind", "variant", "freed memory kept", "ms/step", "seq/s", "GFLOP/s",
+                              "of peak", "x pre-issue", "x today's fp32"], rows)
+            + ("\n\nIssue 21's goals (default over the pre-issue code, same batch):\n\n" + "\n".join(goals)
+               if goals else ""))
+
+
 def markdown(res: dict) -> list:
     """The report's sections (bench/common.py write_report adds the title and the header)."""
     cpu, pk = res["cpu"], res["peaks_gflops"]
@@ -40,15 +67,7 @@ def markdown(res: dict) -> list:
            f"- matmul peaks ({res['config']['matmul_n']}^2): bf16 {pk['bf16']:.0f} GFLOP/s, "
            f"fp32 {pk['fp32']:.0f} GFLOP/s"]
     if "steps" in res:
-        v = res["steps"]["variants"]
-        rows = [{"model": c["model"], "kind": c["kind"], "variant": f"{k}: {v[k]['name']}",
-                 "ms/step": f"{t['ms']:.0f} ({t['ms_median']:.0f})",
-                 "seq/s": _f(t["seq_per_s"]), "GFLOP/s": _f(t["gflops"]), "of peak": f"{100 * t['of_peak']:.0f}%",
-                 "x baseline": _f(c["speedup"].get(k, 1.0), 2)}
-                for c in res["steps"]["cases"] for k, t in c["timings"].items()]
-        out.append("## Steps: default vs today's fp32 eager (same batch, interleaved; fastest round, median beside)\n\n"
-                   + markdown_table(
-            ["model", "kind", "variant", "ms/step", "seq/s", "GFLOP/s", "of peak", "x baseline"], rows))
+        out.append(steps_markdown(res["steps"]))
     if "members" in res:
         m = res["members"]
         out.append(f"## K = {m['K']} stacked vs {m['K']} single runs (`tiny`, {m['ws']} rows, "

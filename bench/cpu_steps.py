@@ -88,13 +88,14 @@ def flops(kind: str, cfg: BertConfig, b: dict) -> int:
     return train_flops(cfg, B, T, int((b["y"] != -100).sum()) if kind == "mlm" else 0)
 
 
-def step_fn(kind: str, cfg: BertConfig, v: dict, b: dict, lr: float = 5.5e-5):
+def step_fn(kind: str, cfg: BertConfig, v: dict, b: dict, lr: float = 5.5e-5, impl: Impl = None):
     """A function doing one optimizer step of the variant on the batch: forward (under its precision), backward,
-    AdamW step, zero_grad -- train_mlm.py's / train_cls.py's step, K members fed the same rows."""
-    K = v["members"]
+    AdamW step, zero_grad -- train_mlm.py's / train_cls.py's step, K members fed the same rows. impl: the model's
+    (default: impl_of(v))."""
+    K, impl = v["members"], impl or impl_of(v)
     torch.manual_seed(0)
-    raw = (BertForMLM(cfg, members=K, impl=impl_of(v)) if kind == "mlm" else
-           BertForClassification(cfg, N_LABELS, members=K, impl=impl_of(v)))
+    raw = (BertForMLM(cfg, members=K, impl=impl) if kind == "mlm" else
+           BertForClassification(cfg, N_LABELS, members=K, impl=impl))
     model = prepare_model(raw, torch.device("cpu"), v["compile"]).train()
     opt = make_optimizer(raw, lr, 0.01, torch.device("cpu"))
     x, am, y = (torch.cat([b[k]] * K) for k in ("x", "am", "y"))  # (K*B, ...), member-major

@@ -123,7 +123,9 @@ def test_an_unusable_probe_falls_back_to_the_default_peak(tmp_path, capsys):
 
 def test_cpu_quick_writes_every_section_with_positive_finite_ratios(tmp_path, roots):
     """bench/cpu.py --quick (shrunk sizes): the JSON holds every section, the facts a reader needs (command, CPU
-    model and flags, revision, load), and its ratios are positive and finite. Speeds are not asserted."""
+    model and flags, revision, load), and its ratios are positive and finite. Speeds are not asserted. The steps
+    section's workers made the round trip: each variant in its own process, the baseline's tinytlm imported from
+    a temporary tree of revision 0cb7440 (not this checkout) and without kept freed memory, today's with it."""
     import math
     raw, _ = roots
     out = tmp_path / "cpu.json"
@@ -135,15 +137,69 @@ def test_cpu_quick_writes_every_section_with_positive_finite_ratios(tmp_path, ro
     assert res["complete"] and res["command"].startswith("PYTHONPATH=. python bench/cpu.py --quick")
     assert res["cpu"]["model"] and res["cpu"]["flags"] and res["git"] and len(res["load_before"]) == 3
     assert {"peaks_gflops", "steps", "members", "hf", "compile", "load_after"} <= set(res)
+    cases = res["steps"]["cases"]
     ratios = list(res["peaks_gflops"].values())
-    ratios += [x for c in res["steps"]["cases"] for x in c["speedup"].values()]
-    ratios += [t["of_peak"] for c in res["steps"]["cases"] for t in c["timings"].values()]
+    ratios += [x for c in cases for x in (*c["x_pre_issue"].values(), *c["x_fp32"].values())]
+    ratios += [t["of_peak"] for c in cases for t in c["timings"].values()]
     ratios += [res["members"]["stacked_over_single"]]
     ratios += [x for c in res["hf"]["cases"] for x in c["ours_over_hf"].values()]
     ratios += [c["steady_speedup"] for c in res["compile"]["cases"]]
-    assert len(ratios) == 2 + 2 * 2 + 2 * 3 + 1 + 2 + 4 and all(math.isfinite(x) and x > 0 for x in ratios), ratios
-    assert {c["kind"] for c in res["steps"]["cases"]} == {"mlm", "cls"}
+    assert len(ratios) == 2 + 2 * 8 + 2 * 4 + 1 + 2 + 4 and all(math.isfinite(x) and x > 0 for x in ratios), ratios
+    assert [(c["kind"], c["goal"]) for c in cases] == [("mlm", 2.5), ("cls", 2.0)]  # tiny's: issue 21's goals
+    assert res["steps"]["baseline_commit"].startswith("0cb7440")
     assert res["steps"]["variants"]["baseline"] == {"precision": "fp32", "head": "plain", "compile": "off",
                                                     "members": 1, "name": "fp32 eager plain-head"}
+    assert res["steps"]["variants"]["fp32"]["precision"] == "fp32"
+    for c in cases:
+        t = c["timings"]
+        assert c["x_pre_issue"]["baseline"] == 1.0 and c["x_fp32"]["fp32"] == 1.0
+        assert not Path(t["baseline"]["tinytlm"]).is_relative_to(REPO) and "tinytlm-rev-" in t["baseline"]["tinytlm"]
+        assert [Path(t[k]["tinytlm"]).parent for k in ("default", "bf16", "fp32")] == [REPO / "tinytlm"] * 3
+        assert [t[k]["keeps_freed_memory"] for k in ("default", "bf16", "fp32", "baseline")] == [True] * 3 + [False]
     md = (tmp_path / "cpu.md").read_text()
     assert "K = 2 stacked vs 2 single runs" in md and "BertForMaskedLM" in md and "flags of note" in md
+    assert "revision `0cb7440`" in md and "its own worker process" in md and "goal 2.5x" in md
+
+
+def test_cpu_steps_baseline_rev_must_be_a_commit():
+    from bench import cpu
+    with pytest.raises(UserError, match="--baseline_rev 'no-such-rev'"):
+        cpu.parse(["--sections", "steps", "--baseline_rev", "no-such-rev"])
+
+
+def test_cpu_worker_rounds_rotate_and_a_failed_worker_reports_its_error(tmp_path):
+    """The workers' rounds come in interleaved_times's rotating order; a worker that fails to build its step
+    raises here with its own traceback (not a hang), and its tree goes with the block."""
+    from bench.common import rotations
+    from bench.cpu_rounds import revision_tree, workers
+    assert list(rotations(["a", "b", "c"], 4)) == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                  ["a", "b", "c"]]
+    spec = {"kind": "mlm", "model": "tiny", "overrides": {}, "batch": str(tmp_path / "missing.pt"),
+            "variant": "pre-issue"}
+    with pytest.raises(RuntimeError, match="missing.pt"):
+        with revision_tree("HEAD") as (tree, commit), workers({"baseline": (spec, tree)}):
+            pass
+    assert not tree.exists() and len(commit) == 40
+
+
+def test_a_worker_steps_from_its_own_tree_and_one_importing_another_tinytlm_is_refused(tmp_path):
+    """A worker round trip: built from its tree (HEAD's tinytlm, not this process's), a positive ms per `go`,
+    exit 0 at `quit`. A worker whose tinytlm is not its tree's (here a link to this checkout's; in life the
+    editable install of another checkout): an error, not a silent measurement of the wrong code."""
+    import torch
+    from bench.cpu_rounds import interleaved_rounds, revision_tree, workers
+    from bench.cpu_steps import batch
+    from tinytlm.model import BertConfig
+    small = {"n_layer": 1, "n_head": 2, "head_dim": 32}
+    torch.save(batch("mlm", BertConfig.preset("tiny", **small), 4, 16, 0), tmp_path / "b.pt")
+    spec = {"kind": "mlm", "model": "tiny", "overrides": small, "batch": str(tmp_path / "b.pt"), "variant": "pre-issue"}
+    with revision_tree("HEAD") as (tree, _), workers({"w": (spec, tree)}) as ws:
+        assert Path(ws["w"].facts["tinytlm"]) == tree.resolve() / "tinytlm" / "__init__.py"
+        assert ws["w"].facts["keeps_freed_memory"]  # HEAD's open_device keeps freed memory on a CPU
+        times = interleaved_rounds(ws, 2)["w"]
+    assert len(times) == 2 and all(t > 0 for t in times) and ws["w"].p.returncode == 0
+    (tmp_path / "stray").mkdir()
+    (tmp_path / "stray" / "tinytlm").symlink_to(REPO / "tinytlm")
+    with pytest.raises(RuntimeError, match="imported tinytlm from"):
+        with workers({"stray": (spec, tmp_path / "stray")}):
+            pass
