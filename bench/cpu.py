@@ -5,6 +5,11 @@ comes to the matmul peaks.
     PYTHONPATH=. python bench/cpu.py              # the full run: ~15 minutes on a shared 2-core machine
     PYTHONPATH=. python bench/cpu.py --quick      # shrunk sizes: proves it runs, not speeds (see --quick)
 
+The batches (--rows): real by default, the rows a user trains on: Wikipedia's (MLM, ~65-70% real tokens) and
+the demo's AG News sample's (fine-tuning, ~41% real tokens), prepared from --raw into a temporary data root
+before any clock starts; --rows synthetic (and --quick): bench/common.py token_batch, every 4th row padded
+(~85% real tokens), where unpadding buys less.
+
 Sections (every ratio is measured in this run, on this machine):
   peaks     the bf16 and fp32 matmul rates (GFLOP/s, best of repeats, --matmul_n square; bench/probe.py).
   steps     per model (--models) and kind (MLM pre-training, classification fine-tuning): one optimizer step of
@@ -33,6 +38,7 @@ Results: --json and the markdown report (--out; default bench/results/<date>-cpu
 none unless asked) with the command, CPU model and flags (/proc/cpuinfo), git revision, and the machine's load
 (os.getloadavg) before and after: a shared machine's numbers move, its ratios less so.
 """
+import contextlib
 import json
 import math
 import os
@@ -49,9 +55,9 @@ import torch
 from bench.common import REPO, interleaved_times, result_path, run_header, utc_now, versions, write_report
 from bench.cpu_report import cpu_facts, markdown
 from bench.cpu_rounds import interleaved_rounds, resolve_commit, revision_tree, workers
-from bench.cpu_steps import BASELINE, batch, flops, step_fn, variant_name
+from bench.cpu_steps import BASELINE, batch, flops, real_batch, step_fn, variant_name
 from bench.probe import matmul_rate
-from tinytlm.common import ArgParser, cli, default_raw_root, git_revision, write_json
+from tinytlm.common import ArgParser, UserError, cli, default_raw_root, git_revision, write_json
 from tinytlm.model import BertConfig
 from tinytlm.train import add_dataclass_args, dataclass_from_args
 
@@ -78,6 +84,9 @@ class CpuConfig:
     quick: bool = False  # shrunk sizes: proves the code runs, numbers mean nothing (steps: 8 worker processes)
     seed: int = 0  # batches and weights
     baseline_rev: str = "0cb7440"  # steps section: git revision of the baseline, the last commit before issue 21
+    rows: str = "real"  # real: Wikipedia rows (MLM) and AG News rows (fine-tuning, the demo's sample), prepared
+    # from --raw under --data; synthetic: bench/common.py token_batch (every 4th row padded; --quick always)
+    data: str = ""  # real rows: prepared data root (default: a temporary one, prepared before the clock starts)
     raw: str = ""  # members section: raw data root (default $TINYTLM_RAW, else ../shared/data, else data/raw)
     out: str = ""  # markdown report; default bench/results/<date>-cpu-cpu.md (none with --quick)
     json: str = ""  # machine-readable results; default beside the report
@@ -88,8 +97,13 @@ def parse(argv=None) -> CpuConfig:
     ap = ArgParser(description=__doc__.split("\n\n")[0])
     add_dataclass_args(ap, CpuConfig)
     c = dataclass_from_args(CpuConfig, ap.parse_args(argv))
+    if c.rows not in ("real", "synthetic"):
+        raise UserError(f"--rows {c.rows!r}: choose real or synthetic")
     if c.quick:
         c.models, c.batch, c.seq_len, c.matmul_n, c.members, c.member_ws = "tiny", 8, 32, 256, 2, 16
+        c.rows = "synthetic"
+    if c.rows == "real" and c.seq_len != 128:
+        raise UserError(f"--seq_len {c.seq_len}: real rows are 128 tokens long (or --rows synthetic)")
     c.rounds = c.rounds or (2 if c.quick else 7)
     if "steps" in c.sections.split(","):
         resolve_commit(c.baseline_rev)  # a revision git does not know: one line, exit 2, before anything runs
@@ -104,6 +118,30 @@ def arch(c: CpuConfig) -> dict:
 
 def model_cfg(name: str, c: CpuConfig) -> BertConfig:
     return BertConfig.preset(name, **arch(c))
+
+
+def case_batch(kind: str, cfg: BertConfig, c: CpuConfig) -> dict:
+    """The one batch every variant of a case runs on: real rows (--rows real, from --data) or synthetic ones."""
+    if c.rows == "synthetic":
+        return batch(kind, cfg, c.batch, c.seq_len, c.seed)
+    return real_batch(kind, cfg, c.batch, c.seed, raw_root(c), Path(c.data))
+
+
+def raw_root(c: CpuConfig) -> Path:
+    return (Path(c.raw) if c.raw else default_raw_root()).resolve()
+
+
+@contextlib.contextmanager
+def real_rows(c: CpuConfig):
+    """--rows real without --data: a temporary data root, both kinds' rows prepared in it before any timing."""
+    if c.rows != "real" or c.data:
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        c.data = str(Path(tmp) / "data")
+        for kind in ("mlm", "cls"):
+            case_batch(kind, BertConfig.preset("tiny"), c)
+        yield
 
 
 # -----------------------------------------------------------------------------
@@ -130,7 +168,7 @@ def timed_workers(kind: str, model: str, c: CpuConfig, pk: dict, base: Path, tmp
     one batch made here and handed over as a file, rounds interleaved (ms: the fastest round's, which seq/s and
     GFLOP/s are read from)."""
     cfg = model_cfg(model, c)
-    b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
+    b = case_batch(kind, cfg, c)
     path = Path(tmp) / f"batch-{model}-{kind}.pt"
     torch.save(b, path)
     spec = {"kind": kind, "model": model, "overrides": arch(c), "batch": str(path)}
@@ -162,8 +200,10 @@ def steps(c: CpuConfig, pk: dict) -> dict:
         for model in c.models.split(","):
             for kind in ("mlm", "cls"):
                 t = timed_workers(kind, model, c, pk, base, tmp)
+                real = float(case_batch(kind, model_cfg(model, c), c)["am"].float().mean())  # real tokens / slots
                 goal, x = GOALS.get((model, kind)), {k: t["baseline"]["ms"] / v["ms"] for k, v in t.items()}
-                out["cases"].append({"model": model, "kind": kind, "timings": t, "x_pre_issue": x,
+                out["cases"].append({"model": model, "kind": kind, "rows": c.rows, "real_tokens": real,
+                                     "timings": t, "x_pre_issue": x,
                                      "x_fp32": {k: t["fp32"]["ms"] / v["ms"] for k, v in t.items()},
                                      "goal": goal, "goal_met": None if goal is None else x["default"] >= goal})
                 print(f"steps {model} {kind}: " + ", ".join(f"{k} {v['ms']:.0f} ms" for k, v in t.items()) +
@@ -181,7 +221,7 @@ def hf(c: CpuConfig, pk: dict) -> dict:
     out = []
     for model in c.models.split(","):
         cfg = model_cfg(model, c)
-        b = batch("mlm", cfg, c.batch, c.seq_len, c.seed)
+        b = case_batch("mlm", cfg, c)
         fns = {}
         for p in ("fp32", "bf16"):
             fns[f"ours {p}"] = step_fn("mlm", cfg, {**BASELINE, "precision": p}, b)
@@ -202,7 +242,7 @@ def members(c: CpuConfig) -> dict:
     """K stacked vs K single train_mlm.py runs, wall time of the commands (start-up included)."""
     from tinytlm.wikipedia import ensure_wiki
     with tempfile.TemporaryDirectory() as tmp:
-        data, raw = Path(tmp) / "data", (Path(c.raw) if c.raw else default_raw_root()).resolve()
+        data, raw = Path(tmp) / "data", raw_root(c)
         ensure_wiki(c.member_ws, raw, data, quiet=True)  # prepared before the clock starts
         base = [sys.executable, str(REPO / "train_mlm.py"), "--model", "tiny", "--ws", str(c.member_ws),
                 "--epochs", "1", "--batch_size", str(c.batch), "--lr", "5e-4", "--data", str(data), "--raw", str(raw),
@@ -233,7 +273,7 @@ def compile_case(spec: str, c: CpuConfig) -> dict:
     --quick: the "compiled" step is eager too (a cold compile alone takes a minute here)."""
     kind, precision, model = spec.split(",")
     cfg = model_cfg(model, c)
-    b = batch(kind, cfg, c.batch, c.seq_len, c.seed)
+    b = case_batch(kind, cfg, c)
     fns = {name: step_fn(kind, cfg, {**BASELINE, "precision": precision, "compile": how}, b)
            for name, how in (("eager", "off"), ("compiled", "off" if c.quick else "on"))}
     t0 = time.perf_counter()
@@ -253,7 +293,7 @@ def cold_case(spec: str, c: CpuConfig) -> dict:
         return compile_case(spec, c)
     with tempfile.TemporaryDirectory() as cache:
         argv = [sys.executable, __file__, "--compile_case", spec, "--batch", str(c.batch), "--seq_len",
-                str(c.seq_len), "--rounds", str(c.rounds)]
+                str(c.seq_len), "--rounds", str(c.rounds), "--rows", c.rows, "--data", c.data, "--raw", c.raw]
         p = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=REPO,
                            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(REPO)})
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -292,12 +332,13 @@ def main(argv=None):
     pk = peaks(c)  # every other section's GFLOP/s is read against these
     res["peaks_gflops"] = pk
     print(f"peaks: bf16 {pk['bf16']:.0f} GFLOP/s, fp32 {pk['fp32']:.0f} GFLOP/s", flush=True)
-    for name, fn in (("steps", lambda: steps(c, pk)), ("members", lambda: members(c)), ("hf", lambda: hf(c, pk)),
-                     ("compile", lambda: compile_section(c))):
-        if name in wanted:
-            res[name] = fn()
-            if js:
-                write_json(js, res)
+    with real_rows(c):
+        for name, fn in (("steps", lambda: steps(c, pk)), ("members", lambda: members(c)),
+                         ("hf", lambda: hf(c, pk)), ("compile", lambda: compile_section(c))):
+            if name in wanted:
+                res[name] = fn()
+                if js:
+                    write_json(js, res)
     res.update(load_after=os.getloadavg(), complete=True)
     if js:
         write_json(js, res)

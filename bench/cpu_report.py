@@ -29,6 +29,16 @@ def _f(x, digits=1) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def rows_line(cases: list) -> str:
+    """What the batches were: real rows (their share of real tokens per kind) or synthetic ones."""
+    kinds = {"mlm": "Wikipedia", "cls": "AG News"}
+    if cases and cases[0].get("rows") == "real":
+        seen = {c["kind"]: c["real_tokens"] for c in cases}
+        return ("- rows: real, " + ", ".join(f"{kinds[k]} ({100 * r:.0f}% real tokens)" for k, r in seen.items())
+                + " (`--rows real`)\n")
+    return "- rows: synthetic (bench/common.py token_batch: every 4th row padded)\n"
+
+
 def steps_markdown(st: dict) -> str:
     """The steps section: a row per model, kind and variant, the baseline's revision, the goals met or not."""
     v = st["variants"]
@@ -49,7 +59,10 @@ def steps_markdown(st: dict) -> str:
             f"(`git archive`; tinytlm from `{st['cases'][0]['timings']['baseline']['tinytlm']}`); the other "
             f"variants: today's code, this checkout (`{st['cases'][0]['timings']['default']['tinytlm']}`)\n"
             "- each variant ran in its own worker process (bench/cpu_worker.py: the process a run would have), "
-            "the timed rounds interleaved across them, the order rotating\n\n"
+            "the timed rounds interleaved across them, the order rotating\n"
+            + rows_line(st["cases"]) +
+            "- GFLOP/s counts the work of every one of the B x T slots, padding included: an unpadded variant's "
+            "figure is the rate the padded work would have needed\n\n"
             + markdown_table(["model", "kind", "variant", "freed memory kept", "ms/step", "seq/s", "GFLOP/s",
                               "of peak", "x pre-issue", "x today's fp32"], rows)
             + ("\n\nIssue 21's goals (default over the pre-issue code, same batch):\n\n" + "\n".join(goals)

@@ -81,6 +81,27 @@ def batch(kind: str, cfg: BertConfig, B: int, T: int, seed: int) -> dict:
     return {"x": inputs, "am": x != PAD, "y": targets}
 
 
+def real_batch(kind: str, cfg: BertConfig, B: int, seed: int, raw, data) -> dict:
+    """As `batch`, on the rows a user trains on: kind "mlm", the first B rows of the Wikipedia shard (prepared
+    under the data root `data` from `raw` when missing), masked as train_mlm.py masks them; kind "cls", B rows
+    drawn (seed) from the demo's AG News sample (1,000 train rows per label) and their labels. Their real
+    tokens are a share of the 128 slots (AG News ~41%, Wikipedia ~70%) that synthetic rows do not have."""
+    import numpy as np
+
+    from tinytlm.tasks import TaskSpec, ensure_task, load_task
+    from tinytlm.wikipedia import ensure_wiki
+    if kind == "cls":
+        spec = TaskSpec("agnews", train_per_label=1000, test_per_label=250).resolved()
+        train, y, *_ = load_task(ensure_task(spec, raw, data, quiet=True))
+        rows = np.sort(np.random.default_rng(seed).choice(len(train), B, replace=False))
+        x = torch.from_numpy(train.ids[rows].astype(np.int64))  # (B, T)
+        return {"x": x, "am": x != PAD, "y": torch.from_numpy(np.asarray(y)[rows]).long()}  # AG News: N_LABELS
+    x = torch.from_numpy(ensure_wiki(B, raw, data, quiet=True).ids[:B].astype(np.int64))  # (B, T)
+    inputs, targets = mask_tokens(x, mask_generator(torch.device("cpu"), seed, 0), vocab_size=cfg.vocab_size,
+                                  mask_id=MASK, special_ids=(PAD, CLS, SEP))
+    return {"x": inputs, "am": x != PAD, "y": targets}
+
+
 def flops(kind: str, cfg: BertConfig, b: dict) -> int:
     """Useful FLOPs of one training step of one member (bench/common.py train_flops; a classifier's head is
     left out: it is (H x labels), nothing beside the trunk)."""

@@ -167,6 +167,28 @@ def test_cpu_steps_baseline_rev_must_be_a_commit():
         cpu.parse(["--sections", "steps", "--baseline_rev", "no-such-rev"])
 
 
+def test_cpu_rows_are_real_or_synthetic_and_real_rows_are_128_long():
+    from bench import cpu
+    with pytest.raises(UserError, match="--rows 'fake'"):
+        cpu.parse(["--sections", "peaks", "--rows", "fake"])
+    with pytest.raises(UserError, match="--seq_len 64"):
+        cpu.parse(["--sections", "peaks", "--seq_len", "64"])
+    assert cpu.parse(["--sections", "peaks", "--quick"]).rows == "synthetic"
+
+
+def test_cpu_real_rows_are_the_users_rows(roots, tmp_path):
+    """--rows real: MLM on the Wikipedia shard's rows (masked), fine-tuning on AG News rows with their labels;
+    both have the padding synthetic rows lack."""
+    from bench.cpu_steps import real_batch
+    from tinytlm.model import BertConfig
+    raw, _ = roots
+    cfg = BertConfig.preset("tiny")
+    mlm, cls = (real_batch(k, cfg, 8, 0, raw, tmp_path / "data") for k in ("mlm", "cls"))
+    assert mlm["x"].shape == cls["x"].shape == (8, 128)
+    assert ((mlm["y"] != -100) & ~mlm["am"]).sum() == 0 and (mlm["y"] != -100).any()  # targets on real tokens
+    assert set(cls["y"].tolist()) <= {0, 1, 2, 3} and cls["am"].float().mean() < 0.9  # AG News rows are short
+
+
 def test_cpu_worker_rounds_rotate_and_a_failed_worker_reports_its_error(tmp_path):
     """The workers' rounds come in interleaved_times's rotating order; a worker that fails to build its step
     raises here with its own traceback (not a hang), and its tree goes with the block."""
