@@ -11,7 +11,8 @@ model of K members (tinytlm/members.py), each fed the same batch.
 `default_variant` is what train_mlm.py / train_cls.py do by default on this machine, read from the options this
 version has (getattr with a default, so it reads a version with or without them): its precision is
 --precision's default resolved for this CPU, else fp32 (a version without --precision trains in fp32); its head
-kernel_path.default_head(device), else Impl's default, else plain.
+kernel_path.default_head(device), else Impl's default, else plain; its dropout kernel_path.default_dropout(device),
+else torch (a variant without the key: torch).
 """
 import contextlib
 import dataclasses
@@ -40,7 +41,8 @@ def default_variant(device) -> dict:
         precision = resolve_precision(precision, device)
     mode = compile_mode(sw.compile, device)
     head = getattr(kernel_path, "default_head", lambda d: getattr(Impl(), "head", "plain"))(device)
-    return {"precision": precision or "fp32", "head": head, "compile": mode or "off", "members": 1}
+    dropout = getattr(kernel_path, "default_dropout", lambda d: "torch")(device)
+    return {"precision": precision or "fp32", "head": head, "compile": mode or "off", "members": 1, "dropout": dropout}
 
 
 def variant_name(v: dict) -> str:
@@ -50,12 +52,14 @@ def variant_name(v: dict) -> str:
 
 
 def impl_of(v: dict) -> Impl:
-    """The Impl of a variant: its head where Impl has that field (a plain head needs none)."""
-    if "head" in {f.name for f in dataclasses.fields(Impl)}:
-        return Impl(head=v["head"])
-    if v["head"] != "plain":
-        raise ValueError(f"head {v['head']!r}: this version's Impl has no head field")
-    return Impl()
+    """The Impl of a variant: its head and dropout (default "torch") where Impl has those fields (the references
+    need none)."""
+    fields = {f.name for f in dataclasses.fields(Impl)}
+    want = {"head": (v["head"], "plain"), "dropout": (v.get("dropout", "torch"), "torch")}
+    for name, (value, ref) in want.items():
+        if name not in fields and value != ref:
+            raise ValueError(f"{name} {value!r}: this version's Impl has no {name} field")
+    return Impl(**{name: value for name, (value, _) in want.items() if name in fields})
 
 
 def amp(v: dict):

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json, violation
-from tinytlm.kernel_path import Impl, default_head, default_unpad
+from tinytlm.kernel_path import Impl, default_dropout, default_head, default_unpad
 from tinytlm.model import BertConfig
 from tinytlm.precision import PRECISIONS
 
@@ -142,11 +142,13 @@ class Switches:
 
     def impl(self, device=None) -> Impl:
         """The implementations every forward of the run's model uses, chosen when it is built; on `device`,
-        the MLM head and --unpad auto as its rules pick (tinytlm/kernel_path.py default_head, default_unpad),
-        else the plain reference, padded."""
+        the MLM head, --unpad auto and the dropout as their rules pick (tinytlm/kernel_path.py default_head,
+        default_unpad, default_dropout), else the references: the plain head, padded, torch's dropout."""
         auto = device is not None and default_unpad(device)
-        return Impl(self.kernels, self.unpad == "on" or (self.unpad == "auto" and auto),
-                    head=default_head(device) if device is not None else "plain")
+        unpad = self.unpad == "on" or (self.unpad == "auto" and auto)
+        if device is None:
+            return Impl(self.kernels, unpad)
+        return Impl(self.kernels, unpad, head=default_head(device), dropout=default_dropout(device))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad, head)`.
+"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad, head, dropout)`.
 
     impl = Impl(kernels="triton", unpad=True)    # validated here, once: a bad name is a one-line UserError
     model = BertForMLM(cfg, impl=impl)           # passed down to every SelfAttention, ConvStem and MLMHead
@@ -10,6 +10,13 @@ head: how the MLM decoder and its cross-entropy run when the model is given targ
 at a time (at most), not all N x V logits at large batches; faster on CPU, bench/results/2026-12-07-cpu-members.md).
 `default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there);
 `default_unpad(device)` is --unpad auto's: packed on the CPU.
+dropout: every dropout of the model (embeddings, attention output, FFN output, classifier, attention
+probabilities): "torch" (nn.Dropout and SDPA's dropout_p: the reference) or "fast" (kernels/dropout.py: the
+keep-mask from four 15-bit lanes per 64-bit draw, p quantized to 1/32768; the attention then runs SDPA's math
+explicitly with that dropout on the probabilities while training with p > 0, and SDPA otherwise).
+`default_dropout(device)` is the rule a run uses: fast on the CPU (bench/results/2026-12-07-cpu-dropout.md),
+torch elsewhere (on CUDA F.dropout fuses under compile and the Triton attention has its own dropout: not
+measured there).
 
 The attention implementations below have one method per token layout: `padded` (a (B, T) batch and its
 key-padding mask) and `packed` (the packed real tokens and their tinytlm.unpad.Packing). The layout
@@ -23,6 +30,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from tinytlm.common import UserError
@@ -31,6 +39,7 @@ from tinytlm.unpad import pack, unpack
 
 KERNELS = ("torch", "triton")
 HEADS = ("plain", "chunked")
+DROPOUTS = ("torch", "fast")
 
 
 def default_head(device) -> str:
@@ -43,6 +52,11 @@ def default_unpad(device) -> bool:
     nothing (AG News rows 41% real tokens: a `tiny` fine-tuning step 1.32x, Wikipedia 68%: 1.11x, bf16, batch
     32; docs/scaling.md); not elsewhere, where it has not been measured (the GPU session measures it)."""
     return torch.device(device).type == "cpu"
+
+
+def default_dropout(device) -> str:
+    """The dropout a run on `device` uses: fast where it measured faster (the CPU), else the reference."""
+    return "fast" if torch.device(device).type == "cpu" else "torch"
 
 
 def kernel_module(name: str):
@@ -61,6 +75,7 @@ class Impl:
     unpad: bool = False  # the encoder runs on the packed real tokens (tinytlm/unpad.py), not the padding
     head: str = "plain"  # MLM decoder + cross-entropy: "plain" (full logits, the reference) or "chunked"
     head_chunk: int = 1024  # rows of logits the chunked head holds at once (at most; bench/mlm_head.py)
+    dropout: str = "torch"  # every dropout: "torch" (nn.Dropout, SDPA's dropout_p: the reference) or "fast"
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -72,6 +87,8 @@ class Impl:
         if self.head not in HEADS or type(self.head_chunk) is not int or self.head_chunk < 1:
             raise UserError(f"MLM head {self.head!r} (chunk {self.head_chunk!r}): choose {' or '.join(HEADS)}, "
                             "chunk >= 1")
+        if self.dropout not in DROPOUTS:
+            raise UserError(f"dropout implementation {self.dropout!r}: choose {' or '.join(DROPOUTS)}")
 
     def check_device(self, device):
         """Triton kernels run on CUDA, or on the CPU under the (slow) interpreter only."""
@@ -80,7 +97,13 @@ class Impl:
 
     def attention(self):
         """The attention implementation every SelfAttention of the model calls."""
-        return TritonAttention() if self.kernels == "triton" else TorchAttention()
+        if self.kernels == "triton":
+            return TritonAttention()  # its own dropout on the probabilities, whatever self.dropout
+        return TorchAttention(kernel_module("dropout").dropout if self.dropout == "fast" else None)
+
+    def dropout_layer(self, p: float) -> nn.Module:
+        """A dropout module of probability p: nn.Dropout, or FastDropout (kernels/dropout.py)."""
+        return FastDropout(p) if self.dropout == "fast" else nn.Dropout(p)
 
     def conv_stem_kernels(self):
         """kernels/conv_stem.py for the Triton stem, or None for the torch reference."""
@@ -89,6 +112,21 @@ class Impl:
     def mlm_head(self):
         """The MLM decoder + cross-entropy MLMHead calls with targets: PlainHead or ChunkedHead."""
         return ChunkedHead(self.head_chunk) if self.head == "chunked" else PlainHead()
+
+
+class FastDropout(nn.Module):
+    """nn.Dropout's drop-in on kernels/dropout.py (no weights: the model's state_dict keys are unchanged)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._dropout = kernel_module("dropout").dropout
+
+    def forward(self, x):
+        return self._dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class PlainHead:
@@ -125,13 +163,36 @@ def _merge(y):
     return y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H)
 
 
+def math_attention(q, k, v, mask, p, dropout):
+    """SDPA's math path (ATen's _scaled_dot_product_attention_math), written out so that `dropout` (a
+    function (x, p) -> x dropped, e.g. kernels/dropout.py's) drops the probabilities. q, k, v (B, nh, T, D);
+    mask (B, 1, 1, T) bool, True = may be attended to -> (B, nh, T, D) in q's dtype. As the math path: fp16 and
+    bf16 inputs computed in fp32 (autocast off inside), q and k each scaled by D^-1/4, a False key's score
+    -inf, a row with no key gets probabilities 0 (_safe_softmax), the dropout on the fp32 probabilities."""
+    dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        if dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        s = q.size(-1) ** -0.25
+        scores = (q * s) @ (k * s).transpose(-2, -1)  # (B, nh, T, T)
+        scores = scores.masked_fill(~mask, float("-inf"))  # SDPA adds 0 / -inf for a boolean mask
+        probs = torch.ops.aten._safe_softmax(scores, -1)  # (B, nh, T, T), 0 on a row with no key (traceable)
+        return (dropout(probs, p) @ v).to(dtype)  # (B, nh, T, D)
+
+
 class TorchAttention:
-    """The reference: F.scaled_dot_product_attention on the padded layout (any device)."""
+    """The reference: F.scaled_dot_product_attention on the padded layout (any device). Given a dropout
+    function (Impl.dropout "fast"), a training call with p > 0 runs math_attention with it instead."""
+
+    def __init__(self, dropout=None):
+        self._dropout = dropout
 
     def padded(self, qkv, key_mask, n_head, p):
         # qkv (B, T, 3H), key_mask (B, T) bool, True = a real token that may be attended to -> (B, T, H)
         q, k, v = _heads(qkv, n_head)
         mask = key_mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads and queries
+        if p > 0 and self._dropout is not None:
+            return _merge(math_attention(q, k, v, mask, p, self._dropout))
         return _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p))
 
     def packed(self, qkv, packing, n_head, p):

@@ -21,7 +21,8 @@ Every module takes `members` (default 1): K > 1 builds K independent models of t
 stacked model (weights with a leading member dimension, the members folded into the batch, see
 tinytlm/members.py). Read the code with K = 1 and it is plain BERT.
 Implementations are chosen when a model is built (tinytlm/kernel_path.py's `Impl`) and passed down:
-the attention and conv stem kernels (torch reference or Triton), and unpad: the encoder runs on the packed
+the attention and conv stem kernels (torch reference or Triton), the dropout (nn.Dropout and SDPA's, or
+kernels/dropout.py's everywhere), and unpad: the encoder runs on the packed
 real tokens (K*N, H) instead of (B, T, H), attention per sequence; the same results (tinytlm/unpad.py).
 Every forward has one path: the encoder runs in the batch's token layout (`Padded` or `Packing`), whose
 methods the attention calls, and the trunk returns (B, T, H) either way.
@@ -139,14 +140,14 @@ _PRESETS = {
 class Embeddings(nn.Module):
     """word + position + token type, then LayerNorm and dropout (as HF BertEmbeddings)."""
 
-    def __init__(self, cfg: BertConfig, members=1):
+    def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
         # padding_idx = [PAD] = 0; the reference code passed pad_token_id=101 and froze [CLS] instead.
         self.word = Embedding(cfg.vocab_size, cfg.hidden, padding_idx=cfg.pad_id, members=members)
         self.pos = Embedding(cfg.max_pos, cfg.hidden, members=members)
         self.token_type = Embedding(cfg.type_vocab, cfg.hidden, members=members)
         self.ln = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = impl.dropout_layer(cfg.dropout)  # nn.Dropout or kernels/dropout.py (Impl.dropout)
         self.members = members
 
     def forward(self, idx, token_type_ids):
@@ -167,7 +168,7 @@ class SelfAttention(nn.Module):
         self.qkv = Linear(cfg.hidden, 3 * cfg.hidden, members)  # rows: [query; key; value]
         self.proj = Linear(cfg.hidden, cfg.hidden, members)
         self.attn_dropout = cfg.attn_dropout
-        self.attention = impl.attention()  # SDPA (the reference) or the Triton kernels, kernel_path.py
+        self.attention = impl.attention()  # SDPA (the reference), its math with fast dropout, or Triton
 
     def forward(self, x, tokens):
         # x (B, T, H) padded or (K*N, H) packed, and its layout (tinytlm.unpad.Padded or Packing): who
@@ -195,7 +196,7 @@ class Block(nn.Module):
         self.ln1 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
         self.mlp = MLP(cfg, members)
         self.ln2 = LayerNorm(cfg.hidden, eps=cfg.ln_eps, members=members)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = impl.dropout_layer(cfg.dropout)
 
     def forward(self, x, tokens):  # tokens: the layout of x, tinytlm.unpad.Padded or Packing
         x = self.ln1(x + self.drop(self.attn(x, tokens)))
@@ -237,10 +238,10 @@ class MLMHead(nn.Module):
 class ClassifierHead(nn.Module):
     """Pooler (dense + tanh on the [CLS] position 0), dropout, linear to the labels."""
 
-    def __init__(self, cfg: BertConfig, n_labels: int, members=1):
+    def __init__(self, cfg: BertConfig, n_labels: int, members=1, impl=Impl()):
         super().__init__()
         self.pooler = Linear(cfg.hidden, cfg.hidden, members)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = impl.dropout_layer(cfg.dropout)
         self.out = Linear(cfg.hidden, n_labels, members)
 
     def forward(self, h):
@@ -279,7 +280,7 @@ class BertModel(nn.Module):
     def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
         self.config, self.members, self.unpad = cfg, members, impl.unpad
-        self.embeddings = Embeddings(cfg, members)
+        self.embeddings = Embeddings(cfg, members, impl)
         self.stem = ConvStem(cfg, members, impl) if cfg.n_conv > 0 else nn.Identity()  # no weights, no keys
         self.encoder = Encoder(cfg, members, impl)
 
@@ -341,7 +342,7 @@ class BertForClassification(_Pretrained):
         self.config, self.members, self.impl = cfg, members, impl
         self.n_labels = n_labels
         self.bert = BertModel(cfg, members, impl)
-        self.head = ClassifierHead(cfg, n_labels, members)
+        self.head = ClassifierHead(cfg, n_labels, members, impl)
         self._init()
 
     def with_members(self, k: int):
