@@ -7,8 +7,8 @@ falls on both; medians. The README's CPU figures for --unpad come from this loop
 
 MLM: the first 4*B rows of the prepared Wikipedia shard, BERT masking; --task: 4*B rows drawn (seed 0) from
 that task's prepared train shard, BertForClassification. One untimed round first; fp32, or with --bf16 as a CPU run
-computes by default (bf16 autocast, the device's MLM head: tinytlm/kernel_path.py default_head, freed memory kept:
-tinytlm/cpu_memory.py). Prints the medians and the fastest rounds.
+computes by default (bf16 autocast, the CPU's MLM head and dropout: tinytlm/kernel_path.py default_head and
+default_dropout, fused AdamW, freed memory kept: tinytlm/cpu_memory.py). Prints the medians and the fastest rounds.
 """
 import statistics
 import time
@@ -19,7 +19,7 @@ import torch
 from tinytlm.common import ArgParser, cli, default_data_root
 from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.data import mask_generator, mask_tokens
-from tinytlm.kernel_path import Impl, default_head
+from tinytlm.kernel_path import Impl, default_dropout, default_head
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
 
@@ -68,10 +68,12 @@ def main(argv=None):
     models, opts = {}, {}
     for unpad in (False, True):  # the same init twice, one built padded and one unpadded
         torch.manual_seed(0)
-        impl = Impl(unpad=unpad, head=default_head("cpu") if args.bf16 else "plain")
+        impl = (Impl(unpad=unpad, head=default_head("cpu"), dropout=default_dropout("cpu")) if args.bf16 else
+                Impl(unpad=unpad))
         models[unpad] = (BertForClassification(cfg, int(max(b[2].max() for b in bs)) + 1, impl=impl) if args.task
                          else BertForMLM(cfg, impl=impl)).train()
-        opts[unpad] = torch.optim.AdamW(models[unpad].parameters(), lr=5.5e-5, weight_decay=0.01)
+        opts[unpad] = torch.optim.AdamW(models[unpad].parameters(), lr=5.5e-5, weight_decay=0.01,
+                                        fused=args.bf16)  # --bf16: as tinytlm/train.py make_optimizer on a CPU
     times = {False: [], True: []}
     for r in range(args.rounds + 1):
         for unpad in (False, True):

@@ -49,7 +49,7 @@ def default_head(device) -> str:
 
 def default_unpad(device) -> bool:
     """Whether --unpad auto packs the real tokens on `device`: on a CPU, where the padding is time spent for
-    nothing (AG News rows 41% real tokens: a `tiny` fine-tuning step 1.32x, Wikipedia 68%: 1.11x, bf16, batch
+    nothing (AG News rows 41% real tokens: a `tiny` fine-tuning step 1.27x, Wikipedia 68%: 1.08x, bf16, batch
     32; docs/scaling.md); not elsewhere, where it has not been measured (the GPU session measures it)."""
     return torch.device(device).type == "cpu"
 
