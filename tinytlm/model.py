@@ -15,7 +15,7 @@ Given targets, a model returns no logits but `counts` (K, 3) per member: [cross-
 targets != -100, correct argmax predictions, number of targets] (only the sums carry a gradient) and the
 loss, each member's mean (a scalar for one model). The MLM head's decoder + cross-entropy is then the
 implementation chosen when the model is built (Impl.head): the plain full logits or kernels/linear_ce.py's
-chunks, which never hold all N x 30,522 logits at once.
+chunks of at most Impl.head_chunk rows of the N x 30,522 logits.
 
 Every module takes `members` (default 1): K > 1 builds K independent models of this shape as one
 stacked model (weights with a leading member dimension, the members folded into the batch, see
@@ -226,13 +226,17 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(members, cfg.vocab_size) if members > 1 else torch.zeros(cfg.vocab_size))
         self.decode, self.members = impl.mlm_head(), members
 
+    def transform(self, h):
+        """dense + GELU + LayerNorm: what the decoder reads, (..., H)."""
+        return self.ln(F.gelu(self.dense(h)))
+
     def forward(self, h, word_weight):
         # h (..., H); word_weight (V, H) is passed in, so the tie is one parameter and one state_dict key
-        return linear(self.ln(F.gelu(self.dense(h))), word_weight, self.bias)  # (..., V)
+        return linear(self.transform(h), word_weight, self.bias)  # (..., V)
 
     def counts(self, h, word_weight, targets):
         """h (K*N, H) member-major, targets (K*N,) -> (K, 3) per member: loss sum, correct, count."""
-        return self.decode.counts(self.ln(F.gelu(self.dense(h))), word_weight, self.bias, targets, self.members)
+        return self.decode.counts(self.transform(h), word_weight, self.bias, targets, self.members)
 
 
 class ClassifierHead(nn.Module):
@@ -328,7 +332,9 @@ class BertForMLM(_Pretrained):
         logits (module docstring). K members: B = K*B' rows, member-major, rows N/K per member; the loss is the
         members' mean losses (K,). Unpadded, the logits at padding are the head's on hidden states 0."""
         h = self.bert(idx, attention_mask, token_type_ids)  # (B, T, H)
-        h = h.reshape(-1, h.size(-1)) if rows is None else h.reshape(-1, h.size(-1)).index_select(0, rows)  # (N, H)
+        h = h.reshape(-1, h.size(-1))  # (B*T, H)
+        if rows is not None:
+            h = h.index_select(0, rows)  # (N, H): the sparse head's rows
         word = self.bert.embeddings.word.weight
         if targets is None:
             logits = self.head(h, word)  # (N, V)
