@@ -4,28 +4,24 @@
 
 so that a new option slots in as one more key. precision bf16 is `torch.autocast("cpu", dtype=torch.bfloat16)`
 around the forward (master weights and AdamW state stay fp32, as train_mlm.py's --precision bf16); head is the
-MLM head implementation (tinytlm/kernel_path.py's Impl field `head` where this version has one; "plain" where
-it has not); compile goes through tinytlm.train.prepare_model as --compile does; members K > 1 is one stacked
+MLM head implementation (tinytlm/kernel_path.py's Impl field `head`); dropout Impl's `dropout` (a variant without
+the key: torch); compile goes through tinytlm.train.prepare_model as --compile does; members K > 1 is one stacked
 model of K members (tinytlm/members.py), each fed the same batch.
 
-`default_variant` is what train_mlm.py / train_cls.py do by default on this machine, read from the options this
-version has (getattr with a default, so it reads a version with or without them): its precision is
---precision's default resolved for this CPU, else fp32 (a version without --precision trains in fp32); its head
-kernel_path.default_head(device), else Impl's default, else plain; its dropout kernel_path.default_dropout(device),
-else torch (a variant without the key: torch).
+`default_variant` is what train_mlm.py / train_cls.py do by default on this machine. This module runs today's
+code only: the code before issue 21 is timed by bench/cpu_worker.py's pre_issue_step, in its own tree.
 """
 import contextlib
-import dataclasses
 
 import torch
 
 from bench.common import CLS, MASK, PAD, SEP, token_batch, train_flops
 from tinytlm.config import Switches
 from tinytlm.data import mask_generator, mask_tokens
-from tinytlm import kernel_path
 from tinytlm.kernel_path import Impl
 from tinytlm.mlm_rows import mlm_rows
 from tinytlm.model import BertConfig, BertForClassification, BertForMLM
+from tinytlm.precision import resolve_precision
 from tinytlm.train import compile_mode, make_optimizer, prepare_model
 
 BASELINE = {"precision": "fp32", "head": "plain", "compile": "off", "members": 1}  # before issue 21: fp32, eager
@@ -33,16 +29,12 @@ N_LABELS = 4  # the classifier's outputs (AG News)
 
 
 def default_variant(device) -> dict:
-    """The variant a run gets by default on this machine (see the module docstring)."""
+    """The variant a run gets by default on this machine: --precision's and --compile's defaults resolved for it,
+    and the MLM head and dropout of the Impl a run's switches resolve to (tinytlm/config.py Switches.impl)."""
     sw = Switches()
-    precision = getattr(sw, "precision", None)
-    if precision is not None:
-        from tinytlm.precision import resolve_precision
-        precision = resolve_precision(precision, device)
-    mode = compile_mode(sw.compile, device)
-    head = getattr(kernel_path, "default_head", lambda d: getattr(Impl(), "head", "plain"))(device)
-    dropout = getattr(kernel_path, "default_dropout", lambda d: "torch")(device)
-    return {"precision": precision or "fp32", "head": head, "compile": mode or "off", "members": 1, "dropout": dropout}
+    impl = sw.impl(device)
+    return {"precision": resolve_precision(sw.precision, device), "head": impl.head,
+            "compile": compile_mode(sw.compile, device) or "off", "members": 1, "dropout": impl.dropout}
 
 
 def variant_name(v: dict) -> str:
@@ -52,14 +44,8 @@ def variant_name(v: dict) -> str:
 
 
 def impl_of(v: dict) -> Impl:
-    """The Impl of a variant: its head and dropout (default "torch") where Impl has those fields (the references
-    need none)."""
-    fields = {f.name for f in dataclasses.fields(Impl)}
-    want = {"head": (v["head"], "plain"), "dropout": (v.get("dropout", "torch"), "torch")}
-    for name, (value, ref) in want.items():
-        if name not in fields and value != ref:
-            raise ValueError(f"{name} {value!r}: this version's Impl has no {name} field")
-    return Impl(**{name: value for name, (value, _) in want.items() if name in fields})
+    """The Impl of a variant: its head and dropout (default "torch"), padded."""
+    return Impl(head=v["head"], dropout=v.get("dropout", "torch"))
 
 
 def amp(v: dict):

@@ -71,7 +71,7 @@ def today_step(kind: str, cfg, b: dict, fields: dict, device):
     from tinytlm.config import Switches
     from tinytlm.kernel_path import Impl
     impl = Switches().impl(device)
-    v = {**default_variant(device), "head": impl.head, **fields}
+    v = {**default_variant(device), **fields}
     impl = dataclasses.replace(impl, head=v["head"])
     ref = dataclasses.asdict(Impl())
     v["impl"] = {k: x for k, x in dataclasses.asdict(impl).items() if k != "head" and x != ref[k]}
