@@ -162,13 +162,12 @@ def best_ms(fns: dict, c: CpuConfig) -> tuple:
     return {k: min(v) for k, v in times.items()}, {k: statistics.median(v) for k, v in times.items()}
 
 
-def timed_workers(kind: str, model: str, c: CpuConfig, pk: dict, base: Path, tmp: str) -> dict:
+def timed_workers(kind: str, model: str, b: dict, c: CpuConfig, pk: dict, base: Path, tmp: str) -> dict:
     """{name: {variant, ms, ms_median, seq_per_s, gflops, of_peak, tinytlm, keeps_freed_memory, threads}}: each
     of VARIANTS in its own worker process (today's from this checkout, the baseline from the tree `base`), on
-    one batch made here and handed over as a file, rounds interleaved (ms: the fastest round's, which seq/s and
+    the batch b (the caller's), handed over as a file, rounds interleaved (ms: the fastest round's, which seq/s and
     GFLOP/s are read from)."""
     cfg = model_cfg(model, c)
-    b = case_batch(kind, cfg, c)
     path = Path(tmp) / f"batch-{model}-{kind}.pt"
     torch.save(b, path)
     spec = {"kind": kind, "model": model, "overrides": arch(c), "batch": str(path)}
@@ -199,8 +198,9 @@ def steps(c: CpuConfig, pk: dict) -> dict:
         out["baseline_commit"] = commit
         for model in c.models.split(","):
             for kind in ("mlm", "cls"):
-                t = timed_workers(kind, model, c, pk, base, tmp)
-                real = float(case_batch(kind, model_cfg(model, c), c)["am"].float().mean())  # real tokens / slots
+                b = case_batch(kind, model_cfg(model, c), c)  # the one batch every variant steps on
+                t = timed_workers(kind, model, b, c, pk, base, tmp)
+                real = float(b["am"].float().mean())  # real tokens / slots
                 goal, x = GOALS.get((model, kind)), {k: t["baseline"]["ms"] / v["ms"] for k, v in t.items()}
                 out["cases"].append({"model": model, "kind": kind, "rows": c.rows, "real_tokens": real,
                                      "timings": t, "x_pre_issue": x,
