@@ -4,6 +4,10 @@ falls on both; medians. The README's CPU figures for --unpad come from this loop
     PYTHONPATH=. python bench/unpad_ab.py --model bert6 --batch_size 32 --rounds 4
     PYTHONPATH=. python bench/unpad_ab.py --model bert6 --task agnews     # the classifier on AG News rows
     PYTHONPATH=. python bench/unpad_ab.py --model tiny --task agnews --bf16 --rounds 12   # as a CPU run by default
+    PYTHONPATH=. python bench/unpad_ab.py --model tiny --task agnews --bf16 --blocks 1,2,4   # + length blocks
+
+--blocks: the unpadded arms, one per count of the torch attention's length blocks (Impl.attn_blocks,
+tinytlm/unpad.py row_groups; 1 = SDPA on the (B, T) layout); every arm is timed in each round.
 
 MLM: the first 4*B rows of the prepared Wikipedia shard, BERT masking; --task: 4*B rows drawn (seed 0) from
 that task's prepared train shard, BertForClassification. One untimed round first; fp32, or with --bf16 as a CPU run
@@ -16,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from tinytlm.common import ArgParser, cli, default_data_root
+from tinytlm.common import ArgParser, UserError, cli, default_data_root
 from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.kernel_path import Impl, default_dropout, default_head
@@ -60,38 +64,53 @@ def main(argv=None):
     ap.add_argument("--task", default="", help="agnews | dbpedia | fewrel: the classifier on that task's rows")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast, the CPU's default head, kept freed memory")
+    ap.add_argument("--blocks", default="1", help="comma-separated length-block counts of the unpadded arms")
     args = ap.parse_args(argv)
+    blocks = parse_blocks(args.blocks)
     if args.bf16:
         keep_freed_memory()
     bs = batches(args, args.batch_size)
     cfg = BertConfig.preset(args.model)
+    arms = {"padded": (False, 1), **{"unpadded" + (f" {g} blocks" if g > 1 else ""): (True, g) for g in blocks}}
     models, opts = {}, {}
-    for unpad in (False, True):  # the same init twice, one built padded and one unpadded
+    for arm, (unpad, g) in arms.items():  # the same init for every arm
         torch.manual_seed(0)
-        impl = (Impl(unpad=unpad, head=default_head("cpu"), dropout=default_dropout("cpu")) if args.bf16 else
-                Impl(unpad=unpad))
-        models[unpad] = (BertForClassification(cfg, int(max(b[2].max() for b in bs)) + 1, impl=impl) if args.task
-                         else BertForMLM(cfg, impl=impl)).train()
-        opts[unpad] = torch.optim.AdamW(models[unpad].parameters(), lr=5.5e-5, weight_decay=0.01,
-                                        fused=args.bf16)  # --bf16: as tinytlm/train.py make_optimizer on a CPU
-    times = {False: [], True: []}
+        impl = (Impl(unpad=unpad, head=default_head("cpu"), dropout=default_dropout("cpu"), attn_blocks=g)
+                if args.bf16 else Impl(unpad=unpad, attn_blocks=g))
+        models[arm] = (BertForClassification(cfg, int(max(b[2].max() for b in bs)) + 1, impl=impl) if args.task
+                       else BertForMLM(cfg, impl=impl)).train()
+        opts[arm] = torch.optim.AdamW(models[arm].parameters(), lr=5.5e-5, weight_decay=0.01,
+                                      fused=args.bf16)  # --bf16: as tinytlm/train.py make_optimizer on a CPU
+    times = {arm: [] for arm in arms}
     for r in range(args.rounds + 1):
-        for unpad in (False, True):
+        for arm in arms:
             x, am, y = bs[r % 4]
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                out = loss(models[unpad], x, am, y, args.task)
+                out = loss(models[arm], x, am, y, args.task)
             out.sum().backward()
-            opts[unpad].step()
-            opts[unpad].zero_grad(set_to_none=True)
+            opts[arm].step()
+            opts[arm].zero_grad(set_to_none=True)
             if r:  # round 0 warms up
-                times[unpad].append(time.perf_counter() - t0)
+                times[arm].append(time.perf_counter() - t0)
     real = float(np.mean([b[1].float().mean() for b in bs]))
-    p, u = (statistics.median(times[k]) for k in (False, True))
-    pf, uf = (min(times[k]) for k in (False, True))
+    med, fast = ({arm: f(t) for arm, t in times.items()} for f in (statistics.median, min))
     print(f"{args.model} {'cls ' + args.task if args.task else 'MLM'} B={args.batch_size} ({real:.1%} real tokens"
-          f"{', bf16' if args.bf16 else ''}): padded {1e3 * p:.0f} ms, unpadded {1e3 * u:.0f} ms, {p / u:.2f}x "
-          f"(medians); fastest rounds {1e3 * pf:.0f} / {1e3 * uf:.0f} ms, {pf / uf:.2f}x")
+          f"{', bf16' if args.bf16 else ''}), medians (fastest rounds), x padded:")
+    for arm in arms:
+        print(f"  {arm:<20} {1e3 * med[arm]:6.0f} ms ({1e3 * fast[arm]:.0f})  {med['padded'] / med[arm]:.2f}x "
+              f"({fast['padded'] / fast[arm]:.2f}x)")
+
+
+def parse_blocks(text: str) -> list:
+    """--blocks "1,2,4" -> [1, 2, 4]; a bad list is a one-line error."""
+    try:
+        out = [int(t) for t in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise UserError(f"--blocks {text!r}: expected comma-separated integers >= 1")
+    return out
 
 
 if __name__ == "__main__":

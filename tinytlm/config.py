@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from tinytlm.common import ArgParser, UserError, read_json, violation
-from tinytlm.kernel_path import Impl, default_dropout, default_head, default_unpad
+from tinytlm.kernel_path import Impl, default_attn_blocks, default_dropout, default_head, default_unpad
 from tinytlm.model import BertConfig
 from tinytlm.precision import PRECISIONS
 
@@ -142,13 +142,15 @@ class Switches:
 
     def impl(self, device=None) -> Impl:
         """The implementations every forward of the run's model uses, chosen when it is built; on `device`,
-        the MLM head, --unpad auto and the dropout as their rules pick (tinytlm/kernel_path.py default_head,
-        default_unpad, default_dropout), else the references: the plain head, padded, torch's dropout."""
+        the MLM head, --unpad auto, the dropout and the attention's length blocks as their rules pick
+        (tinytlm/kernel_path.py default_head, default_unpad, default_dropout, default_attn_blocks), else the
+        references: the plain head, padded, torch's dropout, one (B, T) layout."""
         auto = device is not None and default_unpad(device)
         unpad = self.unpad == "on" or (self.unpad == "auto" and auto)
         if device is None:
             return Impl(self.kernels, unpad)
-        return Impl(self.kernels, unpad, head=default_head(device), dropout=default_dropout(device))
+        return Impl(self.kernels, unpad, head=default_head(device), dropout=default_dropout(device),
+                    attn_blocks=default_attn_blocks(device))
 
 
 @dataclass

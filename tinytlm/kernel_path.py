@@ -10,6 +10,9 @@ head: how the MLM decoder and its cross-entropy run when the model is given targ
 at a time (at most), not all N x V logits at large batches; faster on CPU, bench/results/2026-12-07-cpu-members.md).
 `default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there);
 `default_unpad(device)` is --unpad auto's: packed on the CPU.
+attn_blocks: with the torch attention on packed tokens, the sequences sorted by length and cut into at most
+this many blocks, each padded only to its own longest (tinytlm/unpad.py row_groups), instead of all B rows to
+T; 1 = the (B, T) layout. `default_attn_blocks(device)`: 4 on the CPU.
 dropout: every dropout of the model (embeddings, attention output, FFN output, classifier, attention
 probabilities): "torch" (nn.Dropout and SDPA's dropout_p: the reference) or "fast" (kernels/dropout.py: the
 keep-mask from four 15-bit lanes per 64-bit draw, p quantized to 1/32768; the attention then runs SDPA's math
@@ -54,6 +57,13 @@ def default_unpad(device) -> bool:
     return torch.device(device).type == "cpu"
 
 
+def default_attn_blocks(device) -> int:
+    """How many length blocks the torch attention on packed tokens uses on `device` (tinytlm/unpad.py row_groups):
+    up to 4 on the CPU, where SDPA pays for the (B, T) padding (bf16, batch 32, `tiny`: an AG News fine-tuning
+    step 1.5x, a Wikipedia MLM step 1.1x over one (B, T) layout; docs/scaling.md); 1 elsewhere (not measured)."""
+    return 4 if torch.device(device).type == "cpu" else 1
+
+
 def default_dropout(device) -> str:
     """The dropout a run on `device` uses: fast where it measured faster (the CPU), else the reference."""
     return "fast" if torch.device(device).type == "cpu" else "torch"
@@ -76,6 +86,7 @@ class Impl:
     head: str = "plain"  # MLM decoder + cross-entropy: "plain" (full logits, the reference) or "chunked"
     head_chunk: int = 1024  # rows of logits the chunked head holds at once (at most; bench/mlm_head.py)
     dropout: str = "torch"  # every dropout: "torch" (nn.Dropout, SDPA's dropout_p: the reference) or "fast"
+    attn_blocks: int = 1  # packed + torch attention: sequences in at most this many length blocks (1: (B, T))
 
     def __post_init__(self):
         if self.kernels not in KERNELS:
@@ -89,6 +100,8 @@ class Impl:
                             "chunk >= 1")
         if self.dropout not in DROPOUTS:
             raise UserError(f"dropout implementation {self.dropout!r}: choose {' or '.join(DROPOUTS)}")
+        if type(self.attn_blocks) is not int or self.attn_blocks < 1:
+            raise UserError(f"attention length blocks {self.attn_blocks!r}: expected an integer >= 1")
 
     def check_device(self, device):
         """Triton kernels run on CUDA, or on the CPU under the (slow) interpreter only."""
@@ -196,9 +209,18 @@ class TorchAttention:
         return _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p))
 
     def packed(self, qkv, packing, n_head, p):
-        # qkv (K*N, 3H): SDPA on the padded layout, packed again; the fillers' output is 0 -> (K*N, H)
+        # qkv (K*N, 3H): SDPA on a padded layout, packed again; the fillers' output is 0 -> (K*N, H)
+        if packing.groups is not None and not torch.compiler.is_compiling():  # compiled: one static layout
+            return self.blocks(qkv, packing.groups, n_head, p)
         y = pack(self.padded(unpack(qkv, packing), packing.key_mask, n_head, p), packing)
         return torch.where(packing.valid[:, None], y, 0.0)
+
+    def blocks(self, qkv, groups, n_head, p):
+        # qkv (K*N, 3H) -> (K*N, H): per length block (tinytlm.unpad.RowGroups) the padded attention on
+        # (n_g, L_g), its slots concatenated with a zero row for the fillers, then each packed row's own
+        ys = [self.padded(qkv.index_select(0, gather).view(*key_mask.shape, -1), key_mask, n_head, p).flatten(0, 1)
+              for gather, key_mask in groups.blocks]  # (n_g * L_g, H) each
+        return torch.cat([*ys, qkv.new_zeros(1, qkv.size(1) // 3)]).index_select(0, groups.back)
 
 
 class TritonAttention:

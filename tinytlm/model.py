@@ -283,7 +283,7 @@ class BertModel(nn.Module):
 
     def __init__(self, cfg: BertConfig, members=1, impl=Impl()):
         super().__init__()
-        self.config, self.members, self.unpad = cfg, members, impl.unpad
+        self.config, self.members, self.unpad, self.blocks = cfg, members, impl.unpad, impl.attn_blocks
         self.embeddings = Embeddings(cfg, members, impl)
         self.stem = ConvStem(cfg, members, impl) if cfg.n_conv > 0 else nn.Identity()  # no weights, no keys
         self.encoder = Encoder(cfg, members, impl)
@@ -294,7 +294,7 @@ class BertModel(nn.Module):
             attention_mask = idx != self.config.pad_id
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(idx)
-        tokens = layout(attention_mask, self.members, self.unpad)  # tinytlm.unpad.Padded or Packing
+        tokens = layout(attention_mask, self.members, self.unpad, self.blocks)  # tinytlm.unpad.Padded or Packing
         x = self.embeddings(idx, token_type_ids)  # (B, T, H)
         x = self.stem(x)  # (B, T, H)
         return tokens.padded(self.encoder(tokens.rows(x), tokens))  # (B, T, H)
