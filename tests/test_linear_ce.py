@@ -55,6 +55,15 @@ def test_member_without_targets_adds_zero():
     assert x.grad[1].abs().max() == 0 and w.grad[1].abs().max() == 0
 
 
+def test_no_rows_gives_zero_gradients():
+    # no rows at all: the weight-gradient buffer is written by the first chunk only, so an empty batch must zero it
+    x, w, b, t = _case(2, False, n=0)
+    loss, correct, count = linear_cross_entropy(x, w, b, t, chunk=8)
+    assert loss.tolist() == [0.0, 0.0] and count.tolist() == [0, 0]
+    loss.sum().backward()
+    assert w.grad.abs().max() == 0 and b.grad.abs().max() == 0
+
+
 def test_bf16_autocast_within_rounding():
     """Under CPU bf16 autocast both paths multiply in bf16; ours rounds the weight gradient once per chunk
     instead of once, so they agree to bf16's 8-bit mantissa (relative 2^-8 ~ 4e-3), not bit for bit."""
