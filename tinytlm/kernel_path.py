@@ -1,4 +1,5 @@
-"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad, head, dropout)`.
+"""Which implementation a model runs, chosen when it is built: `Impl(kernels, unpad, head, dropout,
+attn_blocks)`.
 
     impl = Impl(kernels="triton", unpad=True)    # validated here, once: a bad name is a one-line UserError
     model = BertForMLM(cfg, impl=impl)           # passed down to every SelfAttention, ConvStem and MLMHead
