@@ -7,7 +7,7 @@ falls on both; medians. The README's CPU figures for --unpad come from this loop
     PYTHONPATH=. python bench/unpad_ab.py --model tiny --task agnews --bf16 --blocks 1,2,4   # + length blocks
 
 --blocks: the unpadded arms, one per count of the torch attention's length blocks (Impl.attn_blocks,
-tinytlm/unpad.py row_groups; 1 = SDPA on the (B, T) layout); every arm is timed in each round.
+tinytlm/unpad.py length_blocks; 1 = SDPA on the (B, T) layout); every arm is timed in each round.
 
 MLM: the first 4*B rows of the prepared Wikipedia shard, BERT masking; --task: 4*B rows drawn (seed 0) from
 that task's prepared train shard, BertForClassification. One untimed round first; fp32, or with --bf16 as a CPU run

@@ -12,7 +12,7 @@ at a time (at most), not all N x V logits at large batches; faster on CPU, bench
 `default_head(device)` is the rule a run uses: chunked on the CPU, plain elsewhere (not measured there);
 `default_unpad(device)` is --unpad auto's: packed on the CPU.
 attn_blocks: with the torch attention on packed tokens, the sequences sorted by length and cut into at most
-this many blocks, each padded only to its own longest (tinytlm/unpad.py row_groups), instead of all B rows to
+this many blocks, each padded only to its own longest (tinytlm/unpad.py length_blocks), instead of all B rows to
 T; 1 = the (B, T) layout. `default_attn_blocks(device)`: 4 on the CPU.
 dropout: every dropout of the model (embeddings, attention output, FFN output, classifier, attention
 probabilities): "torch" (nn.Dropout and SDPA's dropout_p: the reference) or "fast" (kernels/dropout.py: the
@@ -59,7 +59,7 @@ def default_unpad(device) -> bool:
 
 
 def default_attn_blocks(device) -> int:
-    """How many length blocks the torch attention on packed tokens uses on `device` (tinytlm/unpad.py row_groups):
+    """How many length blocks the torch attention on packed tokens uses on `device` (tinytlm/unpad.py length_blocks):
     up to 4 on the CPU, where SDPA pays for the (B, T) padding (bf16, batch 32, `tiny`: an AG News fine-tuning
     step 1.5x, a Wikipedia MLM step 1.1x over one (B, T) layout; docs/scaling.md); 1 elsewhere (not measured)."""
     return 4 if torch.device(device).type == "cpu" else 1
@@ -211,17 +211,17 @@ class TorchAttention:
 
     def packed(self, qkv, packing, n_head, p):
         # qkv (K*N, 3H): SDPA on a padded layout, packed again; the fillers' output is 0 -> (K*N, H)
-        if packing.groups is not None and not torch.compiler.is_compiling():  # compiled: one static layout
-            return self.blocks(qkv, packing.groups, n_head, p)
+        if packing.blocks is not None and not torch.compiler.is_compiling():  # compiled: one static layout
+            return self.length_blocks(qkv, packing.blocks, n_head, p)
         y = pack(self.padded(unpack(qkv, packing), packing.key_mask, n_head, p), packing)
         return torch.where(packing.valid[:, None], y, 0.0)
 
-    def blocks(self, qkv, groups, n_head, p):
-        # qkv (K*N, 3H) -> (K*N, H): per length block (tinytlm.unpad.RowGroups) the padded attention on
+    def length_blocks(self, qkv, blocks, n_head, p):
+        # qkv (K*N, 3H) -> (K*N, H): per length block (tinytlm.unpad.LengthBlocks) the padded attention on
         # (n_g, L_g), its slots concatenated with a zero row for the fillers, then each packed row's own
         ys = [self.padded(qkv.index_select(0, gather).view(*key_mask.shape, -1), key_mask, n_head, p).flatten(0, 1)
-              for gather, key_mask in groups.blocks]  # (n_g * L_g, H) each
-        return torch.cat([*ys, qkv.new_zeros(1, qkv.size(1) // 3)]).index_select(0, groups.back)
+              for gather, key_mask in blocks.blocks]  # (n_g * L_g, H) each
+        return torch.cat([*ys, qkv.new_zeros(1, qkv.size(1) // 3)]).index_select(0, blocks.back)
 
 
 class TritonAttention:

@@ -77,7 +77,7 @@ class Packing:
     seq_len: torch.Tensor  # (B,) int32: row b's real tokens
     T: int  # padded row length, the longest a sequence can be (max_seqlen)
     budget: int  # N: packed rows per member (the static shape)
-    groups: "RowGroups" = None  # the sequences regrouped by length for a padded attention (pack_plan's groups)
+    blocks: "LengthBlocks" = None  # its sequences in length blocks for a padded attention (pack_plan's blocks > 1)
 
     @property
     def key_mask(self) -> torch.Tensor:
@@ -93,20 +93,20 @@ class Packing:
         return attention.packed(qkv, self, n_head, p)  # (K*N, 3H) -> (K*N, H)
 
 
-def layout(attention_mask: torch.Tensor, members: int = 1, unpad: bool = False, groups: int = 1):
+def layout(attention_mask: torch.Tensor, members: int = 1, unpad: bool = False, blocks: int = 1):
     """The layout a trunk runs a batch in: Padded, or (unpad) the Packing of its real tokens (one host sync),
-    with its sequences in at most `groups` length groups (RowGroups) when groups > 1.
+    its sequences also in at most `blocks` length blocks (LengthBlocks) when blocks > 1.
     attention_mask (B, T) bool/0-1, True = real token."""
     mask = attention_mask.bool()
-    return pack_plan(mask, members, groups=groups) if unpad else Padded(mask)
+    return pack_plan(mask, members, blocks=blocks) if unpad else Padded(mask)
 
 
 @torch.compiler.disable  # a host sync: kept out of compiled graphs (a graph break under torch.compile)
-def pack_plan(attention_mask: torch.Tensor, members: int = 1, bucket: int = 0, groups: int = 1) -> Packing:
+def pack_plan(attention_mask: torch.Tensor, members: int = 1, bucket: int = 0, blocks: int = 1) -> Packing:
     """The packing of a padded batch. attention_mask (B, T) bool/0-1, True = real token, B = K*B' rows
     member-major; bucket: tokens (0: BUCKET, or a 32nd of a member's B'*T slots if that is more, so a run
-    has at most 32 shapes); groups > 1: the sequences' length groups too (row_groups). One host sync (the
-    largest member's token count sets the budget; the rows' lengths, for the groups)."""
+    has at most 32 shapes); blocks > 1: the sequences' length blocks too (length_blocks). One host sync (the
+    largest member's token count sets the budget; the rows' lengths, for the blocks)."""
     mask = attention_mask.bool()
     B, T = mask.shape
     K = members
@@ -128,8 +128,8 @@ def pack_plan(attention_mask: torch.Tensor, members: int = 1, bucket: int = 0, g
     starts = lens.cumsum(1) - lens + base * budget  # (K, B')
     plan = Packing(index, valid, slot.reshape(-1), mask.reshape(-1), starts.reshape(-1).int(), lens.reshape(-1).int(),
                    T, budget)
-    if groups > 1:
-        plan.groups = row_groups(plan.seq_start, plan.seq_len, K * budget, groups)
+    if blocks > 1:
+        plan.blocks = length_blocks(plan.seq_start, plan.seq_len, K * budget, blocks)
     return plan
 
 
@@ -147,7 +147,7 @@ def unpack(y: torch.Tensor, p: Packing) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# length groups: the packed sequences in a few padded blocks, for an attention that runs on a padded layout
+# length blocks: the packed sequences in a few padded blocks, for an attention that runs on a padded layout
 #
 # SDPA on the packed tokens first puts them back in the (B, T) layout, and its work goes with B * T^2: a
 # batch of AG News texts (53 real tokens of 128 on average, the longest of 32 ~104) pays for padding that
@@ -160,7 +160,7 @@ BLOCK_OVERHEAD = 128 * (128 + 64)  # a block's fixed cost in the model's units: 
 
 
 @dataclass
-class RowGroups:
+class LengthBlocks:
     """The sequences of a Packing in length blocks: block g holds n_g sequences, each padded to the block's
     longest, L_g. `blocks`: per block (gather (n_g * L_g,) long: the packed row each slot reads, a padding slot
     its sequence's last real token; key_mask (n_g, L_g) bool, True = a real token). `back` (K*N,) long: each
@@ -190,7 +190,7 @@ def block_cuts(lens: list, max_blocks: int) -> list:
     return cuts
 
 
-def row_groups(seq_start: torch.Tensor, seq_len: torch.Tensor, rows: int, max_blocks: int) -> RowGroups:
+def length_blocks(seq_start: torch.Tensor, seq_len: torch.Tensor, rows: int, max_blocks: int) -> LengthBlocks:
     """The length blocks of a packing's sequences (seq_start, seq_len (B,) int32; rows = K*N packed rows): the
     non-empty sequences sorted by length (stable) and cut by block_cuts. Reads the lengths on the host."""
     dev = seq_len.device
@@ -211,4 +211,4 @@ def row_groups(seq_start: torch.Tensor, seq_len: torch.Tensor, rows: int, max_bl
         blocks.append((gather, key_mask))
         offset, first = offset + gather.numel(), end
     back[back < 0] = offset  # fillers: the zero row after the blocks' slots
-    return RowGroups(blocks, back)
+    return LengthBlocks(blocks, back)
