@@ -167,8 +167,8 @@ def _member(x, wa, t, chunk: int, dtype, gx, gwa):
 def _softmax_rows(logits, safe, minus_one, grad: bool):
     """A chunk's logits (c, V) -> (max logit (c,), max probability (c,), and with grad the softmax minus the
     one-hot at `safe` (c, 1) in the logits' dtype, else None); fp32 inside. SUB_ROWS rows at a time, so each
-    fp32 softmax is read again while it is still in cache (a whole chunk's is ~125 MB): the same numbers as one
-    pass over the chunk, ~1.6x faster on this CPU for the softmax, max and cast (bench/mlm_head.py)."""
+    fp32 softmax is read again while it is still in cache (a whole chunk's is up to 125 MB): the same numbers as
+    one pass over the chunk; a `tiny` step at batch 32 171 -> 161 ms (docs/kernels-and-speed.md)."""
     c = logits.size(0)
     top, p_max = (torch.empty(c, dtype=torch.float32, device=logits.device) for _ in range(2))
     g = torch.empty_like(logits) if grad else None

@@ -61,7 +61,7 @@ def default_unpad(device) -> bool:
 def default_attn_blocks(device) -> int:
     """How many length blocks the torch attention on packed tokens uses on `device` (tinytlm/unpad.py length_blocks):
     up to 4 on the CPU, where SDPA pays for the (B, T) padding (bf16, batch 32, `tiny`: an AG News fine-tuning
-    step 1.5x, a Wikipedia MLM step 1.1x over one (B, T) layout; docs/scaling.md); 1 elsewhere (not measured)."""
+    step 1.42x, a Wikipedia MLM step 1.07x over one (B, T) layout; docs/scaling.md); 1 elsewhere (not measured)."""
     return 4 if torch.device(device).type == "cpu" else 1
 
 
