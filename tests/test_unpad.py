@@ -1,7 +1,8 @@
 """--unpad (tinytlm/unpad.py): the trunk on the packed real tokens gives the padded path's losses and
 gradients (dropout off, fp32, CPU: within 1e-5 relative), for MLM (dynamic and static sparse heads, the
 dense head) and classification, one model and stacked members, with and without a conv stem, torch and
-Triton (interpreter) attention; the training loops give the padded runs' curves and weights."""
+Triton (interpreter) attention, and the torch attention in length blocks (block_cuts' least cost, every real
+token in one block); the training loops give the padded runs' curves and weights."""
 import json
 
 import pytest
@@ -125,7 +126,7 @@ def test_block_cuts_least_cost():
 
     from tinytlm.unpad import BLOCK_OVERHEAD
     g = torch.Generator().manual_seed(0)
-    for trial in range(30):
+    for _ in range(30):
         n, G = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
         lens = sorted(torch.randint(1, 129, (n,), generator=g).tolist())
         cuts = block_cuts(lens, G)
@@ -144,13 +145,13 @@ def test_length_blocks_cover_every_real_token_once(monkeypatch):
                          [1, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]]).bool()  # member 1
     p = pack_plan(mask, members=2, bucket=4)
     monkeypatch.setattr("tinytlm.unpad.BLOCK_OVERHEAD", 0)  # no fixed cost per block: these short rows get 3
-    grp = length_blocks(p.seq_start, p.seq_len, p.valid.numel(), 3)
-    assert len(grp.blocks) == 3
+    lb = length_blocks(p.seq_start, p.seq_len, p.valid.numel(), 3)
+    assert len(lb.blocks) == 3
     seq_of = torch.full((p.valid.numel(),), -1)
     for b, (s, n) in enumerate(zip(p.seq_start.tolist(), p.seq_len.tolist())):
         seq_of[s:s + n] = b
     read = []
-    for gather, key_mask in grp.blocks:
+    for gather, key_mask in lb.blocks:
         n, L = key_mask.shape
         assert L == int(key_mask.sum(1).max()) and (key_mask.sum(1) > 0).all()  # padded to its longest only
         rows = gather.view(n, L)
@@ -158,8 +159,8 @@ def test_length_blocks_cover_every_real_token_once(monkeypatch):
         read += rows[key_mask].tolist()
     assert sorted(read) == torch.nonzero(p.valid).flatten().tolist()  # every real token once, no filler
     qkv = torch.randn(p.valid.numel(), 6)
-    slots = torch.cat([*(qkv.index_select(0, gth) for gth, _ in grp.blocks), qkv.new_zeros(1, 6)])
-    got = slots.index_select(0, grp.back)
+    slots = torch.cat([*(qkv.index_select(0, gth) for gth, _ in lb.blocks), qkv.new_zeros(1, 6)])
+    got = slots.index_select(0, lb.back)
     assert torch.equal(got, torch.where(p.valid[:, None], qkv, 0.0))
 
 
@@ -261,7 +262,8 @@ def test_training_loops_unpadded_equal_padded(roots, tmp_path):
         pretrain.main([*mlm, "--out", str(tmp_path / name), *extra])
     assert step_losses(tmp_path / "unpad") == pytest.approx(step_losses(tmp_path / "padded"), rel=TOL)
     for name, packed in (("unpad", True), ("padded", False)):  # config.json says what ran
-        assert json.loads((tmp_path / name / "config.json").read_text())["impl"]["unpad"] is packed
+        impl = json.loads((tmp_path / name / "config.json").read_text())["impl"]
+        assert impl["unpad"] is packed and impl["attn_blocks"] == 4  # a CPU run's rule, recorded
     assert_same_weights(load_checkpoint(tmp_path / "unpad"), load_checkpoint(tmp_path / "padded"))
     cls = ["--task", "agnews", "--train-per-label", "4", "--test-per-label", "3", "--epochs", "2", "--batch_size", "4",
            "--lr", "1e-3", "--device", "cpu", "--precision", "fp32", "--quiet", "--raw", str(raw), "--data", str(data),

@@ -153,8 +153,8 @@ def unpack(y: torch.Tensor, p: Packing) -> torch.Tensor:
 # batch of AG News texts (53 real tokens of 128 on average, the longest of 32 ~104) pays for padding that
 # nothing reads. Sorted by length and cut into a few blocks, each padded only to its longest sequence, the
 # same attention costs sum(n_g * L_g^2): ~0.30 of the (B, T) layout's on AG News batches of 32 with up to 4
-# blocks, ~0.69 on Wikipedia rows (half of them full), by the cost model below. Each sequence sees exactly
-# its own real keys, as before; only the dropout draws differ (other shapes).
+# blocks, ~0.69 on Wikipedia rows (half of them full), by the cost model below without its fixed cost per
+# block. Each sequence sees exactly its own real keys, as before; only the dropout draws differ (other shapes).
 
 BLOCK_OVERHEAD = 128 * (128 + 64)  # a block's fixed cost in the model's units: one more full row of 128
 
