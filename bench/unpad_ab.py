@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from tinytlm.common import ArgParser, UserError, cli, default_data_root
+from tinytlm.common import ArgParser, add_option, cli, default_data_root
 from tinytlm.cpu_memory import keep_freed_memory
 from tinytlm.data import mask_generator, mask_tokens
 from tinytlm.kernel_path import Impl, default_dropout, default_head
@@ -64,9 +64,10 @@ def main(argv=None):
     ap.add_argument("--task", default="", help="agnews | dbpedia | fewrel: the classifier on that task's rows")
     ap.add_argument("--data", default="", help="prepared data root (default $TINYTLM_DATA or ./data)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast, the CPU's default head, kept freed memory")
-    ap.add_argument("--blocks", default="1", help="comma-separated length-block counts of the unpadded arms")
+    add_option(ap, "--blocks", default="1", pattern=r"[1-9]\d*(,[1-9]\d*)*",
+               help="comma-separated length-block counts (>= 1) of the unpadded arms")
     args = ap.parse_args(argv)
-    blocks = parse_blocks(args.blocks)
+    blocks = [int(g) for g in args.blocks.split(",")]
     if args.bf16:
         keep_freed_memory()
     bs = batches(args, args.batch_size)
@@ -100,17 +101,6 @@ def main(argv=None):
     for arm in arms:
         print(f"  {arm:<20} {1e3 * med[arm]:6.0f} ms ({1e3 * fast[arm]:.0f})  {med['padded'] / med[arm]:.2f}x "
               f"({fast['padded'] / fast[arm]:.2f}x)")
-
-
-def parse_blocks(text: str) -> list:
-    """--blocks "1,2,4" -> [1, 2, 4]; a bad list is a one-line error."""
-    try:
-        out = [int(t) for t in text.split(",")]
-    except ValueError:
-        out = []
-    if not out or min(out) < 1:
-        raise UserError(f"--blocks {text!r}: expected comma-separated integers >= 1")
-    return out
 
 
 if __name__ == "__main__":

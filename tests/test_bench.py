@@ -230,10 +230,9 @@ def test_a_worker_steps_from_its_own_tree_and_one_importing_another_tinytlm_is_r
 def test_unpad_ab_blocks_list_and_a_bad_one_names_the_option(roots, capsys):
     # two short rounds on the prepared Wikipedia rows: every arm is printed with its ratio to the padded one
     from bench import unpad_ab
-    assert unpad_ab.parse_blocks("1,2,4") == [1, 2, 4]
     for bad in ("", "0", "2,x"):
         with pytest.raises(UserError, match="--blocks"):
-            unpad_ab.parse_blocks(bad)
+            unpad_ab.main(["--blocks", bad])
     _, data = roots
     unpad_ab.main(["--model", "tiny", "--batch_size", "2", "--rounds", "1", "--data", str(data), "--blocks", "1,3"])
     out = capsys.readouterr().out
